@@ -1,0 +1,1 @@
+"""Engine: layout, loading, pipelines, runtime, profiler, CLI (needs diffusers)."""
