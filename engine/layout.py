@@ -1,0 +1,363 @@
+"""The user's layout (SPEC section 1): a global prompt, an image size and N boxed instances.
+
+A layout is the engine's only user-written input, so every way it can be wrong
+is caught here, at construction, with one line that names the field (as a JSON
+path such as `instances[2].box`) and says what to change. Nothing downstream
+re-checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from threedis.engine.errors import UserError
+from threedis.kernels.rule import MAX_INSTANCES
+
+__all__ = [
+    "Instance",
+    "Layout",
+    "LayoutError",
+    "MAX_INSTANCES",
+    "SIZE_MULTIPLE",
+    "example_path",
+    "list_examples",
+]
+
+# FLUX packs 2x2 latent pixels into a token and the VAE downsamples 8x: one token is 16x16 pixels.
+SIZE_MULTIPLE = 16
+
+_LAYOUT_KEYS = ("prompt", "width", "height", "instances")
+_LAYOUT_REQUIRED = ("prompt", "width", "height")
+_INSTANCE_KEYS = ("prompt", "box", "mask")
+_INSTANCE_REQUIRED = ("prompt", "box")
+
+
+class LayoutError(UserError, ValueError):
+    """A layout problem; `field` is the JSON path of the offending value ('' for the whole file)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _fail(field: str, message: str) -> LayoutError:
+    return LayoutError(f"{field}: {message}" if field else message, field)
+
+
+def _describe(value: Any) -> str:
+    """Short one-line rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", type(None): "null", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_prompt(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(field, f"must be a text prompt (a string), got {_type_name(value)} {_describe(value)}")
+    if not value.strip():
+        raise _fail(field, "is empty; write a short description of what should appear")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_box(value: Any, field: str) -> tuple[float, float, float, float]:
+    shape_hint = "give 4 numbers [x0, y0, x1, y1] in 0..1 (origin top-left, x to the right)"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _fail(field, f"must be a list of 4 numbers, got {_type_name(value)} {_describe(value)}; {shape_hint}")
+    if len(value) != 4:
+        raise _fail(field, f"has {len(value)} values {_describe(list(value))}; {shape_hint}")
+    names = ("x0", "y0", "x1", "y1")
+    for name, v in zip(names, value):
+        if not _is_number(v):
+            raise _fail(field, f"{name} is {_type_name(v)} {_describe(v)}, not a number; {shape_hint}")
+        if not math.isfinite(v):
+            raise _fail(field, f"{name} is {v!r}; {shape_hint}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    for name, v in zip(names, (x0, y0, x1, y1)):
+        if not 0.0 <= v <= 1.0:
+            raise _fail(
+                field,
+                f"{name} = {v:g} is outside [0, 1]; box coordinates are fractions of the image size "
+                f"(divide pixel coordinates by the width/height)",
+            )
+    if x0 >= x1:
+        raise _fail(field, f"x0 = {x0:g} must be smaller than x1 = {x1:g} (the box needs a positive width)")
+    if y0 >= y1:
+        raise _fail(field, f"y0 = {y0:g} must be smaller than y1 = {y1:g} (the box needs a positive height)")
+    return (x0, y0, x1, y1)
+
+
+def _check_size(value: Any, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(field, f"must be a whole number of pixels, got {_type_name(value)} {_describe(value)}")
+    if value <= 0 or value % SIZE_MULTIPLE:
+        low = (value // SIZE_MULTIPLE) * SIZE_MULTIPLE
+        options = [v for v in (low, low + SIZE_MULTIPLE) if v > 0] or [SIZE_MULTIPLE]
+        suggestion = " or ".join(str(v) for v in options)
+        raise _fail(
+            field,
+            f"must be a positive multiple of {SIZE_MULTIPLE} (one FLUX token is {SIZE_MULTIPLE}x{SIZE_MULTIPLE} "
+            f"pixels), got {value}; nearest valid: {suggestion}",
+        )
+    return value
+
+
+def _check_mask(value: Any, field: str) -> str | None:
+    """The mask must exist and decode as an image now, not 10 minutes into a render."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise _fail(field, f"must be a path to a mask image (a string) or null, got {_type_name(value)} {_describe(value)}")
+    text = os.fspath(value)
+    if not text.strip():
+        raise _fail(field, "is an empty path; give a mask image path or remove the key")
+    path = Path(text)
+    if not path.is_file():
+        where = f" (resolved to {path.resolve()})" if not path.is_absolute() else ""
+        raise _fail(
+            field,
+            f"mask file not found: {text}{where}; relative paths are resolved against the layout file's "
+            f"folder (the current folder for layouts not loaded from a file)",
+        )
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        raise _fail(field, f"cannot read mask image {text}: {type(exc).__name__}: {exc}; give a PNG/JPEG image") from None
+    return text
+
+
+def _check_keys(data: Mapping[str, Any], field: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    what = field or "layout"
+    for key in data:
+        if key not in allowed:
+            raise _fail(
+                f"{field}.{key}" if field else str(key),
+                f"unknown key in {what}; allowed keys are: {', '.join(allowed)}",
+            )
+    for key in required:
+        if key not in data:
+            raise _fail(f"{field}.{key}" if field else key, f"missing; {what} needs the keys: {', '.join(required)}")
+
+
+def _check_object(value: Any, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        what = field or "the layout"
+        raise _fail(field, f"{what} must be a JSON object {{...}}, got {_type_name(value)} {_describe(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance: its description and where it goes.
+
+    box: (x0, y0, x1, y1) as fractions of the image, origin top-left.
+    mask: optional image path used instead of the box for the attention region
+    (nonzero = inside), as in SPEC section 3.
+    """
+
+    prompt: str
+    box: tuple[float, float, float, float]
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("instance")
+
+    def _validate(self, field: str) -> None:
+        _check_prompt(self.prompt, f"{field}.prompt")
+        object.__setattr__(self, "box", _check_box(self.box, f"{field}.box"))
+        object.__setattr__(self, "mask", _check_mask(self.mask, f"{field}.mask"))
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None, field: str = "instance") -> "Instance":
+        """Build from {"prompt", "box", "mask"?}; a relative mask path is resolved against base_dir."""
+        data = _check_object(data, field)
+        _check_keys(data, field, _INSTANCE_KEYS, _INSTANCE_REQUIRED)
+        prompt = _check_prompt(data["prompt"], f"{field}.prompt")
+        box = _check_box(data["box"], f"{field}.box")
+        mask = data.get("mask")
+        if isinstance(mask, str) and mask.strip() and base_dir is not None and not Path(mask).is_absolute():
+            mask = str(Path(base_dir) / mask)
+        mask = _check_mask(mask, f"{field}.mask")
+        return cls(prompt=prompt, box=box, mask=mask)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt": self.prompt, "box": list(self.box)}
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Global prompt, output size in pixels and the instances; valid by construction."""
+
+    prompt: str
+    width: int
+    height: int
+    instances: tuple[Instance, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_prompt(self.prompt, "prompt")
+        _check_size(self.width, "width")
+        _check_size(self.height, "height")
+        items = self.instances
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise _fail("instances", f"must be a list of instances, got {_type_name(items)} {_describe(items)}")
+        items = tuple(items)
+        _check_count(len(items))
+        for i, item in enumerate(items):
+            if not isinstance(item, Instance):
+                raise _fail(f"instances[{i}]", f"must be an Instance, got {_type_name(item)} {_describe(item)}")
+        object.__setattr__(self, "instances", items)
+
+    # -- construction from data -------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None) -> "Layout":
+        """Validate a parsed JSON object; relative mask paths are resolved against base_dir."""
+        data = _check_object(data, "")
+        _check_keys(data, "", _LAYOUT_KEYS, _LAYOUT_REQUIRED)
+        prompt = _check_prompt(data["prompt"], "prompt")
+        width = _check_size(data["width"], "width")
+        height = _check_size(data["height"], "height")
+        raw = data.get("instances", [])
+        if not isinstance(raw, list):
+            raise _fail("instances", f"must be a list [...] of instances, got {_type_name(raw)} {_describe(raw)}")
+        _check_count(len(raw))
+        instances = tuple(Instance.from_dict(item, base_dir, f"instances[{i}]") for i, item in enumerate(raw))
+        return cls(prompt=prompt, width=width, height=height, instances=instances)
+
+    @classmethod
+    def from_json(cls, text: str, base_dir: str | os.PathLike | None = None, source: str = "layout JSON") -> "Layout":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LayoutError(
+                f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        return cls.from_dict(data, base_dir=base_dir)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Layout":
+        """Read a layout file; mask paths inside it are relative to the file's folder."""
+        path = Path(path)
+        if not path.is_file():
+            hint = " (it is a folder)" if path.is_dir() else ""
+            raise LayoutError(f"layout file not found: {path}{hint}; give the path to a .json layout")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LayoutError(f"cannot read layout file {path}: {exc}") from None
+        return cls.from_json(text, base_dir=path.parent.resolve(), source=str(path))
+
+    # -- output -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "width": self.width,
+            "height": self.height,
+            "instances": [inst.to_dict() for inst in self.instances],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write JSON; masks inside the target folder are written relative so the pair can be moved."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise LayoutError(f"{path} already exists; choose another name or pass overwrite=True")
+        folder = path.parent.resolve()
+        data = self.to_dict()
+        for inst, item in zip(self.instances, data["instances"]):
+            if inst.mask is not None:
+                mask = Path(inst.mask).resolve()
+                item["mask"] = mask.relative_to(folder).as_posix() if mask.is_relative_to(folder) else str(mask)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    # -- views used by the engine ---------------------------------------------
+
+    @property
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        return [inst.box for inst in self.instances]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Latent token grid (h, w) = (height/16, width/16)."""
+        return self.height // SIZE_MULTIPLE, self.width // SIZE_MULTIPLE
+
+    def load_masks(self) -> list[Any]:
+        """Grayscale ('L') PIL image per instance, None where the instance uses its box."""
+        from PIL import Image, ImageOps
+
+        out: list[Any] = []
+        for i, inst in enumerate(self.instances):
+            if inst.mask is None:
+                out.append(None)
+                continue
+            try:
+                with Image.open(inst.mask) as image:
+                    out.append(ImageOps.exif_transpose(image).convert("L"))
+            except Exception as exc:
+                raise _fail(f"instances[{i}].mask", f"cannot read mask image {inst.mask}: {exc}") from None
+        return out
+
+    def prompts(self, append_instances: bool = True) -> list[str]:
+        """SPEC section 2's prompt list [global, inst_1, ..., inst_N].
+
+        The authors append every instance description to the global prompt after a
+        comma, so the global chunk (and the pooled CLIP vector) mention all objects.
+        """
+        parts = [inst.prompt.strip() for inst in self.instances]
+        glob = self.prompt.strip()
+        if append_instances and parts:
+            glob = ", ".join([glob, *parts])
+        return [glob, *parts]
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_INSTANCES:
+        raise _fail(
+            "instances",
+            f"{n} instances given, at most {MAX_INSTANCES} are supported (each token's instance membership "
+            f"is a 64-bit integer bitmask with the sign bit kept clear); merge or drop {n - MAX_INSTANCES}",
+        )
+
+
+# -- bundled examples -----------------------------------------------------------
+
+
+def list_examples() -> list[str]:
+    """Names of the example layouts shipped in threedis.examples (without .json)."""
+    root = resources.files("threedis.examples")
+    return sorted(entry.name[: -len(".json")] for entry in root.iterdir() if entry.name.endswith(".json"))
+
+
+def example_path(name: str) -> Path:
+    """Path of a bundled example layout, by name with or without the .json suffix."""
+    stem = name[: -len(".json")] if name.endswith(".json") else name
+    entry = resources.files("threedis.examples") / f"{stem}.json"
+    if not entry.is_file():
+        raise LayoutError(f"no example layout named {name!r}; available: {', '.join(list_examples())}")
+    return Path(os.fspath(entry))

@@ -1,0 +1,291 @@
+"""Attention benchmark: triton vs FlexAttention vs SDPA with a dense mask vs unmasked SDPA (flash).
+
+One run measures every backend on the same inputs, so results are ratios taken
+side by side on one device. Rows are written as JSON lines to bench/results/
+keyed by (backend, case, phase, dtype, device, versions); a table is printed.
+On a CPU it runs the backends that exist there at small shapes (the Triton
+kernel only under TRITON_INTERPRET=1, which is slow but exact).
+
+Run: `python bench/attention.py` or `threedis bench attention [--help]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from threedis.kernels import rule
+from threedis.kernels.attention import masked_joint_attention, select_backend
+from threedis.kernels.block_table import block_table, density
+
+HEADS, HEAD_DIM = 24, 128  # FLUX.1
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape: image size in pixels, instance count, T5 tokens per prompt."""
+
+    name: str
+    width: int
+    height: int
+    instances: int
+    chunk: int = 200
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height // 16, self.width // 16
+
+    @property
+    def length(self) -> int:
+        h, w = self.grid
+        return h * w + self.chunk * (self.instances + 1)
+
+
+GPU_CASES = (
+    Case("1024x1024-n2", 1024, 1024, 2),
+    Case("1024x1024-n4", 1024, 1024, 4),
+    Case("1024x1024-n9", 1024, 1024, 9),
+    Case("768x1024-n4", 768, 1024, 4),
+    Case("512x512-n2", 512, 512, 2),
+)
+CPU_CASES = (
+    Case("256x256-n2", 256, 256, 2, chunk=32),
+    Case("256x256-n4", 256, 256, 4, chunk=32),
+)
+PHASES = {"early": rule.Phases(True, True, True, True), "late": rule.Phases(False, True, True, True)}
+
+
+def layout_boxes(n: int, seed: int = 0) -> list[tuple[float, float, float, float]]:
+    """Deterministic, partly overlapping boxes: a loose grid of instances with jitter, like real scenes."""
+    gen = torch.Generator().manual_seed(seed + n)
+    cols = max(1, round(n**0.5))
+    rows = -(-n // cols)
+    boxes = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        jitter = torch.rand(4, generator=gen).tolist()
+        x0 = (c + 0.1 * jitter[0]) / cols - 0.05
+        y0 = (r + 0.1 * jitter[1]) / rows - 0.05
+        x1 = (c + 1 - 0.1 * jitter[2]) / cols + 0.08
+        y1 = (r + 1 - 0.1 * jitter[3]) / rows + 0.08
+        boxes.append((max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)))
+    return boxes
+
+
+def _quantiles_ms(times_s: Sequence[float]) -> tuple[float, float, float]:
+    ordered = sorted(times_s)
+    if len(ordered) == 1:
+        return (ordered[0] * 1e3,) * 3
+    q = statistics.quantiles(ordered, n=10, method="inclusive")
+    return q[1] * 1e3, statistics.median(ordered) * 1e3, q[7] * 1e3
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _extra_memory(fn: Callable[[], torch.Tensor], device: torch.device) -> int | None:
+    """Peak bytes one cold call allocates beyond its inputs and output (mask / table builds included)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base - out.numel() * out.element_size())
+
+
+def versions() -> dict[str, str]:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "missing"
+    try:
+        from importlib.metadata import version
+
+        out["threedis"] = version("threedis-flux")
+    except Exception:  # noqa: BLE001 - running from a checkout without install
+        out["threedis"] = "checkout"
+    return out
+
+
+def device_info(device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"device": "cuda", "device_name": props.name, "vram_gb": f"{props.total_memory / 1e9:.1f}"}
+    return {"device": "cpu", "device_name": platform.processor() or platform.machine(), "vram_gb": "0"}
+
+
+def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.dtype, device: torch.device,
+             warmup: int, reps: int, batch: int = 1) -> list[dict]:
+    """All requested backends on one (case, phase): same q/k/v, same permuted token order."""
+    phases = PHASES[phase_name]
+    h, w = case.grid
+    regions = rule.box_regions(layout_boxes(case.instances), h, w)
+    order = rule.membership_order(regions)
+    raster = rule.TokenLayout.build(regions, chunk=case.chunk)
+    length = raster.length
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(batch, length, HEADS, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+               for _ in range(3))  # [B, L, H, D]
+    exact = density(raster, phases)
+    rows = []
+    flash_ms = None
+    for backend in backends:
+        tokens = rule.TokenLayout.build(regions, chunk=case.chunk, order=order).to(device)
+        tile_fraction = tile_fraction_raster = 1.0
+        if backend == "flash":
+            def fn():
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            reason = "unmasked SDPA (flash where the device has it)"
+        else:
+            available, reason = _backend_reason(backend, device, dtype)
+            if not available:
+                rows.append(_skipped_row(case, phase_name, backend, dtype, device, reason))
+                continue
+            if backend == "triton":
+                from threedis.kernels.triton_attention import choose_config
+
+                cfg = choose_config(device, dtype, HEAD_DIM)
+                tile_fraction = block_table(tokens, phases, cfg.block_m, cfg.block_n).tile_fraction
+                tile_fraction_raster = block_table(raster, phases, cfg.block_m, cfg.block_n).tile_fraction
+
+            def fn(tokens=tokens, backend=backend):
+                return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
+        extra = _extra_memory(fn, device)
+        times = _time(fn, device, warmup, reps)
+        p20, p50, p80 = _quantiles_ms(times)
+        if backend == "flash":
+            flash_ms = p50
+        flops = 4 * batch * HEADS * HEAD_DIM * length * length * tile_fraction
+        rows.append({
+            "bench": "attention", "backend": backend, "case": case.name, "phase": phase_name,
+            "shape": {"B": batch, "L": length, "H": HEADS, "D": HEAD_DIM, "width": case.width,
+                      "height": case.height, "instances": case.instances, "chunk": case.chunk},
+            "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions(),
+            "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": reps,
+            "ratio_to_flash": None if flash_ms is None else p50 / flash_ms,
+            "tflops_computed": flops / (p50 / 1e3) / 1e12,
+            "extra_mem_bytes": extra, "tile_fraction": tile_fraction,
+            "tile_fraction_raster": tile_fraction_raster, "density": exact, "note": reason,
+        })
+    return rows
+
+
+def _backend_reason(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    try:
+        name, reason = select_backend(device, dtype, requested=backend)
+    except rule.RuleError as err:
+        return False, str(err)
+    return name == backend, reason
+
+
+def _skipped_row(case: Case, phase: str, backend: str, dtype: torch.dtype, device: torch.device, reason: str) -> dict:
+    return {"bench": "attention", "backend": backend, "case": case.name, "phase": phase, "skipped": reason,
+            "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions()}
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    head = f"{'case':<14} {'phase':<6} {'backend':<8} {'p50 ms':>9} {'x flash':>8} {'TFLOP/s':>8} " \
+           f"{'extra MB':>9} {'tiles':>6} {'raster':>6} {'density':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} skipped: {r['skipped']}")
+            continue
+        ratio = "-" if r["ratio_to_flash"] is None else f"{r['ratio_to_flash']:.2f}"
+        extra = "-" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 1e6:.2f}"
+        lines.append(
+            f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} {r['p50_ms']:>9.3f} {ratio:>8} "
+            f"{r['tflops_computed']:>8.2f} {extra:>9} {r['tile_fraction']:>6.1%} "
+            f"{r['tile_fraction_raster']:>6.1%} {r['density']:>7.1%}"
+        )
+    return "\n".join(lines)
+
+
+def write_rows(rows: Sequence[dict], out_dir: Path, device: torch.device) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    slug = device_info(device)["device_name"].replace(" ", "-").replace("/", "-") or device.type
+    path = out_dir / f"attention-{slug}-{stamp}.jsonl"
+    suffix = 1
+    while path.exists():  # never overwrite an earlier result
+        path = out_dir / f"attention-{slug}-{stamp}-{suffix}.jsonl"
+        suffix += 1
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="threedis bench attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--backends", default="flash,triton,flex,sdpa",
+                        help="comma list among flash,triton,flex,sdpa (flash = unmasked SDPA, measured first)")
+    parser.add_argument("--cases", default=None, help="comma list of case names (default: all for the device)")
+    parser.add_argument("--phases", default="early,late", help="early = all four switches on; late = I2I off")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    all_cases = GPU_CASES if cuda else CPU_CASES
+    known = {c.name: c for c in (*GPU_CASES, *CPU_CASES)}
+    names = args.cases.split(",") if args.cases else [c.name for c in all_cases]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {sorted(known)}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if backends and "flash" in backends:
+        backends.remove("flash")
+        backends.insert(0, "flash")  # the ratio column needs it first
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    reps = args.reps if args.reps is not None else (30 if cuda else 3)
+
+    rows: list[dict] = []
+    for name in names:
+        for phase in args.phases.split(","):
+            rows.extend(run_case(known[name], phase, backends, dtype, device, warmup, reps))
+    print(format_table(rows))
+    if not args.no_write:
+        print(f"\nrows written to {write_rows(rows, args.out, device)}")
+    return 0

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures. Other test modules append their own below."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without CUDA the Triton kernel runs in Triton's CPU interpreter. Triton reads this when a
+# kernel is decorated, so it is set here, before any test module imports threedis' kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point $THREEDIS_CACHE at a temp folder so no test reads or fills the user's cache."""
+    root = tmp_path_factory.mktemp("threedis-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THREEDIS_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight FLUX.1-Depth-dev checkpoint, written once per test run."""
+    from threedis.engine.tiny import write_tiny_flux
+
+    return write_tiny_flux(tmp_path_factory.mktemp("tiny-flux"), seed=0)
+
+
+@pytest.fixture
+def depth_image_64():
+    """A 64x64 RGB depth-like control image: a left-to-right ramp with a near square."""
+    from PIL import Image, ImageDraw
+
+    img = Image.linear_gradient("L").rotate(90).resize((64, 64)).convert("RGB")
+    ImageDraw.Draw(img).rectangle((20, 24, 44, 48), fill=(230, 230, 230))
+    return img
