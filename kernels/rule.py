@@ -38,6 +38,12 @@ def _check_instance_count(n: int) -> None:
         )
 
 
+def _snap(value: float) -> float:
+    """Snap float noise onto integers: 25 * 0.28 is 7.000000000000001, and ceil would add a row."""
+    nearest = round(value)
+    return float(nearest) if abs(value - nearest) < 1e-9 else value
+
+
 def box_regions(boxes: Sequence[Sequence[float]] | torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """Cells of an h x w token grid covered by each normalised box (x0, y0, x1, y1).
 
@@ -52,8 +58,8 @@ def box_regions(boxes: Sequence[Sequence[float]] | torch.Tensor, grid_h: int, gr
         if len(box) != 4:
             raise RuleError(f"box {i} has {len(box)} numbers; expected (x0, y0, x1, y1)")
         x0, y0, x1, y1 = box
-        r0, r1 = max(math.floor(grid_h * y0), 0), min(math.ceil(grid_h * y1), grid_h)
-        c0, c1 = max(math.floor(grid_w * x0), 0), min(math.ceil(grid_w * x1), grid_w)
+        r0, r1 = max(math.floor(_snap(grid_h * y0)), 0), min(math.ceil(_snap(grid_h * y1)), grid_h)
+        c0, c1 = max(math.floor(_snap(grid_w * x0)), 0), min(math.ceil(_snap(grid_w * x1)), grid_w)
         out[i, r0:r1, c0:c1] = True
     return out
 
@@ -80,7 +86,7 @@ def membership_bits(regions: torch.Tensor) -> torch.Tensor:
     """Per-cell instance bitmask from BoolTensor[N, h, w] -> int64[h * w] in raster order."""
     n = regions.shape[0]
     _check_instance_count(n)
-    flat = regions.reshape(n, -1).to(torch.int64)
+    flat = regions.flatten(1).to(torch.int64)  # [N, h*w]; reshape(n, -1) fails for N = 0
     weights = torch.bitwise_left_shift(torch.ones(n, dtype=torch.int64), torch.arange(n, dtype=torch.int64))
     return (flat * weights[:, None]).sum(0) if n else torch.zeros(flat.shape[1], dtype=torch.int64)
 
