@@ -1,0 +1,159 @@
+"""Depth from a photo with Depth Anything V2, as a grey map in stage 1's convention.
+
+Why: a user who has a reference photo can skip stage 1 (layout -> depth) and still
+give FLUX.1-Depth a control image. Depth Anything predicts *relative inverse depth*
+(disparity: larger = nearer), which is exactly what stage 1's depth channel looks
+like after its 8-bit save (near = bright), so a min-max stretch is all it needs.
+
+Runs through transformers' AutoImageProcessor + AutoModelForDepthEstimation
+(DepthAnythingForDepthEstimation). Also home of `resolve_hf_model`, the small
+"local folder or hub id -> checked local folder" step shared with the SAM2 masker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from threedis.engine.errors import UserError
+from threedis.engine.loading import default_device, default_dtype
+
+__all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
+
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Large-hf"
+
+_HUB_FILES = ["config.json", "preprocessor_config.json", "processor_config.json",
+              "*.safetensors", "*.safetensors.index.json"]
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text))
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """What a transformers image model folder lacks: config, preprocessor config, safetensors weights."""
+    missing = [n for n in ("config.json", "preprocessor_config.json") if not (folder / n).is_file()]
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if not single.is_file() and not index.is_file():
+        missing.append("model.safetensors")
+    elif not single.is_file():
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return [*missing, f"{index.name} (unreadable)"]
+        missing += sorted(s for s in shards if not (folder / s).is_file())
+    return missing
+
+
+def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str,
+                     local_files_only: bool = False, tiny_hint: str = "") -> Path:
+    """Local folder holding a complete transformers checkpoint, or one UserError saying how to get it.
+
+    `what` names the model in messages ("depth model", "SAM2 model"); pickled weights
+    (*.bin) are never fetched or accepted.
+    """
+    text = os.fspath(path_or_id)
+    how = (f"download it with `huggingface-cli download {default_id} --local-dir DIR` on a connected "
+           f"machine and pass DIR{tiny_hint}")
+    path = Path(text).expanduser()
+    if path.is_file():
+        raise UserError(f"{what} path {text} is a file; give the folder holding config.json and model.safetensors")
+    if not path.is_dir():
+        if not _looks_like_hub_id(text) or text.startswith((".", "/", "~")):
+            raise UserError(f"{what} folder not found: {text}; {how}")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=local_files_only))
+        except Exception as exc:  # offline, unknown repo, bad id: the same fix for the user
+            where = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(f"cannot get {what} {text!r} {where}: {type(exc).__name__}: {first}; {how}") from None
+    missing = _missing_files(path)
+    if missing:
+        raise UserError(f"incomplete {what} at {path}: missing {', '.join(missing)}; {how}")
+    return path
+
+
+def open_image(image: Any, what: str = "image") -> Any:
+    """A PIL RGB image from a PIL image or a path (EXIF rotation applied), or a UserError."""
+    from PIL import Image, ImageOps
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        except FileNotFoundError:
+            raise UserError(f"{what} not found: {os.fspath(image)}; give the path of a PNG/JPEG file") from None
+        except Exception as exc:
+            raise UserError(f"cannot read {what} {os.fspath(image)}: {type(exc).__name__}: {exc}; "
+                            "give a PNG/JPEG file") from None
+    raise UserError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def normalize_depth(depth: torch.Tensor) -> Any:
+    """Float map [H, W] (larger = nearer) -> 8-bit grey PIL image, min -> 0, max -> 255.
+
+    A constant map carries no depth; it becomes all black rather than dividing by zero.
+    """
+    from PIL import Image
+
+    d = torch.nan_to_num(depth.detach().to(torch.float64).cpu())  # d: [H, W]
+    lo, hi = d.min(), d.max()
+    scaled = (d - lo) / (hi - lo) * 255.0 if hi > lo else torch.zeros_like(d)
+    return Image.fromarray(scaled.round().clamp(0, 255).to(torch.uint8).numpy())  # 2-D uint8 -> mode "L"
+
+
+@dataclass
+class DepthEstimator:
+    """A loaded Depth Anything model and its image processor; one per engine, no global state."""
+
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str] = DEFAULT_DEPTH_MODEL,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        local_files_only: bool = False) -> "DepthEstimator":
+        """Load from a folder or a hub id; missing/incomplete weights raise a UserError with the fix."""
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        folder = resolve_hf_model(
+            path_or_id, "depth model", DEFAULT_DEPTH_MODEL, local_files_only,
+            tiny_hint=" (tests: threedis.engine.tiny_aux.write_tiny_depth_anything(DIR) writes a tiny one)")
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForDepthEstimation.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model.eval().requires_grad_(False).to(device)
+        return cls(model=model, processor=processor, device=device, dtype=dtype)
+
+    @torch.inference_mode()
+    def predict(self, image: Any, size: Sequence[int] | None = None) -> torch.Tensor:
+        """Raw relative inverse depth float32 [H, W] at `size` (w, h) or the image's size."""
+        rgb = open_image(image)
+        width, height = (int(size[0]), int(size[1])) if size is not None else rgb.size
+        if width <= 0 or height <= 0:
+            raise UserError(f"depth size must be positive (width, height), got {tuple(size or ())}")
+        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]  # [1, 3, h', w']
+        out = self.model(pixel_values=pixels.to(self.device, self.dtype))
+        pred = out.predicted_depth.float()  # [1, h', w']; bicubic up-sampling in fp32, never bf16
+        # Same resize as the processor's post_process_depth_estimation (bicubic, align_corners=False).
+        return F.interpolate(pred[:, None], size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+
+    def estimate(self, image: Any, size: Sequence[int] | None = None) -> Any:
+        """Grey 8-bit depth (near = bright, stretched to 0..255) at `size` (w, h) or the image's size."""
+        return normalize_depth(self.predict(image, size))
