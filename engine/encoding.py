@@ -1,0 +1,256 @@
+"""Text encoding for the detail renderer (SPEC section 2), with an on-disk cache.
+
+T5-XXL is ~9.5 GB and its output depends only on the prompt text, so each
+prompt's kept chunk is cached on disk and the encoders are loaded only when a
+prompt misses: re-rendering with a new seed, new boxes or a new schedule never
+touches T5 again. Prompts are cached one by one, so editing one instance's
+description re-encodes only that prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from threedis.engine import loading
+from threedis.engine.errors import UserError
+from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
+
+__all__ = ["EncodedPrompts", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH"]
+
+T5_MAX_LENGTH = 512  # FLUX's T5 sequence length: every prompt is padded to it before encoding
+_MEMO_LIMIT = 64  # prompts kept in memory per encoder (a few MB each at chunk 200)
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """The text side of one layout.
+
+    embeds: [1, (N+1)*chunk, D] global chunk first; pooled: [1, P] (CLIP, global prompt);
+    text_ids: [(N+1)*chunk, 3] zeros; token_counts: real T5 tokens (with EOS) per prompt.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    chunk: int
+    prompts: tuple[str, ...]
+    token_counts: tuple[int, ...]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.prompts)
+
+    def global_only(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [1, chunk, D], text_ids [chunk, 3]): the text after the hard-control window."""
+        return self.embeds[:, : self.chunk], self.text_ids[: self.chunk]
+
+    @property
+    def truncated(self) -> list[int]:
+        """Indexes of prompts whose tokens did not all fit into the kept chunk."""
+        return [i for i, n in enumerate(self.token_counts) if n > self.chunk]
+
+
+def _hash_update_file(digest: "hashlib._Hash", path: Path, root: Path) -> None:
+    stat = path.stat()
+    digest.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    if path.name.endswith(".json") and stat.st_size < (1 << 22):
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+
+
+def encoder_identity(root: Path, parts: Sequence[str]) -> str:
+    """Cheap fingerprint of an encoder on disk: its path, config/index contents, weight sizes and mtimes.
+
+    Reading 9.5 GB of T5 weights to hash them would cost more than encoding, so a
+    replaced weight file is noticed by its size or modification time instead.
+    """
+    digest = hashlib.sha256(str(Path(root).resolve()).encode())
+    for part in parts:
+        folder = Path(root) / part
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            _hash_update_file(digest, path, Path(root))
+    return digest.hexdigest()[:32]
+
+
+class PromptCache:
+    """One safetensors file per (encoder, prompt, chunk, dtype) key; unreadable entries are rebuilt."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return tensors, meta
+        except Exception:  # truncated or garbled file: drop it and encode again
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, self._path(key))  # atomic: a reader never sees half a file
+        except OSError:
+            pass  # a read-only or full cache folder only costs speed
+
+
+def _has_chunk(entry: tuple[dict[str, torch.Tensor], dict[str, str]] | None, chunk: int) -> bool:
+    """A usable T5 entry: embeddings of exactly `chunk` tokens (anything else is rebuilt)."""
+    return entry is not None and "embeds" in entry[0] and entry[0]["embeds"].dim() == 2 \
+        and entry[0]["embeds"].shape[0] == chunk
+
+
+class PromptEncoder:
+    """Encodes prompt lists; loads CLIP/T5 only on a cache miss and keeps them until `release()`.
+
+    source: checkpoint folder to load encoders from (and to fingerprint for the disk
+    cache); text: encoders already in memory (tests, from_components). With neither
+    a source nor a cache folder, only the in-memory memo applies.
+    """
+
+    def __init__(
+        self,
+        source: Path | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path | None = None,
+        text: TextEncoders | None = None,
+    ) -> None:
+        self.source = Path(source) if source is not None else None
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.text = text or TextEncoders()
+        self.cache = PromptCache(cache_dir) if cache_dir is not None and source is not None else None
+        self.loads = {"clip": 0, "t5": 0}  # how often each encoder was loaded (reported, tested)
+        self._memo: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+        self._identity: dict[str, str] = {}
+
+    # -- keys ------------------------------------------------------------------
+
+    def _encoder_id(self, which: str) -> str:
+        if which not in self._identity:
+            if self.source is not None:
+                parts = T5_PARTS if which == "t5" else CLIP_PARTS
+                self._identity[which] = encoder_identity(self.source, parts)
+            else:  # models handed in directly: identity of the Python objects (memo only)
+                model = self.text.t5 if which == "t5" else self.text.clip
+                self._identity[which] = f"object-{id(model)}"
+        return self._identity[which]
+
+    def _key(self, which: str, prompt: str, chunk: int) -> str:
+        fields = [which, self._encoder_id(which), str(self.dtype), self.device.type, str(chunk), prompt]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:40]
+
+    def _lookup(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        hit = self._memo.get(key)
+        if hit is None and self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self._remember(key, hit)
+        return hit
+
+    def _remember(self, key: str, entry: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = entry
+
+    def _store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+        self._remember(key, (tensors, meta))
+        if self.cache is not None:
+            self.cache.put(key, tensors, meta)
+
+    # -- models ----------------------------------------------------------------
+
+    def _need(self, which: str) -> tuple[Any, Any]:
+        text = self.text
+        if which == "t5" and text.t5 is None:
+            self._require_source("T5")
+            text.t5, text.t5_tokenizer = loading.load_t5(self.source, self.dtype, self.device)
+            self.loads["t5"] += 1
+        if which == "clip" and text.clip is None:
+            self._require_source("CLIP")
+            text.clip, text.clip_tokenizer = loading.load_clip(self.source, self.dtype, self.device)
+            self.loads["clip"] += 1
+        return (text.t5, text.t5_tokenizer) if which == "t5" else (text.clip, text.clip_tokenizer)
+
+    def _require_source(self, what: str) -> None:
+        if self.source is None:
+            raise UserError(f"the {what} text encoder is needed (prompt not cached) but none was given or can be loaded")
+
+    def release(self) -> None:
+        """Drop encoders this object loaded itself; the cache keeps their results."""
+        if self.source is not None:
+            self.text = TextEncoders()
+
+    # -- encoding --------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_t5(self, prompts: list[str], chunk: int) -> list[tuple[torch.Tensor, int]]:
+        """Batch of prompts -> per prompt ([chunk, D] embeddings, real token count)."""
+        model, tokenizer = self._need("t5")
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt"
+        )
+        # ids: [B, 512] -> hidden: [B, 512, D]; no attention mask, as FLUX was trained
+        hidden = model(tokens.input_ids.to(self.device), output_hidden_states=False)[0]
+        counts = tokens.attention_mask.sum(1).tolist()
+        return [(hidden[i, :chunk], int(counts[i])) for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _encode_clip(self, prompt: str) -> torch.Tensor:
+        model, tokenizer = self._need("clip")
+        ids = tokenizer(
+            [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # [1, 77]
+        return model(ids.to(self.device), output_hidden_states=False).pooler_output[0]  # [P]
+
+    def encode(self, prompts: Sequence[str], chunk: int = 200) -> EncodedPrompts:
+        """[global, inst_1..inst_N] -> EncodedPrompts; the encoders run at most once, batched."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= T5_MAX_LENGTH:
+            raise UserError(f"chunk must be a whole number of T5 tokens in 1..{T5_MAX_LENGTH}, got {chunk!r}")
+        prompts = list(prompts)
+        if not prompts:
+            raise UserError("no prompts to encode: a layout needs at least its global prompt")
+        keys = [self._key("t5", p, chunk) for p in prompts]
+        entries = {key: self._lookup(key) for key in set(keys)}
+        missing = {key: p for key, p in zip(keys, prompts) if not _has_chunk(entries[key], chunk)}
+        if missing:
+            batch_keys = list(missing)
+            for key, (emb, count) in zip(batch_keys, self._encode_t5([missing[k] for k in batch_keys], chunk)):
+                self._store(key, {"embeds": emb}, {"tokens": str(count)})
+                entries[key] = self._memo[key]
+        clip_key = self._key("clip", prompts[0], 0)
+        clip_entry = self._lookup(clip_key)
+        if clip_entry is None or "pooled" not in clip_entry[0]:
+            self._store(clip_key, {"pooled": self._encode_clip(prompts[0])}, {})
+            clip_entry = self._memo[clip_key]
+
+        chunks = [entries[key][0]["embeds"] for key in keys]  # each [chunk, D]
+        embeds = torch.cat(chunks, dim=0)[None].to(self.device)  # [1, (N+1)*chunk, D]
+        pooled = clip_entry[0]["pooled"][None].to(self.device)  # [1, P]
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
+        counts = tuple(int(entries[key][1].get("tokens", "0")) for key in keys)
+        return EncodedPrompts(embeds, pooled, text_ids, chunk, tuple(prompts), counts)

@@ -1,0 +1,259 @@
+"""Load FLUX.1-Depth-dev parts from a diffusers-format folder or a hub id.
+
+Each model has its own loader (transformer, VAE, CLIP, T5, scheduler) so the
+runtime can later quantize, offload or skip one part without touching the
+others; the text encoders in particular are loaded only on a prompt-cache miss.
+A checkpoint is checked for completeness *before* anything is loaded, so a
+half-downloaded folder fails in a second with a list of what is missing rather
+than after minutes with a deep library trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from threedis.engine.errors import UserError
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "FluxComponents",
+    "TextEncoders",
+    "check_checkpoint",
+    "default_device",
+    "default_dtype",
+    "load_clip",
+    "load_components",
+    "load_scheduler",
+    "load_t5",
+    "load_text_encoders",
+    "load_transformer",
+    "load_vae",
+    "resolve_checkpoint",
+]
+
+DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-Depth-dev"
+
+# Subfolder -> what must be in it. "weights" entries are safetensors stems: either
+# `<stem>.safetensors` or `<stem>.safetensors.index.json` plus every shard it names.
+_PARTS: dict[str, dict[str, Any]] = {
+    "transformer": {"files": ["config.json"], "weights": "diffusion_pytorch_model"},
+    "vae": {"files": ["config.json"], "weights": "diffusion_pytorch_model"},
+    "text_encoder": {"files": ["config.json"], "weights": "model"},
+    "text_encoder_2": {"files": ["config.json"], "weights": "model"},
+    "tokenizer": {"any_of": [["tokenizer.json"], ["vocab.json", "merges.txt"]]},
+    "tokenizer_2": {"any_of": [["tokenizer.json"], ["spiece.model"]]},
+    "scheduler": {"files": ["scheduler_config.json"]},
+}
+CORE_PARTS = ("transformer", "vae", "scheduler")
+CLIP_PARTS = ("text_encoder", "tokenizer")
+T5_PARTS = ("text_encoder_2", "tokenizer_2")
+ALL_PARTS = tuple(_PARTS)
+
+
+@dataclass
+class TextEncoders:
+    """CLIP (pooled vector) and T5 (token embeddings) with their tokenizers; either pair may be None."""
+
+    clip: Any = None
+    clip_tokenizer: Any = None
+    t5: Any = None
+    t5_tokenizer: Any = None
+
+
+@dataclass
+class FluxComponents:
+    """The loaded parts of a FLUX depth checkpoint.
+
+    `source` is the local folder they came from (None for models built in memory);
+    the engine uses it to load the text encoders lazily and to key the prompt cache.
+    """
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    text: TextEncoders | None = None
+    source: Path | None = None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where FLUX is meant to run (CUDA), fp32 on CPU where bf16 matmuls are slow and inexact."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# ------------------------------------------------------------------ finding the files
+
+
+def _how_to_get(target: str) -> str:
+    return (
+        f"download it with `huggingface-cli download {DEFAULT_MODEL_ID} --local-dir {target}` "
+        f"(accept the model licence on huggingface.co first), or write a tiny test checkpoint with "
+        f"`threedis make-tiny {target}`"
+    )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text)) and not text.startswith(".")
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, local_files_only: bool = False) -> Path:
+    """Local folder for a checkpoint: the folder itself, or the hub snapshot of an id.
+
+    Only the diffusers subfolders are fetched (the hub repo also holds a 24 GB
+    single-file checkpoint we do not need).
+    """
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise UserError(f"model path {text} is a file; give the checkpoint folder (with transformer/, vae/, ...)")
+    if not _looks_like_hub_id(text):
+        raise UserError(f"model folder not found: {text}; {_how_to_get(text)}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", *(f"{part}/*" for part in ALL_PARTS)]
+    try:
+        folder = snapshot_download(
+            text, allow_patterns=patterns, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt"],
+            local_files_only=local_files_only,
+        )
+    except Exception as exc:  # offline, gated, unknown repo, bad id: all end the same way for the user
+        mode = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
+        raise UserError(
+            f"cannot get model {text!r} {mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            f"without internet, {_how_to_get('DIR')} on a connected machine and pass DIR"
+        ) from None
+    return Path(folder)
+
+
+def _missing_weights(folder: Path, stem: str) -> list[str]:
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return []
+    if not index.is_file():
+        return [f"{folder.name}/{single.name}"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return [f"{folder.name}/{index.name} (unreadable index)"]
+    return [f"{folder.name}/{shard}" for shard in shards if not (folder / shard).is_file()]
+
+
+def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
+    """Raise one UserError listing every missing file of the named subfolders."""
+    missing: list[str] = []
+    for part in parts:
+        spec = _PARTS[part]
+        folder = root / part
+        if not folder.is_dir():
+            missing.append(f"{part}/")
+            continue
+        missing += [f"{part}/{name}" for name in spec.get("files", []) if not (folder / name).is_file()]
+        if "weights" in spec:
+            missing += _missing_weights(folder, spec["weights"])
+        if "any_of" in spec and not any(all((folder / n).is_file() for n in group) for group in spec["any_of"]):
+            missing.append(f"{part}/" + " or ".join("+".join(group) for group in spec["any_of"]))
+    if missing:
+        raise UserError(
+            f"incomplete FLUX depth checkpoint at {root}: missing {', '.join(missing)}; {_how_to_get(str(root))}"
+        )
+
+
+# ------------------------------------------------------------------ one loader per model
+
+
+def _place(model: Any, device: torch.device | str | None) -> Any:
+    model.eval().requires_grad_(False)
+    return model.to(device) if device is not None else model
+
+
+def load_transformer(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    check_checkpoint(root, ["transformer"])
+    model = FluxTransformer2DModel.from_pretrained(
+        root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return _place(model, device)
+
+
+def load_vae(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> Any:
+    from diffusers import AutoencoderKL
+
+    check_checkpoint(root, ["vae"])
+    model = AutoencoderKL.from_pretrained(
+        root, subfolder="vae", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return _place(model, device)
+
+
+def load_scheduler(root: Path) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    check_checkpoint(root, ["scheduler"])
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+
+
+def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Any, Any]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_checkpoint(root, CLIP_PARTS)
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    model = CLIPTextModel.from_pretrained(
+        root, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return _place(model, device), tokenizer
+
+
+def load_t5(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Any, Any]:
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    check_checkpoint(root, T5_PARTS)
+    tokenizer = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+    model = T5EncoderModel.from_pretrained(
+        root, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return _place(model, device), tokenizer
+
+
+def load_text_encoders(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> TextEncoders:
+    clip, clip_tokenizer = load_clip(root, dtype, device)
+    t5, t5_tokenizer = load_t5(root, dtype, device)
+    return TextEncoders(clip=clip, clip_tokenizer=clip_tokenizer, t5=t5, t5_tokenizer=t5_tokenizer)
+
+
+def load_components(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    local_files_only: bool = False,
+    text_encoders: bool = False,
+) -> FluxComponents:
+    """Transformer, VAE and scheduler now; the text encoders now only if asked (else lazily, by the engine).
+
+    The whole checkpoint, text encoders included, is checked up front so a missing
+    T5 is reported before the 24 GB transformer is read.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    root = resolve_checkpoint(path_or_id, local_files_only)
+    check_checkpoint(root)
+    return FluxComponents(
+        transformer=load_transformer(root, dtype, device),
+        vae=load_vae(root, dtype, device),
+        scheduler=load_scheduler(root),
+        text=load_text_encoders(root, dtype, device) if text_encoders else None,
+        source=root,
+    )

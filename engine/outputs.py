@@ -1,0 +1,142 @@
+"""Write a render to disk with everything needed to reproduce it, and read that back.
+
+image.png carries the layout and settings as PNG text (key "threedis"), so the
+picture alone is enough to re-render it (with its depth map, saved beside it).
+
+Existing files are never replaced unless overwrite=True: the whole set (image,
+depth, layout picture, report files) gets the first free numbered suffix
+(image-1.png, depth-1.png, report-1.json, ...), so one render's files always
+share a suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from threedis.engine.errors import UserError
+
+__all__ = ["METADATA_KEY", "metadata_for", "read_metadata", "render_kwargs_from_metadata", "save_result"]
+
+METADATA_KEY = "threedis"
+_REPORT_KINDS = {"json": "report", "text": "report_text"}  # Report.save's keys -> ours
+_RENDER_KEYS = ("steps", "guidance", "chunk", "append_instances", "permute_tokens")
+
+
+def metadata_for(result: Any) -> dict:
+    """The JSON stored in image.png: layout, seed and the render settings."""
+    settings = dict(result.settings)
+    return {"layout": result.layout.to_dict(), "seed": result.seed, **settings}
+
+
+def _stage(result: Any, folder: Path) -> dict[str, Path]:
+    """Write every output into `folder` under its plain name; returns kind -> path."""
+    from threedis.engine.pictures import draw_layout
+
+    info = PngInfo()
+    info.add_itxt(METADATA_KEY, json.dumps(metadata_for(result), ensure_ascii=False))
+    paths = {"image": folder / "image.png", "depth": folder / "depth.png", "layout": folder / "layout.png"}
+    result.image.save(paths["image"], pnginfo=info)
+    result.depth.save(paths["depth"])
+    draw_layout(result.layout, result.depth).save(paths["layout"])
+    report_dir = folder / "report"
+    report_dir.mkdir()
+    saved = result.report.save(report_dir)
+    for kind, path in saved.items():
+        path = Path(path)
+        target = folder / path.name
+        os.replace(path, target)
+        paths[_REPORT_KINDS.get(kind, kind)] = target
+    return paths
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    stem, dot, ext = name.partition(".")
+    return f"{stem}{suffix}{dot}{ext}"
+
+
+def _place_exclusive(src: Path, dst: Path) -> None:
+    """Put src at dst, failing with FileExistsError instead of replacing a file that appeared meanwhile."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this filesystem
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            shutil.copyfileobj(fin, fout)
+
+
+def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+    """Write image.png (with metadata), depth.png, layout.png and the profiler report files.
+
+    Returns kind -> final path. Without overwrite, a name clash moves the whole set
+    to the first free numbered suffix rather than replacing anything.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".threedis-") as tmp:
+        staged = _stage(result, Path(tmp))
+        for n in range(100_000):
+            suffix = f"-{n}" if n else ""
+            targets = {kind: out / _with_suffix(path.name, suffix) for kind, path in staged.items()}
+            if overwrite:
+                for kind, path in staged.items():
+                    os.replace(path, targets[kind])
+                return targets
+            if any(t.exists() for t in targets.values()):
+                continue
+            placed: list[Path] = []
+            try:
+                for kind, path in staged.items():
+                    _place_exclusive(path, targets[kind])
+                    placed.append(targets[kind])
+                return targets
+            except FileExistsError:  # another writer took a name meanwhile: undo ours, try the next suffix
+                for path in placed:
+                    path.unlink(missing_ok=True)
+    raise UserError(f"no free output name in {out}; choose another folder")  # pragma: no cover
+
+
+def read_metadata(png_path: str | os.PathLike) -> dict:
+    """The settings stored in an image written by save_result."""
+    path = Path(png_path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = dict(getattr(image, "text", {}) or {}).get(METADATA_KEY)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if text is None:
+        raise UserError(f"{path} has no threedis metadata; was it written by threedis (save_result)?")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: threedis metadata is not valid JSON ({exc.msg})") from None
+
+
+def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
+    """Keyword arguments for Engine.render that reproduce the image the metadata came from.
+
+    The depth map is not inside the PNG: pass the depth.png saved beside it.
+    """
+    from threedis.engine.layout import Layout
+    from threedis.kernels.rule import Schedule
+
+    try:
+        kwargs = {key: meta[key] for key in _RENDER_KEYS}
+        kwargs.update(layout=Layout.from_dict(meta["layout"]), seed=int(meta["seed"]),
+                      schedule=Schedule(**meta["schedule"]))
+    except KeyError as exc:
+        raise UserError(f"threedis metadata lacks {exc.args[0]!r}; it was written by another version") from None
+    if depth is not None:
+        kwargs["depth"] = depth
+    return kwargs
