@@ -1,0 +1,181 @@
+"""Layout -> depth on the tiny LDM3D checkpoint (64x64, a few steps)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from threedis.engine.errors import UserError
+from threedis.engine.stage1 import Stage1Cancelled, Stage1Pipeline
+from threedis.engine.stage1.adapter import LayoutAdapter
+
+PROMPT = "a cozy living room"
+INSTANCES = ["a red sofa", "a tall lamp"]
+BOXES = [(0.0, 0.5, 0.5, 1.0), (0.625, 0.125, 0.875, 0.75)]
+FAST = dict(width=64, height=64, steps=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from threedis.engine.stage1.tiny import tiny_ldm3d_path
+
+    return tiny_ldm3d_path()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return Stage1Pipeline.from_pretrained(tiny_dir, device="cpu", local_files_only=True)
+
+
+def _inside(boxes, h, w):
+    m = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        m[int(h * y0):int(h * y1), int(w * x0):int(w * x1)] = True
+    return m
+
+
+def test_tiny_writer_is_deterministic(tmp_path, tiny_dir):
+    from threedis.engine.stage1.checkpoint import read_pickle_state
+    from threedis.engine.stage1.tiny import write_tiny_ldm3d
+
+    before = torch.random.get_rng_state()
+    other = write_tiny_ldm3d(tmp_path / "again")
+    assert torch.equal(before, torch.random.get_rng_state())
+    for name in ("unet_0901.ckpt", "layout_adapter.ckpt"):
+        a, b = read_pickle_state(tiny_dir / name), read_pickle_state(other / name)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_folder_is_an_ldm3d_checkpoint(tiny_dir):
+    from diffusers import StableDiffusionLDM3DPipeline
+
+    ref = StableDiffusionLDM3DPipeline.from_pretrained(tiny_dir)
+    assert ref.vae.config.out_channels == 4 and ref.unet.config.in_channels == 4
+    assert ref.unet.config.cross_attention_dim == ref.text_encoder.config.hidden_size
+
+
+def test_output_size_range_and_determinism(pipe):
+    a = pipe.generate(PROMPT, INSTANCES, BOXES, seed=3, **FAST)
+    assert a.depth.size == (64, 64) and a.depth.mode == "L"
+    assert a.rgb.size == (64, 64) and a.rgb.mode == "RGB"
+    assert a.depth_array.dtype == np.float32 and 0.0 <= a.depth_array.min() and a.depth_array.max() <= 1.0
+    assert np.array_equal(np.asarray(a.depth), np.round(a.depth_array * 255).astype(np.uint8))
+    b = pipe.generate(PROMPT, INSTANCES, BOXES, seed=3, **FAST)
+    assert np.array_equal(a.depth_array, b.depth_array)
+    c = pipe.generate(PROMPT, INSTANCES, BOXES, seed=4, **FAST)
+    assert not np.array_equal(a.depth_array, c.depth_array)
+
+
+def test_non_square_size(pipe):
+    r = pipe.generate(PROMPT, INSTANCES, BOXES, width=96, height=64, steps=2)
+    assert r.depth.size == (96, 64) and r.depth_array.shape == (64, 96)
+
+
+def test_adapter_changes_the_boxes(pipe):
+    on = pipe.generate(PROMPT, INSTANCES, BOXES, seed=1, **FAST).depth_array
+    off = pipe.generate(PROMPT, INSTANCES, BOXES, seed=1, migc_steps=0, refine=False, **FAST).depth_array
+    shade_only = pipe.generate(PROMPT, INSTANCES, BOXES, seed=1, migc_steps=0, **FAST).depth_array
+    inside = _inside(BOXES, 64, 64)
+    assert np.abs(on - off)[inside].mean() > 1e-3
+    assert np.abs(on - off)[inside].mean() > np.abs(on - off)[~inside].mean()
+    assert np.abs(shade_only - off)[inside].mean() > 1e-4  # the refined shader alone acts too
+    assert np.abs(on - shade_only)[inside].mean() > 1e-4
+
+
+def test_adapter_off_ignores_instances(pipe):
+    """migc_steps=0 with plain cross-attention is text-to-depth from the global prompt."""
+    off = pipe.generate(PROMPT, INSTANCES, BOXES, seed=2, migc_steps=0, refine=False, append_instances=False,
+                        **FAST)
+    none = pipe.generate(PROMPT, [], [], seed=2, **FAST)
+    np.testing.assert_array_equal(off.depth_array, none.depth_array)
+
+
+def test_no_instances_matches_diffusers_ldm3d(pipe, tiny_dir):
+    from diffusers import StableDiffusionLDM3DPipeline, UNet2DConditionModel, UniPCMultistepScheduler
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    unet.load_state_dict(torch.load(tiny_dir / "unet_0901.ckpt", weights_only=True))
+    ref = StableDiffusionLDM3DPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+        scheduler=UniPCMultistepScheduler.from_config(pipe.scheduler_config), safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    neg = "blurry"
+    out = ref(PROMPT, negative_prompt=neg, num_inference_steps=4, guidance_scale=6.5, height=64, width=64,
+              generator=torch.Generator().manual_seed(5), output_type="np")
+    ours = pipe.generate(PROMPT, [], [], width=64, height=64, steps=4, negative_prompt=neg, seed=5)
+    np.testing.assert_allclose(ours.depth_array, out.depth[0, ..., 0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.rgb) / 255.0, out.rgb[0], atol=1 / 255 + 1e-6)
+
+
+def test_adapter_runs_exactly_migc_steps(pipe, monkeypatch):
+    calls: list[int] = []
+    step = [0]
+    real = LayoutAdapter.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(step[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayoutAdapter, "forward", counting)
+    pipe.generate(PROMPT, INSTANCES, BOXES, width=64, height=64, steps=4, migc_steps=2,
+                  on_step=lambda done, total: step.__setitem__(0, done))
+    assert calls == [0] * 7 + [1] * 7  # 7 adapter layers on steps 0 and 1, none after
+
+
+def test_progress_and_cancel(pipe):
+    seen = []
+    pipe.generate(PROMPT, INSTANCES, BOXES, on_step=lambda d, t: seen.append((d, t)), **FAST)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    cancel = threading.Event()
+
+    def stop_after_two(done, total):
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(Stage1Cancelled, match="before step 3 of 3"):
+        pipe.generate(PROMPT, INSTANCES, BOXES, on_step=stop_after_two, cancel=cancel, **FAST)
+
+
+def test_global_rng_untouched_and_phase_augment(pipe):
+    state = torch.random.get_rng_state()
+    r = pipe.generate(PROMPT, ["a cat", "a dog", "a hat"], [(0, 0, .5, .5), (.5, 0, 1, .5), (0, .5, 1, 1)],
+                      width=64, height=64, steps=1)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert r.settings["instance_prompts"][0] == "a cat, and a cat, and a cat"
+    assert r.settings["prompt"] == PROMPT + ",a cat,a dog,a hat"
+
+
+def test_user_errors(pipe):
+    with pytest.raises(UserError, match="at most 29 instances"):
+        pipe.generate(PROMPT, ["x"] * 30, [(0, 0, 1, 1)] * 30, **FAST)
+    with pytest.raises(UserError, match="2 instance prompts but 1 boxes"):
+        pipe.generate(PROMPT, INSTANCES, BOXES[:1], **FAST)
+    with pytest.raises(UserError, match="box 1"):
+        pipe.generate(PROMPT, INSTANCES, [BOXES[0], (0.5, 0.5, 0.4, 0.9)], **FAST)
+    with pytest.raises(UserError, match="multiple of 8"):
+        pipe.generate(PROMPT, INSTANCES, BOXES, width=60, height=64, steps=1)
+    # beyond 29 instances without the adapter: refined shader only, allowed
+    r = pipe.generate(PROMPT, ["x"] * 30, [(0, 0, 1, 1)] * 30, migc_steps=0, width=64, height=64, steps=1)
+    assert r.depth.size == (64, 64)
+
+
+def test_missing_parts_are_named(tmp_path):
+    with pytest.raises(UserError, match="missing: unet/config.json"):
+        Stage1Pipeline.from_pretrained(tmp_path, device="cpu", local_files_only=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_on_gpu(tiny_dir, pipe):
+    gpu = Stage1Pipeline.from_pretrained(tiny_dir, device="cuda", local_files_only=True)
+    assert gpu.dtype == torch.float16
+    a = gpu.generate(PROMPT, INSTANCES, BOXES, seed=1, **FAST)
+    b = gpu.generate(PROMPT, INSTANCES, BOXES, seed=1, **FAST)
+    assert np.isfinite(a.depth_array).all() and a.depth.size == (64, 64)
+    assert np.array_equal(a.depth_array, b.depth_array)
+    cpu = pipe.generate(PROMPT, INSTANCES, BOXES, seed=1, **FAST)
+    assert np.abs(a.depth_array - cpu.depth_array).mean() < 0.05  # fp16 vs fp32, same noise
