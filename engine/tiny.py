@@ -159,7 +159,7 @@ _VERB = (
 ).split("|")
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
     """Prompt-like English lines: a hand-written passage, then templated captions.
 
     The last line holds every printable ASCII character so no ASCII prompt hits <unk>.
@@ -236,7 +236,7 @@ def _train_bpe(words: Mapping[str, int], num_merges: int) -> list[tuple[str, str
     return merges
 
 
-def _write_clip_tokenizer(out: Path, lines: list[str]) -> None:
+def write_clip_tokenizer(out: Path, lines: list[str]) -> None:
     """vocab.json + merges.txt in CLIP's order: bytes, bytes</w>, merges, specials."""
     from transformers import CLIPTokenizer
 
@@ -255,13 +255,13 @@ def _write_clip_tokenizer(out: Path, lines: list[str]) -> None:
     if len(vocab) != _CLIP_VOCAB:
         raise RuntimeError(f"tiny CLIP vocabulary has {len(vocab)} entries, expected {_CLIP_VOCAB}")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "vocab.json", vocab, indent=None)
+    write_json(out / "vocab.json", vocab, indent=None)
     (out / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    _write_json(out / "special_tokens_map.json", specials)
-    _write_json(out / "tokenizer_config.json", {
+    write_json(out / "special_tokens_map.json", specials)
+    write_json(out / "tokenizer_config.json", {
         **specials, "model_max_length": TINY_FLUX["tokenizer"]["model_max_length"],
         "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
 
@@ -298,13 +298,13 @@ def _write_t5_tokenizer(out: Path, lines: list[str]) -> None:
         raise RuntimeError(f"tiny T5 tokenizer has {len(tok)} entries, expected {_T5_VOCAB}")
     tok.save_pretrained(out)
     (out / "spiece.model").write_bytes(model)
-    _write_json(out / "special_tokens_map.json",
+    write_json(out / "special_tokens_map.json",
                 {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
 
 
 # -- models ---------------------------------------------------------------------------
 
-def _seeded(seed: int, offset: int) -> None:
+def seeded(seed: int, offset: int) -> None:
     """Each component gets its own stream so adding one never shifts another's weights."""
     torch.manual_seed(seed * 1000 + offset)
 
@@ -313,22 +313,22 @@ def _write_models(path: Path, seed: int) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    _seeded(seed, 1)
+    seeded(seed, 1)
     FluxTransformer2DModel(**TINY_FLUX["transformer"]).save_pretrained(
         path / "transformer", safe_serialization=True)
-    _seeded(seed, 2)
+    seeded(seed, 2)
     AutoencoderKL(**TINY_FLUX["vae"]).save_pretrained(path / "vae", safe_serialization=True)
-    _seeded(seed, 3)
+    seeded(seed, 3)
     CLIPTextModel(CLIPTextConfig(**TINY_FLUX["text_encoder"])).save_pretrained(
         path / "text_encoder", safe_serialization=True)
-    _seeded(seed, 4)
+    seeded(seed, 4)
     T5EncoderModel(T5Config(**TINY_FLUX["text_encoder_2"])).save_pretrained(
         path / "text_encoder_2", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(**TINY_FLUX["scheduler"]).save_pretrained(path / "scheduler")
 
 
 @contextlib.contextmanager
-def _quiet_saves() -> Iterator[None]:
+def quiet_saves() -> Iterator[None]:
     """Hide transformers' per-shard progress bar while saving, restoring it afterwards."""
     from transformers.utils import logging as hf_logging
 
@@ -341,7 +341,7 @@ def _quiet_saves() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _write_json(file: Path, obj: Any, indent: int | None = 2) -> None:
+def write_json(file: Path, obj: Any, indent: int | None = 2) -> None:
     file.write_text(json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n",
                     encoding="utf-8")
 
@@ -359,13 +359,13 @@ def write_tiny_flux(path: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).unlink(missing_ok=True)
-    lines = _corpus()
-    _write_clip_tokenizer(path / "tokenizer", lines)
+    lines = corpus()
+    write_clip_tokenizer(path / "tokenizer", lines)
     _write_t5_tokenizer(path / "tokenizer_2", lines)
-    with torch.random.fork_rng(devices=[]), _quiet_saves():
+    with torch.random.fork_rng(devices=[]), quiet_saves():
         _write_models(path, seed)
-    _write_json(path / "model_index.json", {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
-    _write_json(path / MARKER, {"version": TINY_VERSION, "seed": seed})  # last: marks completeness
+    write_json(path / "model_index.json", {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
+    write_json(path / MARKER, {"version": TINY_VERSION, "seed": seed})  # last: marks completeness
     return path
 
 
@@ -374,12 +374,12 @@ def is_tiny_checkpoint(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     env = os.environ.get("THREEDIS_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "threedis"
 
 
-def _marker_version(path: Path) -> int | None:
+def marker_version(path: Path) -> int | None:
     try:
         return json.loads((path / MARKER).read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError, AttributeError):
@@ -392,20 +392,20 @@ def tiny_flux_path(root: str | os.PathLike[str] | None = None) -> Path:
     Built in a temporary sibling folder and renamed into place, so a crash or a
     concurrent builder never leaves a half-written folder that looks complete.
     """
-    root = Path(root) if root is not None else _cache_root()
+    root = Path(root) if root is not None else cache_root()
     target = root / _DIR_NAME
-    if _marker_version(target) == TINY_VERSION:
+    if marker_version(target) == TINY_VERSION:
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_DIR_NAME}.", dir=root))
     try:
         write_tiny_flux(tmp)
-        if target.exists() and _marker_version(target) != TINY_VERSION:
+        if target.exists() and marker_version(target) != TINY_VERSION:
             shutil.rmtree(target)  # incomplete or stale: replace it
         try:
             os.rename(tmp, target)
         except OSError:
-            if _marker_version(target) != TINY_VERSION:  # not a concurrent builder's result
+            if marker_version(target) != TINY_VERSION:  # not a concurrent builder's result
                 raise
     finally:
         if tmp.exists():

@@ -24,7 +24,7 @@ import torch
 
 # Shared with the tiny FLUX writer so all tiny checkpoints live in one cache and mark
 # completeness the same way (a marker file written last).
-from threedis.engine.tiny import MARKER, _cache_root, _marker_version, _quiet_saves, _write_json
+from threedis.engine.tiny import MARKER, cache_root, marker_version, quiet_saves, write_json
 
 __all__ = [
     "TINY_AUX_VERSION",
@@ -102,10 +102,10 @@ def _lists(value: Any) -> Any:
 
 
 def _finish(path: Path, model: Any, preprocessor: Mapping[str, Any], seed: int) -> Path:
-    with _quiet_saves():
+    with quiet_saves():
         model.save_pretrained(path, safe_serialization=True)
-    _write_json(path / "preprocessor_config.json", _lists(preprocessor))
-    _write_json(path / MARKER, {"version": TINY_AUX_VERSION, "seed": seed})  # last: marks completeness
+    write_json(path / "preprocessor_config.json", _lists(preprocessor))
+    write_json(path / MARKER, {"version": TINY_AUX_VERSION, "seed": seed})  # last: marks completeness
     return path
 
 
@@ -162,20 +162,20 @@ def _cached(root: str | os.PathLike[str] | None, name: str, writer: Callable[[Pa
 
     A crash or a concurrent builder never leaves a half-written folder that looks complete.
     """
-    base = Path(root) if root is not None else _cache_root()
+    base = Path(root) if root is not None else cache_root()
     target = base / f"{name}-v{TINY_AUX_VERSION}"
-    if _marker_version(target) == TINY_AUX_VERSION:
+    if marker_version(target) == TINY_AUX_VERSION:
         return target
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
     try:
         writer(tmp)
-        if target.exists() and _marker_version(target) != TINY_AUX_VERSION:
+        if target.exists() and marker_version(target) != TINY_AUX_VERSION:
             shutil.rmtree(target)  # incomplete or stale
         try:
             os.rename(tmp, target)
         except OSError:
-            if _marker_version(target) != TINY_AUX_VERSION:  # not a concurrent builder's result
+            if marker_version(target) != TINY_AUX_VERSION:  # not a concurrent builder's result
                 raise
     finally:
         if tmp.exists():

@@ -77,22 +77,22 @@ def _write_models(path: Path, seed: int) -> None:
     from threedis.engine.stage1.checkpoint import ADAPTER_FILENAME, UNET_FILENAME
     from threedis.engine.stage1.processors import install_processors, make_adapters
 
-    _flux_tiny._seeded(seed, 11)
+    _flux_tiny.seeded(seed, 11)
     UNet2DConditionModel(**TINY_LDM3D["unet"]).save_pretrained(path / "unet", safe_serialization=True)
-    _flux_tiny._seeded(seed, 12)
+    _flux_tiny.seeded(seed, 12)
     AutoencoderKL(**TINY_LDM3D["vae"]).save_pretrained(path / "vae", safe_serialization=True)
-    _flux_tiny._seeded(seed, 13)
+    _flux_tiny.seeded(seed, 13)
     CLIPTextModel(CLIPTextConfig(**TINY_LDM3D["text_encoder"])).save_pretrained(
         path / "text_encoder", safe_serialization=True)
     PNDMScheduler(**TINY_LDM3D["scheduler"]).save_pretrained(path / "scheduler")
 
     # Stand-in for the fine-tuned UNet: same config, other weights, a plain pickled state dict.
-    _flux_tiny._seeded(seed, 14)
+    _flux_tiny.seeded(seed, 14)
     finetuned = UNet2DConditionModel(**TINY_LDM3D["unet"])
     torch.save(finetuned.state_dict(), path / UNET_FILENAME)
     # Stand-in for the adapter: the release's keys, default init, gamma made non-zero
     # (zero, the init value, would switch the adapter's contribution off).
-    _flux_tiny._seeded(seed, 15)
+    _flux_tiny.seeded(seed, 15)
     adapters = make_adapters(finetuned)
     for adapter in adapters.values():
         adapter.gamma.data = 0.5 + torch.rand(1)
@@ -111,16 +111,16 @@ def write_tiny_ldm3d(path: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).unlink(missing_ok=True)
-    _flux_tiny._write_clip_tokenizer(path / "tokenizer", _flux_tiny._corpus())
-    with torch.random.fork_rng(devices=[]), _flux_tiny._quiet_saves():
+    _flux_tiny.write_clip_tokenizer(path / "tokenizer", _flux_tiny.corpus())
+    with torch.random.fork_rng(devices=[]), _flux_tiny.quiet_saves():
         _write_models(path, seed)
-    _flux_tiny._write_json(path / "model_index.json",
+    _flux_tiny.write_json(path / "model_index.json",
                            {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
-    _flux_tiny._write_json(path / MARKER, {"version": TINY_LDM3D_VERSION, "seed": seed})
+    _flux_tiny.write_json(path / MARKER, {"version": TINY_LDM3D_VERSION, "seed": seed})
     return path
 
 
-def _marker_version(path: Path) -> int | None:
+def marker_version(path: Path) -> int | None:
     try:
         return json.loads((path / MARKER).read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError, AttributeError):
@@ -132,20 +132,20 @@ def tiny_ldm3d_path(root: str | os.PathLike[str] | None = None) -> Path:
 
     Built in a temporary sibling folder and renamed into place, as tiny_flux_path does.
     """
-    root = Path(root) if root is not None else _flux_tiny._cache_root()
+    root = Path(root) if root is not None else _flux_tiny.cache_root()
     target = root / _DIR_NAME
-    if _marker_version(target) == TINY_LDM3D_VERSION:
+    if marker_version(target) == TINY_LDM3D_VERSION:
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_DIR_NAME}.", dir=root))
     try:
         write_tiny_ldm3d(tmp)
-        if target.exists() and _marker_version(target) != TINY_LDM3D_VERSION:
+        if target.exists() and marker_version(target) != TINY_LDM3D_VERSION:
             shutil.rmtree(target)
         try:
             os.rename(tmp, target)
         except OSError:
-            if _marker_version(target) != TINY_LDM3D_VERSION:
+            if marker_version(target) != TINY_LDM3D_VERSION:
                 raise
     finally:
         if tmp.exists():
