@@ -2,7 +2,10 @@
 
 An Engine owns its models, its prompt encoder (with its caches) and nothing
 else: there is no module-level state, so two engines in one process never see
-each other's settings, LoRAs or cached prompts.
+each other's settings, LoRAs or cached prompts. One render is
+stage 1 (layout -> depth, when no depth is given) -> SAM2 masks (when asked) ->
+FLUX; the auxiliary models live in `engine.aux` (threedis.engine.stages) only
+while their stage runs.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from threedis.engine.encoding import PromptEncoder
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Layout
 from threedis.engine.loading import FluxComponents
+from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
 from threedis.kernels.rule import RuleError, Schedule
 
 __all__ = ["Engine", "RenderCancelled", "RenderResult", "default_schedule", "default_cache_dir"]
@@ -41,7 +45,12 @@ DEMO_I2I_STEPS = 4  # the authors' demo default for the image->image switch (SPE
 
 @dataclass
 class RenderResult:
-    """One render: the image, the depth map as used (RGB, layout size), the profiler report and settings."""
+    """One render: the image, the depth map as used (RGB, layout size), the profiler report and settings.
+
+    masks: per instance, the mask its attention region came from ('L', 255 = inside: the
+    user's mask file or SAM2's mask at the output size), None where the box was used.
+    stage1_rgb: stage 1's RGB channels (a free preview) when stage 1 made the depth, else None.
+    """
 
     image: Image.Image
     depth: Image.Image
@@ -49,6 +58,8 @@ class RenderResult:
     layout: Layout
     seed: int
     settings: dict = field(default_factory=dict)
+    masks: list = field(default_factory=list)
+    stage1_rgb: Image.Image | None = None
 
 
 def default_schedule(steps: int) -> Schedule:
@@ -86,7 +97,7 @@ def as_depth_image(depth: Any, width: int, height: int, processor: Any) -> Image
     result to diffusers gives the same control latents as handing it the original.
     """
     if depth is None:
-        raise UserError("no depth map given; pass depth=... (stage 1 layout->depth lands separately)")
+        raise UserError("no depth map given; pass depth=... (a depth image, near = bright)")
     if isinstance(depth, (str, os.PathLike)):
         path = Path(depth)
         if not path.is_file():
@@ -130,6 +141,10 @@ class Engine:
         cache_dir: str | os.PathLike | None = None,
         overrides: dict | None = None,
         model_id: str | None = None,
+        stage1: str | os.PathLike | None = None,
+        sam: str | os.PathLike | None = None,
+        depth_estimator: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> None:
         from threedis.engine.processor import install_processors
         from threedis.kernels.attention import select_backend
@@ -149,6 +164,9 @@ class Engine:
         self.prompts = PromptEncoder(
             components.source, self.device, self.dtype, cache_dir=cache_root / "prompts", text=components.text
         )
+        # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
+        self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
+                             local_files_only=local_files_only)
         self.loras: list[dict] = []
         self._lock = threading.Lock()  # one render at a time per engine: the scheduler copy and models are shared
 
@@ -165,13 +183,24 @@ class Engine:
         backend: str = "auto",
         cache_dir: str | os.PathLike | None = None,
         overrides: dict | None = None,
+        stage1: str | os.PathLike | None = None,
+        sam: str | os.PathLike | None = None,
+        depth_estimator: str | os.PathLike | None = None,
     ) -> "Engine":
-        """Load transformer, VAE and scheduler now; CLIP and T5 only when a prompt is not cached."""
+        """Load transformer, VAE and scheduler now; CLIP and T5 only when a prompt is not cached.
+
+        stage1 / sam / depth_estimator say where the auxiliary models are; nothing of them is
+        loaded here. stage1: None (renders need a depth map), "auto" (the authors' release)
+        or an LDM3D-4c folder / hub id holding unet_0901.ckpt and layout_adapter.ckpt.
+        sam / depth_estimator: a folder or hub id; None means the default id
+        (facebook/sam2.1-hiera-large, depth-anything/Depth-Anything-V2-Large-hf).
+        """
         device = torch.device(device) if device is not None else loading.default_device()
         dtype = dtype or loading.default_dtype(device)
         components = loading.load_components(path_or_id, dtype=dtype, device=device, local_files_only=local_files_only)
         return cls(components, device=device, dtype=dtype, backend=backend, profile=profile, cache_dir=cache_dir,
-                   overrides=overrides, model_id=os.fspath(path_or_id))
+                   overrides=overrides, model_id=os.fspath(path_or_id), stage1=stage1, sam=sam,
+                   depth_estimator=depth_estimator, local_files_only=local_files_only)
 
     @classmethod
     def from_components(cls, components: FluxComponents, **kwargs: Any) -> "Engine":
@@ -197,6 +226,18 @@ class Engine:
                 f"layout size {layout.width}x{layout.height} must be a multiple of {factor} on both sides"
             )
 
+    def depth_from_image(self, image: Any, size: tuple[int, int] | None = None) -> Image.Image:
+        """Depth map of a photo with Depth Anything V2 ('L', near = bright) at `size` (w, h) or the photo's.
+
+        Use it instead of stage 1 when a reference photo exists; the estimator is loaded
+        for this call and freed afterwards.
+        """
+        from threedis.engine.depth_estimation import open_image
+
+        rgb = open_image(image, "photo")
+        with self._lock:
+            return self.aux.run("depth", lambda estimator: estimator.estimate(rgb, size))
+
     def render(
         self,
         layout: Layout,
@@ -211,41 +252,124 @@ class Engine:
         cancel: threading.Event | None = None,
         permute_tokens: bool = False,
         preview: bool = False,
+        sam: bool = False,
+        stage1_steps: int = 30,
+        stage1_guidance: float = 6.5,
+        migc_steps: int = 16,
+        phase_augment: bool = True,
+        stage1_seed: int | None = None,
+        stage1_size: int | tuple[int, int] = 512,
+        on_stage1_step: Callable[[int, int], None] | None = None,
     ) -> RenderResult:
-        """Render `layout` over `depth`. on_step(done, total, preview) runs after every step;
-        setting `cancel` stops at the next step boundary with RenderCancelled."""
+        """Render `layout`: stage 1 (when depth is None) -> SAM2 masks (when sam) -> FLUX.
+
+        depth None runs stage 1 at stage1_size (default 512 x 512, as the demos) and stretches
+        its depth to the layout size. sam=True replaces the box of every instance without a
+        user mask by SAM2's mask of that box on the (resized) depth map.
+        on_stage1_step(done, total) and on_step(done, total, preview) report progress;
+        setting `cancel` stops at the next step or stage boundary with RenderCancelled,
+        with every auxiliary model already freed.
+        """
         from threedis.engine.profiler import Profiler
 
-        if not isinstance(layout, Layout):
-            raise UserError(f"layout must be a threedis Layout (Layout.load(path)), got {type(layout).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be a positive whole number, got {steps!r}")
+        self._check_render_args(layout, steps, schedule)
         schedule = schedule or default_schedule(steps)
-        if schedule.steps != steps:
-            raise UserError(f"schedule.steps = {schedule.steps} but steps = {steps}; make them equal")
-        self._check_size(layout)
-        vae = self.components.vae
-        depth_image = as_depth_image(depth, layout.width, layout.height, image_processor_for(vae))
+        depth_image = None if depth is None else self._depth_image(layout, depth)
+        stage1 = None
+        if depth_image is None:
+            self.aux.spec("stage1")  # no stage 1 configured: say so before any work
+            stage1 = Stage1Options(steps=stage1_steps, guidance=stage1_guidance, migc_steps=migc_steps,
+                                   phase_augment=phase_augment, size=stage1_size,
+                                   seed=seed if stage1_seed is None else stage1_seed)
         settings = DenoiseSettings(steps=steps, guidance=float(guidance), schedule=schedule, backend=self.backend,
                                    permute_tokens=bool(permute_tokens), preview=bool(preview))
         with self._lock:
             prof = Profiler(device=self.device)
             prof.note("attention backend", self.backend)
             prof.note("attention backend reason", self.backend_reason)
-            with prof.stage("encode", prompts=len(layout.instances) + 1, chunk=chunk):
-                loads_before = dict(self.prompts.loads)
-                text = self.prompts.encode(layout.prompts(append_instances), chunk)
-            prof.note("text encoders loaded", {k: self.prompts.loads[k] - loads_before[k] for k in loads_before})
-            factor = 2 * vae_scale_factor(vae)
-            grid = (layout.height // factor, layout.width // factor)
-            regions = regions_for(layout.boxes, layout.load_masks(), grid)
-            scheduler = type(self.components.scheduler).from_config(self.components.scheduler.config)
-            image = render_image(
-                self.components.transformer, vae, scheduler, text, depth_image, regions, layout.width,
-                layout.height, seed, settings, prof, on_step=on_step, cancel=cancel, device=self.device,
-            )
+            try:
+                stage1_result = None
+                if stage1 is not None:
+                    stage1_result = run_stage1(self.aux, layout, stage1, append_instances, prof,
+                                               on_stage1_step, cancel)
+                    depth_image = self._depth_image(layout, stage1_result.depth)
+                raise_if_cancelled(cancel, "after stage 1, before the masks")
+                masks, mask_info = self._masks(layout, depth_image, sam, prof)
+                raise_if_cancelled(cancel, "before stage 2")
+                image, text = self._stage2(layout, depth_image, masks, seed, chunk, append_instances, settings,
+                                           prof, on_step, cancel)
+            finally:
+                self.aux.free()
             report = prof.report()
-        info = {
+        info = self._settings(steps, guidance, schedule, chunk, append_instances, permute_tokens, text)
+        info["depth"] = self._depth_settings(stage1, stage1_result)
+        info.update(mask_info)
+        return RenderResult(image=image, depth=depth_image, report=report, layout=layout, seed=int(seed),
+                            settings=info, masks=masks,
+                            stage1_rgb=stage1_result.rgb if stage1_result is not None else None)
+
+    # -- the parts of a render -------------------------------------------------
+
+    def _check_render_args(self, layout: Layout, steps: int, schedule: Schedule | None) -> None:
+        if not isinstance(layout, Layout):
+            raise UserError(f"layout must be a threedis Layout (Layout.load(path)), got {type(layout).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be a positive whole number, got {steps!r}")
+        if schedule is not None and schedule.steps != steps:
+            raise UserError(f"schedule.steps = {schedule.steps} but steps = {steps}; make them equal")
+        self._check_size(layout)
+
+    def _depth_image(self, layout: Layout, depth: Any) -> Image.Image:
+        """Any depth input -> RGB at the layout size, resized as FLUX's control processor resizes."""
+        return as_depth_image(depth, layout.width, layout.height, image_processor_for(self.components.vae))
+
+    def _masks(self, layout: Layout, depth_image: Image.Image, sam: bool,
+               prof: Any) -> tuple[list[Image.Image | None], dict]:
+        """Per-instance masks, plus settings saying whether SAM ran and where each mask came from.
+
+        User masks (the layout's mask files) win and skip SAM; SAM2 runs only when asked
+        and some instance has no user mask; an empty SAM mask falls back to the box.
+        """
+        masks = layout.load_masks()
+        sources = ["box" if m is None else "user" for m in masks]
+        ran = bool(sam) and "box" in sources
+        if ran:
+            found = run_sam(self.aux, layout, depth_image, masks, prof)
+            for i, mask in enumerate(found):
+                if mask is not None:
+                    masks[i], sources[i] = mask, "sam"
+        elif sam:
+            prof.note("sam", "skipped: every instance has a user mask" if masks else "skipped: no instances")
+        return masks, {"sam": {"ran": ran, "model": self.aux.spec("sam") if ran else None}, "masks": sources}
+
+    def _stage2(self, layout: Layout, depth_image: Image.Image, masks: list, seed: int, chunk: int,
+                append_instances: bool, settings: DenoiseSettings, prof: Any, on_step: StepCallback | None,
+                cancel: threading.Event | None) -> tuple[Image.Image, Any]:
+        """FLUX: encode the prompts, denoise with the rule over the instance regions, decode."""
+        vae = self.components.vae
+        with prof.stage("encode", prompts=len(layout.instances) + 1, chunk=chunk):
+            loads_before = dict(self.prompts.loads)
+            text = self.prompts.encode(layout.prompts(append_instances), chunk)
+        prof.note("text encoders loaded", {k: self.prompts.loads[k] - loads_before[k] for k in loads_before})
+        factor = 2 * vae_scale_factor(vae)
+        grid = (layout.height // factor, layout.width // factor)
+        regions = regions_for(layout.boxes, masks, grid)  # mask_regions where a mask is given, else the box
+        scheduler = type(self.components.scheduler).from_config(self.components.scheduler.config)
+        image = render_image(
+            self.components.transformer, vae, scheduler, text, depth_image, regions, layout.width,
+            layout.height, seed, settings, prof, on_step=on_step, cancel=cancel, device=self.device,
+        )
+        return image, text
+
+    def _depth_settings(self, stage1: Stage1Options | None, result: Any) -> dict:
+        if stage1 is None:
+            return {"source": "user"}
+        return {"source": "stage1", "model": self.aux.spec("stage1"), **stage1.to_dict(),
+                "prompt": result.settings.get("prompt")}
+
+    def _settings(self, steps: int, guidance: float, schedule: Schedule, chunk: int, append_instances: bool,
+                  permute_tokens: bool, text: Any) -> dict:
+        return {
             "steps": steps,
             "guidance": float(guidance),
             "schedule": asdict(schedule),
@@ -263,4 +387,3 @@ class Engine:
             "truncated_prompts": text.truncated,
             "version": __version__,
         }
-        return RenderResult(image=image, depth=depth_image, report=report, layout=layout, seed=int(seed), settings=info)

@@ -1,4 +1,4 @@
-"""`threedis` command line: render, demo, make-tiny, validate, plan, profiles, bench.
+"""`threedis` command line: render, demo, depth, make-tiny, validate, plan, profiles, bench.
 
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -21,16 +21,21 @@ EXIT_USER_ERROR = 2
 DESCRIPTION = """\
 threedis-flux: multi-instance layout-to-image generation (3DIS-FLUX) on small GPUs.
 
-A layout (a global prompt plus boxes, each with its own description) and a depth
-map are rendered by FLUX.1-Depth-dev while each instance's text only shapes its
+A layout (a global prompt plus boxes, each with its own description) becomes a
+depth map (stage 1: LDM3D + layout adapter; or your own depth map, or one
+estimated from a photo), optionally tighter instance masks (SAM2), and then an
+image rendered by FLUX.1-Depth-dev while each instance's text only shapes its
 own region.
 """
 
 EPILOG = """\
 examples:
-  threedis demo                                  # tiny built-in checkpoint, CPU is fine
+  threedis demo                                  # tiny built-in checkpoints, CPU is fine
   threedis validate examples/two_birds.json
+  threedis render layout.json --model /models/FLUX.1-Depth-dev --out out/          # stage 1 makes the depth
+  threedis render layout.json --model /models/FLUX.1-Depth-dev --sam --out out/    # + SAM2 instance masks
   threedis render layout.json --depth depth.png --model /models/FLUX.1-Depth-dev --out out/
+  threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
   threedis make-tiny /tmp/tiny-flux
 """
@@ -72,6 +77,45 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--local-files-only", action="store_true", help="never try to download weights")
 
 
+_SAM_DEFAULT = "(default)"  # --sam without a value: the engine's default SAM2 id
+
+
+def _size_arg(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 512 or 768x512, got {text!r}")
+    return (values[0], values[-1])
+
+
+def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
+    g = p.add_argument_group("depth map and masks")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--depth", type=Path, default=None, help="depth map image (near = bright); skips stage 1")
+    source.add_argument("--depth-from-photo", type=Path, default=None, metavar="PHOTO",
+                        help="estimate the depth map from a photo (Depth Anything V2); skips stage 1")
+    g.add_argument("--depth-model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
+                   help="depth estimator for --depth-from-photo (default depth-anything/Depth-Anything-V2-Large-hf "
+                        "or $THREEDIS_DEPTH_MODEL)")
+    g.add_argument("--stage1", default=os.environ.get("THREEDIS_STAGE1"), metavar="PATH_OR_ID", help=stage1_help)
+    g.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default 30)")
+    g.add_argument("--stage1-guidance", type=float, default=6.5, help="stage-1 CFG scale (default 6.5)")
+    g.add_argument("--migc-steps", type=int, default=None,
+                   help="stage-1 steps with the layout adapter on (default 16)")
+    g.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
+                   help="stage-1 generation size, stretched to the layout size after (default 512)")
+    g.add_argument("--stage1-seed", type=int, default=None, help="stage-1 seed (default: --seed)")
+    g.add_argument("--no-phase-augment", action="store_true",
+                   help="do not repeat instance phrases for stage 1 (the authors' phase augmentation)")
+    g.add_argument("--sam", nargs="?", const=_SAM_DEFAULT, default=None, metavar="PATH_OR_ID",
+                   help="tighten instance regions with SAM2 masks of the boxes on the depth map "
+                        "(default model facebook/sam2.1-hiera-large)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threedis", description=DESCRIPTION, epilog=EPILOG,
@@ -80,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("render", help="render a layout with a depth map",
-                       description="Render LAYOUT (JSON) with a depth map into an output folder.")
+    p = sub.add_parser("render", help="render a layout (stage 1 -> optional SAM2 -> FLUX)",
+                       description="Render LAYOUT (JSON) into an output folder. Without --depth, stage 1 "
+                                   "makes the depth map from the layout.")
     p.add_argument("layout", type=Path, help="layout JSON file")
-    p.add_argument("--depth", type=Path, default=None, help="depth map image (near = bright)")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="FLUX.1-Depth-dev: local diffusers folder or hub id (or $THREEDIS_MODEL)")
     p.add_argument("--out", type=Path, default=Path("threedis-out"), help="output folder (default threedis-out)")
+    _add_depth_options(p, "stage-1 model: an LDM3D-4c folder holding unet_0901.ckpt and layout_adapter.ckpt, or "
+                          "a hub id (default: the authors' release, or $THREEDIS_STAGE1)")
     _add_render_options(p)
 
     p = sub.add_parser("demo", help="render an example layout end to end (tiny checkpoint if no weights)",
@@ -95,10 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example", default="two_birds", help="example layout name (see `threedis validate --list`)")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="real FLUX.1-Depth-dev folder or hub id (default: the tiny checkpoint)")
-    p.add_argument("--depth", type=Path, default=None, help="depth map (default: a placeholder drawn from the boxes)")
     p.add_argument("--out", type=Path, default=Path("threedis-out/demo"), help="output folder")
+    _add_depth_options(p, "stage-1 model (default: the tiny checkpoint without --model, else the authors' "
+                          "release or $THREEDIS_STAGE1)")
+    p.add_argument("--no-sam", action="store_true", help="tiny demo: skip SAM2 (on by default there)")
     _add_render_options(p)
     p.set_defaults(steps=None)
+
+    p = sub.add_parser("depth", help="estimate a depth map from a photo (Depth Anything V2)",
+                       description="Write the depth map of PHOTO (grey, near = bright), as used by --depth.")
+    p.add_argument("photo", type=Path, help="photo (PNG/JPEG)")
+    p.add_argument("--out", type=Path, default=Path("depth.png"), help="depth image to write (default depth.png)")
+    p.add_argument("--model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
+                   help="Depth Anything V2 folder or hub id (default depth-anything/Depth-Anything-V2-Large-hf "
+                        "or $THREEDIS_DEPTH_MODEL)")
+    p.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="output size (default: the photo's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--local-files-only", action="store_true", help="never try to download weights")
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight FLUX-depth checkpoint (diffusers layout)")
     p.add_argument("path", type=Path, help="folder to write (must not exist or be empty)")
@@ -153,48 +213,81 @@ class _ProgressBar:
         self.label = label
         self.bar = None
 
-    def __call__(self, step: int, total: int, preview) -> None:
+    def __call__(self, step: int, total: int, preview=None) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.label, unit="step", file=sys.stderr)
         self.bar.update(1)
+        if step >= total:  # finished: close now so the next stage's bar starts on its own line
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
-def _render(args: argparse.Namespace, layout, model: str, depth, steps: int) -> int:
+def _stage1_kwargs(args: argparse.Namespace, steps: int, migc_steps: int, size: int | tuple[int, int]) -> dict:
+    """Stage-1 settings for Engine.render: the command's values, else the given defaults."""
+    return {
+        "stage1_steps": args.stage1_steps if args.stage1_steps is not None else steps,
+        "migc_steps": args.migc_steps if args.migc_steps is not None else migc_steps,
+        "stage1_size": args.stage1_size if args.stage1_size is not None else size,
+        "stage1_guidance": args.stage1_guidance,
+        "stage1_seed": args.stage1_seed,
+        "phase_augment": not args.no_phase_augment,
+    }
+
+
+def _check_depth_inputs(args: argparse.Namespace) -> None:
+    for flag, path in (("--depth", args.depth), ("--depth-from-photo", args.depth_from_photo)):
+        if path is not None and not path.is_file():
+            raise UserError(f"{flag}: file not found: {path}")
+
+
+def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: str | None, sam: str | None,
+            stage1_kwargs: dict) -> int:
+    """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
     from threedis.engine.api import Engine
     from threedis.engine.outputs import save_result
 
+    _check_depth_inputs(args)
     overrides = _parse_overrides(args.overrides)
     engine = Engine.from_pretrained(
         model, profile=args.profile, overrides=overrides or None, device=args.device,
-        local_files_only=args.local_files_only, backend=args.backend,
+        local_files_only=args.local_files_only, backend=args.backend, stage1=stage1,
+        sam=None if sam in (None, _SAM_DEFAULT) else sam, depth_estimator=args.depth_model,
     )
     if args.lora:
         engine.load_lora(args.lora, scale=args.lora_scale)
+    depth = args.depth
+    if args.depth_from_photo is not None:
+        print(f"estimating the depth map of {args.depth_from_photo}")
+        depth = engine.depth_from_image(args.depth_from_photo, size=(layout.width, layout.height))
     cancel = threading.Event()
-    bar = _ProgressBar("denoising")
+    bar1, bar2 = _ProgressBar("stage 1 (layout -> depth)"), _ProgressBar("denoising")
     try:
         result = engine.render(
             layout, depth=depth, seed=args.seed, steps=steps, guidance=args.guidance,
             schedule=_schedule(args, steps), chunk=args.chunk,
             append_instances=not args.no_append_instances, permute_tokens=args.permute_tokens,
-            on_step=bar, cancel=cancel,
+            on_step=bar2, cancel=cancel, sam=sam is not None, on_stage1_step=bar1, **stage1_kwargs,
         )
     except KeyboardInterrupt:
         cancel.set()
         raise
     finally:
-        bar.close()
+        bar1.close()
+        bar2.close()
+    if args.depth_from_photo is not None:
+        result.settings["depth"] = {"source": "photo", "photo": str(args.depth_from_photo),
+                                    "model": engine.aux.spec("depth")}
     paths = save_result(result, args.out)
     print(result.report.table())
     print(f"\nwrote to {args.out}:")
     for kind, path in paths.items():
-        print(f"  {kind:<10} {path}")
+        print(f"  {kind:<12} {path}")
     return 0
 
 
@@ -208,36 +301,48 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("no model given: pass --model with a FLUX.1-Depth-dev folder or hub id "
                         "(or set $THREEDIS_MODEL); `threedis demo` runs on a tiny test checkpoint")
-    if args.depth is None:
-        raise UserError("no depth map given: pass --depth depth.png (layout -> depth, stage 1, is not "
-                        "available in this version)")
-    if not args.depth.is_file():
-        raise UserError(f"--depth: file not found: {args.depth}")
-    return _render(args, layout, args.model, args.depth, args.steps)
+    return _render(args, layout, args.model, args.steps, args.stage1 or "auto", args.sam,
+                   _stage1_kwargs(args, steps=30, migc_steps=16, size=512))
+
+
+# The tiny checkpoints only exercise the code: sizes and step counts that keep the demo to seconds on a CPU.
+_TINY_STEPS, _TINY_STAGE1_STEPS, _TINY_MIGC_STEPS, _TINY_STAGE1_SIZE = 4, 4, 2, 64
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from threedis.engine.layout import Layout, example_path
-    from threedis.engine.placeholder_depth import placeholder_depth
 
     layout = Layout.load(example_path(args.example))
-    model = args.model
-    if model:
-        steps = args.steps or 20
+    if args.model:
+        model, steps, sam = args.model, args.steps or 20, args.sam
+        stage1 = args.stage1 or "auto"
+        stage1_kwargs = _stage1_kwargs(args, steps=30, migc_steps=16, size=512)
     else:
+        from threedis.engine.stage1.tiny import tiny_ldm3d_path
         from threedis.engine.tiny import tiny_flux_path
+        from threedis.engine.tiny_aux import tiny_sam2_path
 
-        model = str(tiny_flux_path())
-        steps = args.steps or 4
-        # The tiny checkpoint is for exercising the code: keep it quick on a CPU.
+        model, steps = str(tiny_flux_path()), args.steps or _TINY_STEPS
         layout = _shrink_for_tiny(layout)
         print(f"no --model given: using the tiny random-weight checkpoint at {model}")
-    if args.depth is not None:
-        depth = args.depth
-    else:
-        depth = placeholder_depth(layout)
-        print("no --depth given: using a placeholder depth map drawn from the boxes")
-    return _render(args, layout, model, depth, steps)
+        stage1 = args.stage1
+        if stage1 is None and args.depth is None and args.depth_from_photo is None:
+            stage1 = str(tiny_ldm3d_path())
+            print(f"stage 1: tiny random-weight LDM3D checkpoint at {stage1}")
+        if args.depth_from_photo is not None and args.depth_model is None:
+            from threedis.engine.tiny_aux import tiny_depth_anything_path
+
+            args.depth_model = str(tiny_depth_anything_path())
+            print(f"depth estimator: tiny random-weight Depth Anything at {args.depth_model}")
+        sam = args.sam
+        if sam is None and not args.no_sam:
+            sam = str(tiny_sam2_path())
+            print(f"SAM2: tiny random-weight checkpoint at {sam}")
+        stage1_kwargs = _stage1_kwargs(args, steps=_TINY_STAGE1_STEPS, migc_steps=_TINY_MIGC_STEPS,
+                                       size=_TINY_STAGE1_SIZE)
+    if args.no_sam:
+        sam = None
+    return _render(args, layout, model, steps, stage1, sam, stage1_kwargs)
 
 
 def _shrink_for_tiny(layout):
@@ -248,6 +353,21 @@ def _shrink_for_tiny(layout):
     width = max(16, int(layout.width * scale) // 16 * 16)
     height = max(16, int(layout.height * scale) // 16 * 16)
     return replace(layout, width=width, height=height)
+
+
+def cmd_depth(args: argparse.Namespace) -> int:
+    from threedis.engine.depth_estimation import DEFAULT_DEPTH_MODEL, DepthEstimator, open_image
+    from threedis.engine.outputs import save_image_new
+
+    if args.out.exists() and not args.overwrite:  # before loading anything
+        raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    photo = open_image(args.photo, "photo")
+    estimator = DepthEstimator.from_pretrained(args.model or DEFAULT_DEPTH_MODEL, device=args.device,
+                                               local_files_only=args.local_files_only)
+    depth = estimator.estimate(photo, args.size)
+    path = save_image_new(depth, args.out, overwrite=args.overwrite)
+    print(f"wrote {depth.size[0]}x{depth.size[1]} depth map to {path}")
+    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -315,6 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {
     "render": cmd_render,
     "demo": cmd_demo,
+    "depth": cmd_depth,
     "make-tiny": cmd_make_tiny,
     "validate": cmd_validate,
     "plan": cmd_plan,

@@ -2,9 +2,14 @@
 
 image.png carries the layout and settings as PNG text (key "threedis"), so the
 picture alone is enough to re-render it (with its depth map, saved beside it).
+The settings say where the depth came from (stage 1 with its settings, or the
+user) and whether SAM2 ran. Beside it: depth.png (the depth as rendered),
+layout.png, stage1-rgb.png (stage 1's RGB preview, when stage 1 ran), one
+mask-<i>.png per instance whose region came from a mask (i as in instances[i]),
+and the report files.
 
 Existing files are never replaced unless overwrite=True: the whole set (image,
-depth, layout picture, report files) gets the first free numbered suffix
+depth, layout picture, masks, report files) gets the first free numbered suffix
 (image-1.png, depth-1.png, report-1.json, ...), so one render's files always
 share a suffix.
 """
@@ -23,7 +28,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from threedis.engine.errors import UserError
 
-__all__ = ["METADATA_KEY", "metadata_for", "read_metadata", "render_kwargs_from_metadata", "save_result"]
+__all__ = [
+    "METADATA_KEY",
+    "metadata_for",
+    "read_metadata",
+    "render_kwargs_from_metadata",
+    "save_image_new",
+    "save_result",
+]
 
 METADATA_KEY = "threedis"
 _REPORT_KINDS = {"json": "report", "text": "report_text"}  # Report.save's keys -> ours
@@ -46,6 +58,14 @@ def _stage(result: Any, folder: Path) -> dict[str, Path]:
     result.image.save(paths["image"], pnginfo=info)
     result.depth.save(paths["depth"])
     draw_layout(result.layout, result.depth).save(paths["layout"])
+    stage1_rgb = getattr(result, "stage1_rgb", None)
+    if stage1_rgb is not None:
+        paths["stage1_rgb"] = folder / "stage1-rgb.png"
+        stage1_rgb.save(paths["stage1_rgb"])
+    for i, mask in enumerate(getattr(result, "masks", None) or []):
+        if mask is not None:
+            paths[f"mask-{i}"] = folder / f"mask-{i}.png"
+            mask.convert("L").save(paths[f"mask-{i}"])
     report_dir = folder / "report"
     report_dir.mkdir()
     saved = result.report.save(report_dir)
@@ -106,6 +126,37 @@ def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False
     raise UserError(f"no free output name in {out}; choose another folder")  # pragma: no cover
 
 
+def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save `image` at `path`; an existing file is a UserError unless overwrite=True.
+
+    Written to a temporary file first, then put in place, so a half-written file never
+    appears under the final name and a file that appears meanwhile is not replaced.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{target} is a folder; give a file name such as {target / 'depth.png'}")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; choose another name or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".threedis-", suffix=target.suffix or ".png")
+    os.close(fd)
+    try:
+        try:
+            image.save(tmp)  # format from the suffix (.png when the name has none)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"cannot write {target}: {exc}; use a .png or .jpg name") from None
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                _place_exclusive(Path(tmp), target)
+            except FileExistsError:
+                raise UserError(f"{target} already exists; choose another name or pass --overwrite") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
 def read_metadata(png_path: str | os.PathLike) -> dict:
     """The settings stored in an image written by save_result."""
     path = Path(png_path)
@@ -126,7 +177,9 @@ def read_metadata(png_path: str | os.PathLike) -> dict:
 def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
     """Keyword arguments for Engine.render that reproduce the image the metadata came from.
 
-    The depth map is not inside the PNG: pass the depth.png saved beside it.
+    The depth map is not inside the PNG: pass the depth.png saved beside it (stage 1's
+    settings are returned too, so without it the engine's stage 1 makes the depth again).
+    SAM2 masks are remade from the depth when SAM ran (the engine needs its SAM2 model).
     """
     from threedis.engine.layout import Layout
     from threedis.kernels.rule import Schedule
@@ -137,6 +190,14 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
                       schedule=Schedule(**meta["schedule"]))
     except KeyError as exc:
         raise UserError(f"threedis metadata lacks {exc.args[0]!r}; it was written by another version") from None
+    if (meta.get("sam") or {}).get("ran"):
+        kwargs["sam"] = True
+    stage1 = meta.get("depth") or {}
+    if stage1.get("source") == "stage1":
+        kwargs.update({f"stage1_{k}": stage1[k] for k in ("steps", "guidance", "seed") if k in stage1})
+        kwargs.update({k: stage1[k] for k in ("migc_steps", "phase_augment") if k in stage1})
+        if "size" in stage1:
+            kwargs["stage1_size"] = tuple(stage1["size"])
     if depth is not None:
         kwargs["depth"] = depth
     return kwargs
