@@ -25,7 +25,7 @@ import string
 import tempfile
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -379,38 +379,45 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "threedis"
 
 
-def marker_version(path: Path) -> int | None:
+def marker_version(path: Path, marker: str = MARKER) -> int | None:
     try:
-        return json.loads((path / MARKER).read_text(encoding="utf-8")).get("version")
+        return json.loads((path / marker).read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def tiny_flux_path(root: str | os.PathLike[str] | None = None) -> Path:
-    """The cached tiny checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis).
+def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: int,
+                 writer: Callable[[Path], Any], marker: str = MARKER) -> Path:
+    """`root/dir_name` holding a complete checkpoint of `version`, built by `writer(folder)` if needed.
 
     Built in a temporary sibling folder and renamed into place, so a crash or a
     concurrent builder never leaves a half-written folder that looks complete.
+    Shared by every tiny-checkpoint writer of the project.
     """
-    root = Path(root) if root is not None else cache_root()
-    target = root / _DIR_NAME
-    if marker_version(target) == TINY_VERSION:
+    base = Path(root) if root is not None else cache_root()
+    target = base / dir_name
+    if marker_version(target, marker) == version:
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_DIR_NAME}.", dir=root))
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=base))
     try:
-        write_tiny_flux(tmp)
-        if target.exists() and marker_version(target) != TINY_VERSION:
+        writer(tmp)
+        if target.exists() and marker_version(target, marker) != version:
             shutil.rmtree(target)  # incomplete or stale: replace it
         try:
             os.rename(tmp, target)
         except OSError:
-            if marker_version(target) != TINY_VERSION:  # not a concurrent builder's result
+            if marker_version(target, marker) != version:  # not a concurrent builder's result
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def tiny_flux_path(root: str | os.PathLike[str] | None = None) -> Path:
+    """The cached tiny FLUX checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis)."""
+    return cached_build(root, _DIR_NAME, TINY_VERSION, write_tiny_flux)
 
 
 __all__ = ["MARKER", "TINY_FLUX", "TINY_VERSION", "is_tiny_checkpoint", "tiny_flux_path", "write_tiny_flux"]

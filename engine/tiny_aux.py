@@ -14,8 +14,6 @@ input size (56 px for depth, 64 px for SAM2).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -24,7 +22,7 @@ import torch
 
 # Shared with the tiny FLUX writer so all tiny checkpoints live in one cache and mark
 # completeness the same way (a marker file written last).
-from threedis.engine.tiny import MARKER, cache_root, marker_version, quiet_saves, write_json
+from threedis.engine.tiny import MARKER, cached_build, quiet_saves, write_json
 
 __all__ = [
     "TINY_AUX_VERSION",
@@ -158,29 +156,7 @@ def write_tiny_sam2(path: str | os.PathLike[str], seed: int = 0) -> Path:
 
 
 def _cached(root: str | os.PathLike[str] | None, name: str, writer: Callable[[Path], Path]) -> Path:
-    """`root/name-v<version>`, built once in a temp sibling and renamed into place.
-
-    A crash or a concurrent builder never leaves a half-written folder that looks complete.
-    """
-    base = Path(root) if root is not None else cache_root()
-    target = base / f"{name}-v{TINY_AUX_VERSION}"
-    if marker_version(target) == TINY_AUX_VERSION:
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
-    try:
-        writer(tmp)
-        if target.exists() and marker_version(target) != TINY_AUX_VERSION:
-            shutil.rmtree(target)  # incomplete or stale
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if marker_version(target) != TINY_AUX_VERSION:  # not a concurrent builder's result
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(root, f"{name}-v{TINY_AUX_VERSION}", TINY_AUX_VERSION, writer)
 
 
 def tiny_depth_anything_path(root: str | os.PathLike[str] | None = None) -> Path:

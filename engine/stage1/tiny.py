@@ -12,10 +12,7 @@ release's naming rule; its widths follow the tiny UNet (C) and tiny CLIP (D).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -120,34 +117,6 @@ def write_tiny_ldm3d(path: str | os.PathLike[str], seed: int = 0) -> Path:
     return path
 
 
-def marker_version(path: Path) -> int | None:
-    try:
-        return json.loads((path / MARKER).read_text(encoding="utf-8")).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def tiny_ldm3d_path(root: str | os.PathLike[str] | None = None) -> Path:
-    """The cached tiny checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis).
-
-    Built in a temporary sibling folder and renamed into place, as tiny_flux_path does.
-    """
-    root = Path(root) if root is not None else _flux_tiny.cache_root()
-    target = root / _DIR_NAME
-    if marker_version(target) == TINY_LDM3D_VERSION:
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_DIR_NAME}.", dir=root))
-    try:
-        write_tiny_ldm3d(tmp)
-        if target.exists() and marker_version(target) != TINY_LDM3D_VERSION:
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if marker_version(target) != TINY_LDM3D_VERSION:
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The cached tiny LDM3D checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis)."""
+    return _flux_tiny.cached_build(root, _DIR_NAME, TINY_LDM3D_VERSION, write_tiny_ldm3d, marker=MARKER)
