@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +36,8 @@ from threedis.engine.encoding import PromptEncoder
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Layout
 from threedis.engine.loading import FluxComponents
+from threedis.engine.profiles import Profile, apply_overrides, resolve_profile
+from threedis.engine.runtime import ModelManager
 from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
 from threedis.kernels.rule import RuleError, Schedule
 
@@ -128,6 +131,33 @@ def as_depth_image(depth: Any, width: int, height: int, processor: Any) -> Image
     return processor.resize(image, height, width)
 
 
+class EngineComponents:
+    """`engine.components`: the models as objects (LoRA, hooks, tests), loaded on first access.
+
+    The runtime (`engine.models`) owns them; what this returns is where the profile keeps
+    the model between stages (a model offloaded to host RAM is on the CPU here).
+    """
+
+    def __init__(self, models: ModelManager, scheduler: Any, source: Path | None) -> None:
+        self._models, self.scheduler, self.source = models, scheduler, source
+
+    @property
+    def transformer(self) -> Any:
+        return self._models.get("transformer")
+
+    @property
+    def vae(self) -> Any:
+        return self._models.get("vae")
+
+
+def _profile_for(profile: str | os.PathLike | Profile, device: torch.device, overrides: dict) -> Profile:
+    """A Profile object as given (GPU placements run on the CPU of a CPU engine); a name, a TOML
+    path or "auto" resolved for `device` (auto measures free VRAM and says why)."""
+    if isinstance(profile, Profile):
+        return apply_overrides(profile, overrides or None)
+    return resolve_profile(profile, device, overrides or None)
+
+
 class Engine:
     """FLUX.1-Depth-dev with the 3DIS detail renderer. Reusable: load once, call render() many times."""
 
@@ -137,7 +167,7 @@ class Engine:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "auto",
-        profile: str = "auto",
+        profile: str | os.PathLike | Profile = "auto",
         cache_dir: str | os.PathLike | None = None,
         overrides: dict | None = None,
         model_id: str | None = None,
@@ -147,23 +177,38 @@ class Engine:
         local_files_only: bool = False,
     ) -> None:
         from threedis.engine.processor import install_processors
+        from threedis.engine.step_cache import StepCacheRunner
         from threedis.kernels.attention import select_backend
 
-        self.components = components
         self.device = torch.device(device) if device is not None else loading.default_device()
-        self.dtype = dtype or loading.default_dtype(self.device)
-        self.profile = profile
         self.overrides = dict(overrides or {})
+        self.profile = _profile_for(profile, self.device, self.overrides)
         self.model_id = model_id or (str(components.source) if components.source is not None else "in-memory")
+        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        text = components.text
+        given = {"transformer": components.transformer, "vae": components.vae}
+        tokenizers = {}
+        if text is not None:
+            given.update(clip=text.clip, t5=text.t5)
+            tokenizers = {"clip": text.clip_tokenizer, "t5": text.t5_tokenizer}
+        # Residency, weight formats, offload and lifetimes of the four rendering models, per profile.
+        self.models = ModelManager(self.profile, self.device, components.source, cache_root, given=given,
+                                   tokenizers=tokenizers, dtype=dtype)
+        self.dtype = self.models.compute_dtype("transformer")
+        requested = backend if backend != "auto" else self.profile.attention_backend.value
         try:
-            self.backend, self.backend_reason = select_backend(self.device, self.dtype, backend)
+            self.backend, self.backend_reason = select_backend(self.models.run_device("transformer"), self.dtype,
+                                                               requested)
         except RuleError as err:
             raise UserError(str(err)) from None
-        install_processors(components.transformer)
-        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.prompts = PromptEncoder(
-            components.source, self.device, self.dtype, cache_dir=cache_root / "prompts", text=components.text
-        )
+        if backend == "auto" and requested != "auto":
+            self.backend_reason = f"profile {self.profile.name}: {self.backend_reason}"
+        self.step_cache = StepCacheRunner(self.profile.step_cache, self.profile.step_cache_threshold)
+        self.models.on_load("transformer", install_processors)
+        self.models.on_free("transformer", self.step_cache.release)
+        self.components = EngineComponents(self.models, components.scheduler, components.source)
+        self.prompts = PromptEncoder(components.source, self.device, self.dtype, cache_dir=cache_root / "prompts",
+                                     models=self.models)
         # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
         self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
                              local_files_only=local_files_only)
@@ -176,7 +221,7 @@ class Engine:
     def from_pretrained(
         cls,
         path_or_id: str | os.PathLike = loading.DEFAULT_MODEL_ID,
-        profile: str = "auto",
+        profile: str | os.PathLike | Profile = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         local_files_only: bool = False,
@@ -187,8 +232,15 @@ class Engine:
         sam: str | os.PathLike | None = None,
         depth_estimator: str | os.PathLike | None = None,
     ) -> "Engine":
-        """Load transformer, VAE and scheduler now; CLIP and T5 only when a prompt is not cached.
+        """Check the checkpoint and the memory plan now; load each model at its first use.
 
+        profile: "auto" (picked from free VRAM; the reason is in every report and settings),
+        a built-in name ("12gb"), a TOML file, or a Profile object (its GPU placements run on
+        the CPU of a CPU engine). overrides: dotted profile keys ({"transformer.weights":
+        "nf4"}). dtype: one float dtype for every model instead of the profile's formats
+        (exact comparisons). backend: "auto" takes the profile's attention backend.
+        Models load lazily inside the first render (its report has "load <model>" stages);
+        the text encoders only when a prompt is not in the prompt cache.
         stage1 / sam / depth_estimator say where the auxiliary models are; nothing of them is
         loaded here. stage1: None (renders need a depth map), "auto" (the authors' release)
         or an LDM3D-4c folder / hub id holding unet_0901.ckpt and layout_adapter.ckpt.
@@ -196,11 +248,15 @@ class Engine:
         (facebook/sam2.1-hiera-large, depth-anything/Depth-Anything-V2-Large-hf).
         """
         device = torch.device(device) if device is not None else loading.default_device()
-        dtype = dtype or loading.default_dtype(device)
-        components = loading.load_components(path_or_id, dtype=dtype, device=device, local_files_only=local_files_only)
-        return cls(components, device=device, dtype=dtype, backend=backend, profile=profile, cache_dir=cache_dir,
-                   overrides=overrides, model_id=os.fspath(path_or_id), stage1=stage1, sam=sam,
-                   depth_estimator=depth_estimator, local_files_only=local_files_only)
+        root = loading.resolve_checkpoint(path_or_id, local_files_only)
+        loading.check_checkpoint(root)
+        components = FluxComponents(transformer=None, vae=None, scheduler=loading.load_scheduler(root), source=root)
+        engine = cls(components, device=device, dtype=dtype, backend=backend, profile=profile, cache_dir=cache_dir,
+                     overrides=overrides, model_id=os.fspath(path_or_id), stage1=stage1, sam=sam,
+                     depth_estimator=depth_estimator, local_files_only=local_files_only)
+        if engine.device.type == "cuda":  # the smallest useful render must fit before anything loads
+            engine.models.check_fits(512, 512, 0, 200)
+        return engine
 
     @classmethod
     def from_components(cls, components: FluxComponents, **kwargs: Any) -> "Engine":
@@ -219,8 +275,12 @@ class Engine:
 
     # -- rendering -------------------------------------------------------------
 
+    def _vae_view(self) -> Any:
+        """The VAE's config as `.config` (loads nothing): enough for sizes and the image processor."""
+        return SimpleNamespace(config=self.models.config("vae"))
+
     def _check_size(self, layout: Layout) -> None:
-        factor = 2 * vae_scale_factor(self.components.vae)
+        factor = 2 * vae_scale_factor(self._vae_view())
         if layout.width % factor or layout.height % factor:
             raise UserError(
                 f"layout size {layout.width}x{layout.height} must be a multiple of {factor} on both sides"
@@ -284,7 +344,11 @@ class Engine:
         settings = DenoiseSettings(steps=steps, guidance=float(guidance), schedule=schedule, backend=self.backend,
                                    permute_tokens=bool(permute_tokens), preview=bool(preview))
         with self._lock:
+            if self.device.type == "cuda":  # before anything of this render loads
+                self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk)
             prof = Profiler(device=self.device)
+            prof.note("profile", self.profile.name)
+            prof.note("profile origin", self.profile.origin)
             prof.note("attention backend", self.backend)
             prof.note("attention backend reason", self.backend_reason)
             try:
@@ -296,10 +360,13 @@ class Engine:
                 raise_if_cancelled(cancel, "after stage 1, before the masks")
                 masks, mask_info = self._masks(layout, depth_image, sam, prof)
                 raise_if_cancelled(cancel, "before stage 2")
-                image, text = self._stage2(layout, depth_image, masks, seed, chunk, append_instances, settings,
-                                           prof, on_step, cancel)
+                with self.models.bind(prof):
+                    image, text = self._stage2(layout, depth_image, masks, seed, chunk, append_instances, settings,
+                                               prof, on_step, cancel)
             finally:
                 self.aux.free()
+            prof.note("placement", self.models.placement())
+            prof.note("step cache", self.step_cache.describe())
             report = prof.report()
         info = self._settings(steps, guidance, schedule, chunk, append_instances, permute_tokens, text)
         info["depth"] = self._depth_settings(stage1, stage1_result)
@@ -321,7 +388,7 @@ class Engine:
 
     def _depth_image(self, layout: Layout, depth: Any) -> Image.Image:
         """Any depth input -> RGB at the layout size, resized as FLUX's control processor resizes."""
-        return as_depth_image(depth, layout.width, layout.height, image_processor_for(self.components.vae))
+        return as_depth_image(depth, layout.width, layout.height, image_processor_for(self._vae_view()))
 
     def _masks(self, layout: Layout, depth_image: Image.Image, sam: bool,
                prof: Any) -> tuple[list[Image.Image | None], dict]:
@@ -346,18 +413,19 @@ class Engine:
                 append_instances: bool, settings: DenoiseSettings, prof: Any, on_step: StepCallback | None,
                 cancel: threading.Event | None) -> tuple[Image.Image, Any]:
         """FLUX: encode the prompts, denoise with the rule over the instance regions, decode."""
-        vae = self.components.vae
         with prof.stage("encode", prompts=len(layout.instances) + 1, chunk=chunk):
             loads_before = dict(self.prompts.loads)
             text = self.prompts.encode(layout.prompts(append_instances), chunk)
         prof.note("text encoders loaded", {k: self.prompts.loads[k] - loads_before[k] for k in loads_before})
-        factor = 2 * vae_scale_factor(vae)
+        factor = 2 * vae_scale_factor(self._vae_view())
         grid = (layout.height // factor, layout.width // factor)
         regions = regions_for(layout.boxes, masks, grid)  # mask_regions where a mask is given, else the box
         scheduler = type(self.components.scheduler).from_config(self.components.scheduler.config)
+        # Each model arrives for its stage (text encoders have left by now) and leaves per profile.
         image = render_image(
-            self.components.transformer, vae, scheduler, text, depth_image, regions, layout.width,
-            layout.height, seed, settings, prof, on_step=on_step, cancel=cancel, device=self.device,
+            None, None, scheduler, text, depth_image, regions, layout.width, layout.height, seed, settings, prof,
+            on_step=on_step, cancel=cancel, device=self.models.run_device("transformer"), use=self.models.use,
+            step_cache=self.step_cache,
         )
         return image, text
 
@@ -378,8 +446,11 @@ class Engine:
             "permute_tokens": bool(permute_tokens),
             "backend": self.backend,
             "backend_reason": self.backend_reason,
-            "profile": self.profile,
+            "profile": self.profile.name,
+            "profile_origin": self.profile.origin,
             "overrides": self.overrides,
+            "placement": self.models.placement(),
+            "step_cache": self.step_cache.describe(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_id,

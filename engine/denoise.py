@@ -11,9 +11,10 @@ and profiler stages.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 StepCallback = Callable[[int, int, "Image.Image | None"], None]
+# use(key) -> context manager yielding the model "transformer" or "vae", placed for its stage
+ModelAccess = Callable[[str], ContextManager[Any]]
 
 
 class RenderCancelled(UserError):
@@ -130,7 +133,7 @@ def decode(vae: Any, processor: Any, latents: torch.Tensor, grid: tuple[int, int
     """Packed raster-order latents [1, S, C*4] -> PIL image (unscale, unshift, VAE decode)."""
     z = unpack_latents(latents, *grid)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
-    pixels = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [1, 3, H, W]
+    pixels = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]  # [1, 3, H, W]
     return processor.postprocess(pixels, output_type="pil")[0]
 
 
@@ -182,13 +185,15 @@ def denoise(
     profiler: Any,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    step_cache: Any = None,
 ) -> torch.Tensor:
     """Flow-match Euler loop. latents/control: [1, S, 64] in token order; returns latents in that order.
 
     Inside the hard-control window (step < schedule.hard) the transformer sees all
     N+1 text chunks and the rule for that step's phases; afterwards only the global
     chunk, with plain attention. `scheduler` is a fresh copy: its step counter is
-    per-render state.
+    per-render state. step_cache: a prepared StepCacheRunner (threedis.engine.step_cache)
+    or None; each step runs in its cache context, keyed by text length and phases.
     """
     device = latents.device
     timesteps = _timesteps(scheduler, settings.steps, latents.shape[1], device)
@@ -215,17 +220,20 @@ def denoise(
         with profiler.stage("step", step=i, text_tokens=int(enc.shape[1]), masked=phases is not None):
             model_in = torch.cat([latents, control], dim=2)  # [1, S, 64 + 64]
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            pred = transformer(
-                hidden_states=model_in,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=text.pooled,
-                encoder_hidden_states=enc,
-                txt_ids=txt_ids,
-                img_ids=image_ids,
-                joint_attention_kwargs={"threedis": call},
-                return_dict=False,
-            )[0]  # [1, S, 64]
+            cache_ctx = step_cache.step(i, (int(enc.shape[1]), phases)) if step_cache is not None \
+                else contextlib.nullcontext()
+            with cache_ctx:
+                pred = transformer(
+                    hidden_states=model_in,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=text.pooled,
+                    encoder_hidden_states=enc,
+                    txt_ids=txt_ids,
+                    img_ids=image_ids,
+                    joint_attention_kwargs={"threedis": call},
+                    return_dict=False,
+                )[0]  # [1, S, 64]
             preview = None
             if settings.preview and on_step is not None:
                 sigma = scheduler.sigmas[scheduler.step_index if scheduler.step_index is not None else i]
@@ -272,50 +280,69 @@ def render_image(
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
     device: torch.device | None = None,
+    *,
+    use: ModelAccess | None = None,
+    step_cache: Any = None,
 ) -> Image.Image:
     """Depth + encoded text + instance regions -> image, in diffusers' order of random draws.
 
     regions: BoolTensor[N, h, w] on the token grid (h, w) = (height, width) / (2 * VAE factor).
     device: where latents live (default: the transformer's first parameter's device).
+    use: how to get each model for its stage (a runtime's residency manager: a model may
+    move to the GPU only for its stage, or be loaded at first use); when given,
+    `transformer` and `vae` may be None. step_cache: see `denoise`.
     """
-    factor = 2 * vae_scale_factor(vae)
-    if width % factor or height % factor:
-        raise UserError(f"image size {width}x{height} must be a multiple of {factor} on both sides")
-    grid = (height // factor, width // factor)
-    if tuple(regions.shape[1:]) != grid:
-        raise UserError(f"instance regions are on a {tuple(regions.shape[1:])} grid, expected {grid}")
-    if text.num_chunks != regions.shape[0] + 1:
-        raise UserError(f"{text.num_chunks} text chunks for {regions.shape[0]} instances; expected N + 1")
-    device = torch.device(device) if device is not None else next(transformer.parameters()).device
-    dtype = transformer.dtype
-    processor = image_processor_for(vae)
+    if use is None:
+        given = {"transformer": transformer, "vae": vae}
+        use = lambda key: contextlib.nullcontext(given[key])  # noqa: E731
     generator = torch.Generator("cpu").manual_seed(int(seed))
+    with use("vae") as vae:
+        factor = 2 * vae_scale_factor(vae)
+        if width % factor or height % factor:
+            raise UserError(f"image size {width}x{height} must be a multiple of {factor} on both sides")
+        grid = (height // factor, width // factor)
+        if tuple(regions.shape[1:]) != grid:
+            raise UserError(f"instance regions are on a {tuple(regions.shape[1:])} grid, expected {grid}")
+        if text.num_chunks != regions.shape[0] + 1:
+            raise UserError(f"{text.num_chunks} text chunks for {regions.shape[0]} instances; expected N + 1")
+        processor = image_processor_for(vae)
+        with profiler.stage("control latents"):
+            control = control_latents(vae, processor, depth, width, height, generator)  # [1, S, 64]
+        del vae
 
-    with profiler.stage("control latents"):
-        control = control_latents(vae, processor, depth, width, height, generator).to(device=device, dtype=dtype)
-    channels = transformer.config.in_channels // 8
-    latents = initial_latents(generator, channels, *grid, device, dtype)  # [1, S, 64]
-    image_ids = latent_image_ids(*grid, device, dtype)  # [S, 3]
+    with use("transformer") as transformer:
+        device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        dtype = transformer.dtype
+        control = control.to(device=device, dtype=dtype)
+        channels = transformer.config.in_channels // 8
+        latents = initial_latents(generator, channels, *grid, device, dtype)  # [1, S, 64]
+        image_ids = latent_image_ids(*grid, device, dtype)  # [S, 3]
 
-    order = rule.membership_order(regions) if settings.permute_tokens else None
-    if order is not None:  # group image tokens by instance; every op but attention is per token
-        index = order.to(device)
-        latents, control, image_ids = latents[:, index], control[:, index], image_ids[index]
-    tokens = rule.TokenLayout.build(regions, chunk=text.chunk, order=order).to(device)
-    text = EncodedPrompts(
-        text.embeds.to(device=device, dtype=dtype), text.pooled.to(device=device, dtype=dtype),
-        text.text_ids.to(device=device, dtype=dtype), text.chunk, text.prompts, text.token_counts,
-    )
-    try:
-        latents = denoise(transformer, scheduler, latents, control, image_ids, text, tokens, settings, profiler,
-                          on_step, cancel)
-    except RenderCancelled:
-        latents = control = image_ids = text = tokens = None  # the traceback keeps this frame: empty it
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise
-    del control
+        order = rule.membership_order(regions) if settings.permute_tokens else None
+        if order is not None:  # group image tokens by instance; every op but attention is per token
+            index = order.to(device)
+            latents, control, image_ids = latents[:, index], control[:, index], image_ids[index]
+        tokens = rule.TokenLayout.build(regions, chunk=text.chunk, order=order).to(device)
+        text = EncodedPrompts(
+            text.embeds.to(device=device, dtype=dtype), text.pooled.to(device=device, dtype=dtype),
+            text.text_ids.to(device=device, dtype=dtype), text.chunk, text.prompts, text.token_counts,
+        )
+        if step_cache is not None:
+            step_cache.prepare(transformer, settings.steps)
+        try:
+            latents = denoise(transformer, scheduler, latents, control, image_ids, text, tokens, settings, profiler,
+                              on_step, cancel, step_cache=step_cache)
+        except RenderCancelled:
+            latents = control = image_ids = text = tokens = None  # the traceback keeps this frame: empty it
+            del transformer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+        del control, transformer
     if order is not None:
         latents = latents[:, torch.argsort(order).to(device)]
-    with profiler.stage("decode"):
-        return decode(vae, processor, latents, grid)
+    with use("vae") as vae:
+        with profiler.stage("decode"):
+            image = decode(vae, processor, latents, grid)
+        del vae  # a model freed after its stage must not outlive it here
+    return image

@@ -9,21 +9,26 @@ description re-encodes only that prompt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Iterator, Protocol, Sequence
 
 import torch
 
 from threedis.engine import loading
 from threedis.engine.errors import UserError
 from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
+# Prompts per T5 call: the memory planner prices text-encoder activations for batches of this
+# size; 64 instance prompts in one batch would need ~8 GB for T5-XXL alone.
+from threedis.engine.planner import TEXT_BATCH
 
-__all__ = ["EncodedPrompts", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH"]
+__all__ = ["EncodedPrompts", "EncoderAccess", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH",
+           "TEXT_BATCH"]
 
 T5_MAX_LENGTH = 512  # FLUX's T5 sequence length: every prompt is padded to it before encoding
 _MEMO_LIMIT = 64  # prompts kept in memory per encoder (a few MB each at chunk 200)
@@ -77,6 +82,17 @@ def encoder_identity(root: Path, parts: Sequence[str]) -> str:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             _hash_update_file(digest, path, Path(root))
     return digest.hexdigest()[:32]
+
+
+class EncoderAccess(Protocol):
+    """Where the encoders come from when a runtime manages them (threedis.engine.runtime.ModelManager)."""
+
+    loads: dict[str, int]
+
+    def use(self, key: str) -> ContextManager[Any]: ...      # "t5" | "clip": the model, placed to run
+    def tokenizer(self, key: str) -> Any: ...
+    def run_device(self, key: str) -> torch.device: ...
+    def format_tag(self, key: str) -> str: ...               # weights format + device: part of the cache key
 
 
 class PromptCache:
@@ -136,15 +152,24 @@ class PromptEncoder:
         dtype: torch.dtype,
         cache_dir: Path | None = None,
         text: TextEncoders | None = None,
+        models: EncoderAccess | None = None,
     ) -> None:
         self.source = Path(source) if source is not None else None
         self.device = torch.device(device)
         self.dtype = dtype
         self.text = text or TextEncoders()
+        self.models = models
         self.cache = PromptCache(cache_dir) if cache_dir is not None and source is not None else None
-        self.loads = {"clip": 0, "t5": 0}  # how often each encoder was loaded (reported, tested)
+        self._loads = {"clip": 0, "t5": 0}
         self._memo: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
         self._identity: dict[str, str] = {}
+
+    @property
+    def loads(self) -> dict[str, int]:
+        """How often each encoder was loaded (reported, tested)."""
+        if self.models is not None:
+            return {k: int(self.models.loads.get(k, 0)) for k in ("clip", "t5")}
+        return self._loads
 
     # -- keys ------------------------------------------------------------------
 
@@ -154,12 +179,19 @@ class PromptEncoder:
                 parts = T5_PARTS if which == "t5" else CLIP_PARTS
                 self._identity[which] = encoder_identity(self.source, parts)
             else:  # models handed in directly: identity of the Python objects (memo only)
-                model = self.text.t5 if which == "t5" else self.text.clip
+                if self.models is not None:
+                    model = self.models.loaded(which)
+                else:
+                    model = self.text.t5 if which == "t5" else self.text.clip
                 self._identity[which] = f"object-{id(model)}"
         return self._identity[which]
 
     def _key(self, which: str, prompt: str, chunk: int) -> str:
-        fields = [which, self._encoder_id(which), str(self.dtype), self.device.type, str(chunk), prompt]
+        if self.models is not None:
+            fmt = [self.models.format_tag(which)]
+        else:
+            fmt = [str(self.dtype), self.device.type]
+        fields = [which, self._encoder_id(which), *fmt, str(chunk), prompt]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:40]
 
     def _lookup(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -188,12 +220,26 @@ class PromptEncoder:
         if which == "t5" and text.t5 is None:
             self._require_source("T5")
             text.t5, text.t5_tokenizer = loading.load_t5(self.source, self.dtype, self.device)
-            self.loads["t5"] += 1
+            self._loads["t5"] += 1
         if which == "clip" and text.clip is None:
             self._require_source("CLIP")
             text.clip, text.clip_tokenizer = loading.load_clip(self.source, self.dtype, self.device)
-            self.loads["clip"] += 1
+            self._loads["clip"] += 1
         return (text.t5, text.t5_tokenizer) if which == "t5" else (text.clip, text.clip_tokenizer)
+
+    @contextlib.contextmanager
+    def _using(self, which: str) -> Iterator[tuple[Any, Any, torch.device]]:
+        """(model, tokenizer, input device) for one encoding stage.
+
+        With a runtime, the model is placed (or loaded) for the stage and leaves
+        afterwards, per profile; without one, the encoders this object loaded stay.
+        """
+        if self.models is None:
+            model, tokenizer = self._need(which)
+            yield model, tokenizer, self.device
+            return
+        with self.models.use(which) as model:
+            yield model, self.models.tokenizer(which), self.models.run_device(which)
 
     def _require_source(self, what: str) -> None:
         if self.source is None:
@@ -209,23 +255,31 @@ class PromptEncoder:
     @torch.no_grad()
     def _encode_t5(self, prompts: list[str], chunk: int) -> list[tuple[torch.Tensor, int]]:
         """Batch of prompts -> per prompt ([chunk, D] embeddings, real token count)."""
-        model, tokenizer = self._need("t5")
-        tokens = tokenizer(
-            prompts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt"
-        )
-        # ids: [B, 512] -> hidden: [B, 512, D]; no attention mask, as FLUX was trained
-        hidden = model(tokens.input_ids.to(self.device), output_hidden_states=False)[0]
-        counts = tokens.attention_mask.sum(1).tolist()
-        return [(hidden[i, :chunk], int(counts[i])) for i in range(len(prompts))]
+        out: list[tuple[torch.Tensor, int]] = []
+        with self._using("t5") as (model, tokenizer, device):
+            for start in range(0, len(prompts), TEXT_BATCH):  # bounded activations, see TEXT_BATCH
+                batch = prompts[start: start + TEXT_BATCH]
+                tokens = tokenizer(
+                    batch, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt"
+                )
+                # ids: [B, 512] -> hidden: [B, 512, D]; no attention mask, as FLUX was trained
+                hidden = model(tokens.input_ids.to(device), output_hidden_states=False)[0]
+                counts = tokens.attention_mask.sum(1).tolist()
+                out += [(hidden[i, :chunk].cpu(), int(counts[i])) for i in range(len(batch))]
+                del hidden
+            del model
+        return out
 
     @torch.no_grad()
     def _encode_clip(self, prompt: str) -> torch.Tensor:
-        model, tokenizer = self._need("clip")
-        ids = tokenizer(
-            [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # [1, 77]
-        return model(ids.to(self.device), output_hidden_states=False).pooler_output[0]  # [P]
+        with self._using("clip") as (model, tokenizer, device):
+            ids = tokenizer(
+                [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids  # [1, 77]
+            pooled = model(ids.to(device), output_hidden_states=False).pooler_output[0].cpu()  # [P]
+            del model
+        return pooled
 
     def encode(self, prompts: Sequence[str], chunk: int = 200) -> EncodedPrompts:
         """[global, inst_1..inst_N] -> EncodedPrompts; the encoders run at most once, batched."""

@@ -29,13 +29,17 @@ __all__ = [
     "default_device",
     "default_dtype",
     "load_clip",
+    "load_clip_tokenizer",
     "load_components",
     "load_scheduler",
     "load_t5",
+    "load_t5_tokenizer",
     "load_text_encoders",
     "load_transformer",
     "load_vae",
+    "model_class",
     "resolve_checkpoint",
+    "SUBFOLDERS",
 ]
 
 DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-Depth-dev"
@@ -52,6 +56,8 @@ _PARTS: dict[str, dict[str, Any]] = {
     "scheduler": {"files": ["scheduler_config.json"]},
 }
 CORE_PARTS = ("transformer", "vae", "scheduler")
+# Runtime model key -> checkpoint subfolder (the quantized-weight cache and the planner read them).
+SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 CLIP_PARTS = ("text_encoder", "tokenizer")
 T5_PARTS = ("text_encoder_2", "tokenizer_2")
 ALL_PARTS = tuple(_PARTS)
@@ -206,11 +212,42 @@ def load_scheduler(root: Path) -> Any:
     return FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
 
 
+def model_class(key: str) -> type:
+    """The library class of a runtime model key ("transformer", "vae", "clip", "t5")."""
+    if key == "transformer":
+        from diffusers import FluxTransformer2DModel as cls
+    elif key == "vae":
+        from diffusers import AutoencoderKL as cls
+    elif key == "clip":
+        from transformers import CLIPTextModel as cls
+    elif key == "t5":
+        from transformers import T5EncoderModel as cls
+    else:
+        raise UserError(f"unknown model {key!r}; one of {', '.join(SUBFOLDERS)}")
+    return cls
+
+
+def load_clip_tokenizer(root: Path) -> Any:
+    """CLIP's tokenizer alone (small: kept when the encoder itself is freed)."""
+    from transformers import CLIPTokenizer
+
+    check_checkpoint(root, ["tokenizer"])
+    return CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+
+
+def load_t5_tokenizer(root: Path) -> Any:
+    """T5's tokenizer alone (small: kept when the encoder itself is freed)."""
+    from transformers import T5TokenizerFast
+
+    check_checkpoint(root, ["tokenizer_2"])
+    return T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+
+
 def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Any, Any]:
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     check_checkpoint(root, CLIP_PARTS)
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    tokenizer = load_clip_tokenizer(root)
     model = CLIPTextModel.from_pretrained(
         root, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True
     )
@@ -218,10 +255,10 @@ def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None 
 
 
 def load_t5(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Any, Any]:
-    from transformers import T5EncoderModel, T5TokenizerFast
+    from transformers import T5EncoderModel
 
     check_checkpoint(root, T5_PARTS)
-    tokenizer = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+    tokenizer = load_t5_tokenizer(root)
     model = T5EncoderModel.from_pretrained(
         root, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, local_files_only=True
     )

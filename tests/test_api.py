@@ -20,6 +20,9 @@ from threedis.engine.outputs import read_metadata, render_kwargs_from_metadata, 
 from threedis.kernels.rule import Schedule
 
 LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.attn.to_k")
+# Comparisons with models handed in as fp32 need fp32 weights and no step cache; the default
+# (auto -> cpu) profile would store the transformer and T5 in bf16 and reuse blocks between steps.
+EXACT = dict(dtype=torch.float32, overrides={"step_cache": "none"})
 
 
 def layout() -> Layout:
@@ -36,7 +39,7 @@ def pixels(image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def engine(tiny_flux_dir, tmp_path_factory) -> Engine:
     cache = tmp_path_factory.mktemp("api-cache")
-    return Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=cache)
+    return Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=cache, **EXACT)
 
 
 @contextlib.contextmanager
@@ -93,7 +96,7 @@ def test_default_dtype_and_schedule():
 def test_from_components_with_text_encoders_in_memory(tiny_flux_dir, engine, depth_image_64, tmp_path):
     parts = loading.load_components(tiny_flux_dir, dtype=torch.float32, device="cpu", text_encoders=True)
     parts.source = None  # as if built in memory: nothing to reload from, no disk cache
-    other = Engine.from_components(parts, device="cpu", backend="sdpa", cache_dir=tmp_path)
+    other = Engine.from_components(parts, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
     a = other.render(layout(), depth=depth_image_64, steps=2, seed=4, chunk=16)
     b = engine.render(layout(), depth=depth_image_64, steps=2, seed=4, chunk=16)
     assert np.array_equal(pixels(a.image), pixels(b.image))
@@ -168,13 +171,14 @@ def write_lora(path: Path, transformer, rank: int = 4, seed: int = 0) -> dict[st
 def test_lora_matches_merged_weights_and_scale_zero_is_a_no_op(tiny_flux_dir, depth_image_64, tmp_path):
     from threedis.engine.lora import set_lora_scale
 
-    base_engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path)
+    base_engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
     render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
     with decoder_input(base_engine.components.vae) as seen:
         base_engine.render(layout(), **render)
     base = seen[-1]
 
-    lora_engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path)
+    lora_engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path,
+                                      **EXACT)
     pairs = write_lora(tmp_path / "tiny_lora.safetensors", lora_engine.components.transformer)
     name = lora_engine.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
     with decoder_input(lora_engine.components.vae) as seen:
@@ -189,7 +193,7 @@ def test_lora_matches_merged_weights_and_scale_zero_is_a_no_op(tiny_flux_dir, de
     with torch.no_grad():
         for target, (down, up) in pairs.items():
             modules[target].weight += 0.7 * up @ down
-    merged_engine = Engine.from_components(merged, device="cpu", backend="sdpa", cache_dir=tmp_path)
+    merged_engine = Engine.from_components(merged, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
     with decoder_input(merged_engine.components.vae) as seen:
         merged_engine.render(layout(), **render)
     torch.testing.assert_close(with_lora, seen[-1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,399 @@
+"""Runs a memory profile: each model's weight format, device, offload and lifetime.
+
+Why: a profile (threedis.engine.profiles) is only data. `ModelManager` is the one
+place that turns a `ModelPolicy` into actions, so the pipeline asks for a model
+per stage (`with manager.use("t5") as t5:`) and never knows whether it was resident,
+parked in host RAM, streamed block by block, or loaded just now and freed after.
+
+Per model (transformer, t5, clip, vae):
+  weights  bf16/fp16/fp32: loaded in that dtype. fp8, int8, nf4, quanto-*: through
+           the quantized-weight cache (quant_cache.load_quantized): quantized once,
+           later loads read the cache; compute dtype bf16.
+  device   gpu: runs on the engine's CUDA device; cpu: stays and runs on the CPU;
+           gpu-then-freed: loaded for its stage, on the GPU during it, then deleted
+           and its memory returned (gc + torch.cuda.empty_cache).
+  offload  none; model: on the host between stages, on the GPU only inside `use`;
+           group: blocks streamed during the forward (threedis.engine.offload).
+On a CPU-only engine every "gpu" resolves to the CPU; the moves become no-ops but the
+bookkeeping (`placement()`) still follows the profile, so tests can check it.
+
+Models load lazily at first use, inside whatever profiler is bound (`bind`), which
+records "load <model>" and, on a quantized-cache miss, "read <model>" (the float
+source) and "quantize <model>" (quantize + write the cache entry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from threedis.engine import loading
+from threedis.engine.errors import UserError
+from threedis.engine.offload import apply_group_offload, move_model
+from threedis.engine.profiles import Offload, Placement, Profile, apply_overrides
+
+__all__ = ["RUNTIME_MODELS", "ModelManager", "Residency", "dtype_weights"]
+
+RUNTIME_MODELS: tuple[str, ...] = ("transformer", "t5", "clip", "vae")
+_PLAIN = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT_COMPUTE_DTYPE = torch.bfloat16  # compute dtype of every non-float weight format (profiles.Weights)
+
+
+class Residency(str, enum.Enum):
+    """Where a model is between and during stages (the `state` of `placement()`)."""
+
+    NOT_LOADED = "not loaded"
+    RESIDENT = "resident"      # on its run device all the time
+    PARKED = "parked"          # model offload: in host RAM between stages
+    IN_STAGE = "in stage"      # inside a `use` block, on its run device
+    STREAMED = "streamed"      # group offload: blocks move during each forward
+    FREED = "freed"            # gpu-then-freed, after its stage
+
+
+def dtype_weights(dtype: torch.dtype) -> str:
+    """The profile weights name of a float dtype (an explicit engine dtype overrides the profile)."""
+    for name, value in _PLAIN.items():
+        if value == dtype:
+            return name
+    raise UserError(f"dtype {dtype} is not one of bfloat16, float16, float32")
+
+
+@dataclass
+class _Slot:
+    key: str
+    weights: str
+    home: torch.device          # between stages
+    run: torch.device           # during its stage
+    model: Any = None
+    tokenizer: Any = None
+    given: bool = False         # handed in by the caller: never freed or re-quantized, only moved
+    loads: int = 0
+    state: Residency = Residency.NOT_LOADED
+    cache: str | None = None    # quantized cache "hit" / "miss" of the last load
+    dtype: torch.dtype = QUANT_COMPUTE_DTYPE  # compute dtype
+    offloader: Any = None       # BlockOffloader of a group-offloaded quantized model
+
+
+class ModelManager:
+    """Loads, places, offloads and frees the rendering models of one engine, per profile.
+
+    source: checkpoint folder to load from (None: only `given` models exist).
+    cache_root: folder for the quantized-weight cache ("<cache_root>/quantized").
+    given: models already in memory ({"transformer": m, "clip": m, ...}), used as they are.
+    tokenizers: tokenizers of given text encoders ({"clip": tok, "t5": tok}).
+    dtype: an explicit float dtype for every model, replacing the profile's weight formats
+        (exact comparisons; no quantization). None: the profile decides.
+    """
+
+    def __init__(self, profile: Profile, device: torch.device | str, source: Path | None,
+                 cache_root: Path | None = None, given: Mapping[str, Any] | None = None,
+                 tokenizers: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None) -> None:
+        from threedis.engine.profiler import Profiler
+
+        self.device = torch.device(device)
+        if dtype is not None:
+            name = dtype_weights(dtype)
+            overridden = apply_overrides(profile, {f"{k}.weights": name for k in RUNTIME_MODELS})
+            profile = replace(overridden, origin=f"{profile.origin} + dtype {name}".strip(" +"))
+        self.profile = profile
+        self.source = Path(source) if source is not None else None
+        self.cache_root = Path(cache_root) if cache_root is not None else None
+        self.loads: dict[str, int] = {k: 0 for k in RUNTIME_MODELS}  # loads per model (EncoderAccess)
+        self.profiler: Any = Profiler(enabled=False)
+        self._on_load: dict[str, list[Callable[[Any], None]]] = {k: [] for k in RUNTIME_MODELS}
+        self._on_free: dict[str, list[Callable[[], None]]] = {k: [] for k in RUNTIME_MODELS}
+        self._sizes: Any = None
+        self._slots = {k: self._new_slot(k) for k in RUNTIME_MODELS}
+        for key, model in (given or {}).items():
+            if model is None:
+                continue
+            slot = self._slot(key)
+            slot.model, slot.given = model, True
+            slot.tokenizer = (tokenizers or {}).get(key)
+            slot.weights, slot.dtype = _describe_given(model)
+            self._configure(slot)
+
+    # -- policy -> devices ----------------------------------------------------------------------
+
+    def _new_slot(self, key: str) -> _Slot:
+        policy = self.profile.policy(key)
+        cpu = torch.device("cpu")
+        gpu = self.device  # "gpu" means the engine's device: the CPU on a CPU-only engine
+        if policy.device is Placement.CPU:
+            home, run = cpu, cpu
+        elif policy.device is Placement.GPU_THEN_FREED or policy.offload is not Offload.NONE:
+            home, run = cpu, gpu
+        else:
+            home, run = gpu, gpu
+        return _Slot(key, policy.weights.value, home, run, dtype=_PLAIN.get(policy.weights.value, QUANT_COMPUTE_DTYPE))
+
+    def _slot(self, key: str) -> _Slot:
+        if key not in self._slots:
+            raise UserError(f"unknown model {key!r}; the runtime manages {', '.join(RUNTIME_MODELS)}")
+        return self._slots[key]
+
+    def run_device(self, key: str) -> torch.device:
+        """Where the model computes (inputs go there)."""
+        return self._slot(key).run
+
+    def compute_dtype(self, key: str) -> torch.dtype:
+        return self._slot(key).dtype
+
+    def format_tag(self, key: str) -> str:
+        """Weights format and run device: what changes a text encoder's output (prompt-cache key)."""
+        slot = self._slot(key)
+        return f"{slot.weights}@{slot.run.type}"
+
+    def on_load(self, key: str, fn: Callable[[Any], None]) -> None:
+        """Run fn(model) after every load of `key` (and now, if it is loaded): processors, caches."""
+        self._on_load[self._slot(key).key].append(fn)
+        if self._slots[key].model is not None:
+            fn(self._slots[key].model)
+
+    def on_free(self, key: str, fn: Callable[[], None]) -> None:
+        """Run fn() when `key` is freed, so nothing else keeps it alive."""
+        self._on_free[self._slot(key).key].append(fn)
+
+    @contextlib.contextmanager
+    def bind(self, profiler: Any) -> Iterator[None]:
+        """Record loads in `profiler` (a render's) while inside."""
+        previous, self.profiler = self.profiler, profiler
+        try:
+            yield
+        finally:
+            self.profiler = previous
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def placement(self) -> dict[str, dict[str, Any]]:
+        """Per model: format, the profile's placement, where it lives/runs, its state now."""
+        out = {}
+        for key, slot in self._slots.items():
+            policy = self.profile.policy(key)
+            on = None
+            if slot.model is not None:
+                first = next(iter(slot.model.parameters()), None)
+                on = str(first.device) if first is not None else None
+            out[key] = {"weights": slot.weights, "device": policy.device.value, "offload": policy.offload.value,
+                        "home": str(slot.home), "run": str(slot.run), "state": slot.state.value, "on": on,
+                        "loads": slot.loads, "quantized_cache": slot.cache, "given": slot.given}
+        return out
+
+    def config(self, key: str) -> Any:
+        """The model's config without loading it (config.json), e.g. the VAE's scale factor."""
+        from types import SimpleNamespace
+
+        model = self._slot(key).model
+        if model is not None:
+            return model.config
+        folder = self._require_source(key) / loading.SUBFOLDERS[key]
+        cls = loading.model_class(key)
+        if hasattr(cls, "load_config"):  # diffusers
+            return SimpleNamespace(**cls.load_config(folder))
+        return cls.config_class.from_pretrained(folder)
+
+    def loaded(self, key: str) -> Any:
+        """The model if it is in memory now, else None (never loads)."""
+        return self._slot(key).model
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Any:
+        """The model (loaded if needed), where it lives between stages: for LoRA, hooks, tests."""
+        slot = self._slot(key)
+        if slot.model is None:
+            self._load(slot)
+        return slot.model
+
+    def tokenizer(self, key: str) -> Any:
+        slot = self._slot(key)
+        if slot.tokenizer is None:
+            root = self._require_source(key)
+            slot.tokenizer = loading.load_t5_tokenizer(root) if key == "t5" else loading.load_clip_tokenizer(root)
+        return slot.tokenizer
+
+    def _require_source(self, key: str) -> Path:
+        if self.source is None:
+            raise UserError(f"the {key} model is needed but was not given and there is no checkpoint to load it from")
+        return self.source
+
+    def _load_float(self, key: str, dtype: torch.dtype) -> Any:
+        root = self._require_source(key)
+        slot = self._slots[key]
+        if key == "transformer":
+            return loading.load_transformer(root, dtype)
+        if key == "vae":
+            return loading.load_vae(root, dtype)
+        model, tokenizer = (loading.load_t5 if key == "t5" else loading.load_clip)(root, dtype)
+        slot.tokenizer = slot.tokenizer or tokenizer
+        return model
+
+    def _load_quantized(self, slot: _Slot, prof: Any) -> Any:
+        from threedis.engine.quant_cache import QuantCache, default_cache_root, load_quantized
+        from threedis.engine.quantize import QuantConfig
+
+        root = self._require_source(slot.key)
+        cache = QuantCache(self.cache_root / "quantized" if self.cache_root is not None else default_cache_root())
+        with ExitStack() as stack:
+            def read_source() -> Any:  # only on a cache miss
+                with prof.stage(f"read {slot.key}", weights=str(QUANT_COMPUTE_DTYPE).removeprefix("torch.")):
+                    model = self._load_float(slot.key, QUANT_COMPUTE_DTYPE)
+                stack.enter_context(prof.stage(f"quantize {slot.key}", scheme=slot.weights))
+                return model
+
+            result = load_quantized(loading.model_class(slot.key), root, loading.SUBFOLDERS[slot.key],
+                                    QuantConfig(slot.weights, compute_dtype=QUANT_COMPUTE_DTYPE), cache, read_source)
+        slot.cache = "hit" if result.hit else "miss"
+        return result.model
+
+    def _load(self, slot: _Slot) -> None:
+        prof = self.profiler
+        with prof.stage(f"load {slot.key}", weights=slot.weights, device=self.profile.policy(slot.key).device.value,
+                        offload=self.profile.policy(slot.key).offload.value):
+            if slot.weights in _PLAIN:
+                model = self._load_float(slot.key, _PLAIN[slot.weights])
+                slot.cache = None
+            else:
+                model = self._load_quantized(slot, prof)
+            model.eval().requires_grad_(False)
+            slot.model = model
+            self._configure(slot)
+        slot.loads += 1
+        self.loads[slot.key] += 1
+        if slot.cache is not None:
+            prof.note(f"quantized cache {slot.key}", f"{slot.cache} ({slot.weights})")
+
+    def _configure(self, slot: _Slot) -> None:
+        """Put a freshly loaded (or given) model where its policy keeps it between stages."""
+        policy = self.profile.policy(slot.key)
+        model = slot.model
+        if slot.key == "vae":
+            self._vae_tiling(model)
+        if self._streamed(slot):
+            if slot.run.type == "cuda":  # on a CPU engine there is nothing to stream: hooks would only cost
+                slot.offloader = apply_group_offload(model, slot.run, policy.offload_group_blocks,
+                                                     policy.use_streams)
+            else:
+                move_model(model, slot.home)
+        else:
+            move_model(model, slot.home)
+        slot.state = self._between_stages(slot)
+        for fn in self._on_load[slot.key]:
+            fn(model)
+
+    def _streamed(self, slot: _Slot) -> bool:
+        policy = self.profile.policy(slot.key)
+        return policy.device is Placement.GPU and policy.offload is Offload.GROUP
+
+    def _between_stages(self, slot: _Slot) -> Residency:
+        """The state the profile asks for between stages (moves on a CPU engine are no-ops, states are not)."""
+        policy = self.profile.policy(slot.key)
+        if self._streamed(slot):
+            return Residency.STREAMED
+        if policy.device is Placement.GPU_THEN_FREED or policy.offload is Offload.MODEL:
+            return Residency.PARKED
+        return Residency.RESIDENT
+
+    def _vae_tiling(self, vae: Any) -> None:
+        from threedis.engine.planner import VAE_TILE_PX
+
+        if not self.profile.vae_tiling:
+            vae.disable_tiling()
+            return
+        vae.enable_tiling()
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # the tile size the planner prices decoder activations for
+        vae.tile_sample_min_size = VAE_TILE_PX
+        vae.tile_latent_min_size = VAE_TILE_PX // factor
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[Any]:
+        """The model, placed for its stage; afterwards parked, freed or left, per profile."""
+        slot = self._slot(key)
+        if slot.model is None:
+            self._load(slot)
+        streamed = self._streamed(slot)
+        if not streamed and slot.home != slot.run:
+            move_model(slot.model, slot.run)
+        slot.state = Residency.IN_STAGE
+        try:
+            yield slot.model
+        finally:
+            policy = self.profile.policy(key)
+            if policy.device is Placement.GPU_THEN_FREED and not slot.given:
+                self.free(key)
+            else:
+                if not streamed and slot.home != slot.run:
+                    move_model(slot.model, slot.home)
+                slot.state = self._between_stages(slot)
+                if slot.home != slot.run:
+                    self._return_memory()
+
+    def free(self, key: str) -> None:
+        """Drop a model (it reloads at next use) and hand its memory back."""
+        slot = self._slot(key)
+        if slot.given:
+            raise UserError(f"the {key} model was handed in by the caller and cannot be reloaded; not freeing it")
+        for fn in self._on_free[key]:
+            fn()
+        if slot.offloader is not None:
+            slot.offloader.remove()
+        slot.model = slot.offloader = None
+        slot.state = Residency.FREED
+        self._return_memory()
+
+    def _return_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- memory plan ----------------------------------------------------------------------------
+
+    def plan(self, width: int, height: int, num_instances: int, chunk: int = 200) -> Any:
+        """The planner's per-stage prediction for this engine's checkpoint (its own configs) and profile."""
+        from threedis.engine.planner import measure_models, plan
+
+        models = None
+        if self.source is not None:
+            models = {k: self.source / loading.SUBFOLDERS[k] for k in RUNTIME_MODELS}
+        if self._sizes is None:
+            self._sizes = measure_models(models)
+        return plan(self.profile, width, height, num_instances, chunk, models, sizes=self._sizes)
+
+    def check_fits(self, width: int, height: int, num_instances: int, chunk: int = 200,
+                   available_gpu_bytes: int | None = None, available_host_bytes: int | None = None) -> Any:
+        """Raise UserError (stage, predicted and available GB, a profile that fits) before loading.
+
+        available_gpu_bytes None: measured on CUDA (free memory plus what this process already
+        holds, since the plan counts our own models; at most the per-process memory fraction);
+        on a CPU engine nothing is checked.
+        """
+        from threedis.engine.planner import check_fits
+
+        result = self.plan(width, height, num_instances, chunk)
+        if available_gpu_bytes is None:
+            if self.device.type != "cuda":
+                return result
+            free, total = torch.cuda.mem_get_info(self.device)
+            available_gpu_bytes = free + torch.cuda.memory_reserved(self.device)
+            fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(self.device)
+            available_gpu_bytes = min(available_gpu_bytes, int(fraction * total))  # a capped process
+        check_fits(result, int(available_gpu_bytes), available_host_bytes)
+        return result
+
+
+def _describe_given(model: Any) -> tuple[str, torch.dtype]:
+    """Weights name ("given fp32") and compute dtype of a model handed in."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = getattr(model, "dtype", None) or (first.dtype if first is not None else torch.float32)
+    name = next((n for n, d in _PLAIN.items() if d == dtype), str(dtype).removeprefix("torch."))
+    return f"given {name}", dtype
