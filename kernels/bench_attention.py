@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from threedis.kernels import rule
 from threedis.kernels.attention import masked_joint_attention, select_backend
-from threedis.kernels.block_table import block_table, density
+from threedis.kernels.block_table import build_block_table, density
 
 HEADS, HEAD_DIM = 24, 128  # FLUX.1
 
@@ -147,9 +148,62 @@ def device_info(device: torch.device) -> dict[str, str]:
     return {"device": "cpu", "device_name": platform.processor() or platform.machine(), "vram_gb": "0"}
 
 
+def flex_tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """FlexAttention's (BLOCK_M, BLOCK_N) for the comparison: the Triton kernel's tile, so both skip the same
+    tiles, or 64x64 where the card's shared memory per block is too small for it (consumer cards,
+    ~100 KB: Inductor's default 128x64 D=128 config fails to launch there)."""
+    from threedis.kernels.triton_attention import choose_config
+
+    cfg = choose_config(device, dtype, HEAD_DIM)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", None)
+        if smem is not None and smem < 160 * 1024:
+            return 64, 64
+    return cfg.block_m, cfg.block_n
+
+
+def flex_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: rule.TokenLayout, phases: rule.Phases,
+                tiles: tuple[int, int], compiled: Callable | None) -> Callable[[], torch.Tensor]:
+    """FlexAttention with the rule's mask_mod, a BlockMask of `tiles` and the same kernel tile (when compiled).
+
+    The engine's flex backend uses 128x128 mask blocks and Inductor's default tile; for a like-for-like
+    comparison with the Triton kernel the bench sets both. The BlockMask is built on the first call, so
+    the cold call (extra memory) includes it, as the other backends' cold calls include their tables.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from threedis.kernels.flex_backend import rule_mask_mod
+
+    device, length = q.device, q.shape[1]
+    state: dict = {}
+
+    def fn() -> torch.Tensor:
+        if "mask" not in state:
+            pad = -length % max(*tiles, 128)  # mask_mod may be evaluated past L, up to whole tiles
+            member = F.pad(tokens.member.to(device, torch.int64), (0, pad))
+            kind = F.pad(tokens.kind.to(device, torch.int32), (0, pad))
+            restrict = F.pad(rule.query_restrictions(tokens, phases).to(device, torch.int32), (0, pad))
+            state["mask"] = create_block_mask(rule_mask_mod(member, kind, restrict), None, None, length, length,
+                                              device=device, BLOCK_SIZE=tiles)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views
+        if compiled is None:  # CPU: eager (unfused) FlexAttention, on purpose; silence the "compile it" advice
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+                return flex_attention(qt, kt, vt, block_mask=state["mask"])
+        options = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+        return compiled(qt, kt, vt, block_mask=state["mask"], kernel_options=options)
+
+    return fn
+
+
 def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.dtype, device: torch.device,
-             warmup: int, reps: int, batch: int = 1) -> list[dict]:
-    """All requested backends on one (case, phase): same q/k/v, same permuted token order."""
+             warmup: int, reps: int, batch: int = 1, compiled_flex: Callable | None = None,
+             heads: int = HEADS) -> list[dict]:
+    """All requested backends on one (case, phase): same q/k/v, same permuted token order.
+
+    compiled_flex: `torch.compile(flex_attention)` on CUDA (its fused kernel exists only compiled), else None.
+    """
     phases = PHASES[phase_name]
     h, w = case.grid
     regions = rule.box_regions(layout_boxes(case.instances), h, w)
@@ -157,7 +211,7 @@ def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.
     raster = rule.TokenLayout.build(regions, chunk=case.chunk)
     length = raster.length
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(batch, length, HEADS, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = (torch.randn(batch, length, heads, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
                for _ in range(3))  # [B, L, H, D]
     exact = density(raster, phases)
     rows = []
@@ -165,6 +219,7 @@ def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.
     for backend in backends:
         tokens = rule.TokenLayout.build(regions, chunk=case.chunk, order=order).to(device)
         tile_fraction = tile_fraction_raster = 1.0
+        tiles = None
         if backend == "flash":
             def fn():
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -174,30 +229,34 @@ def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.
             if not available:
                 rows.append(_skipped_row(case, phase_name, backend, dtype, device, reason))
                 continue
-            if backend == "triton":
+            if backend in ("triton", "flex"):
                 from threedis.kernels.triton_attention import choose_config
 
                 cfg = choose_config(device, dtype, HEAD_DIM)
-                tile_fraction = block_table(tokens, phases, cfg.block_m, cfg.block_n).tile_fraction
-                tile_fraction_raster = block_table(raster, phases, cfg.block_m, cfg.block_n).tile_fraction
-
-            def fn(tokens=tokens, backend=backend):
-                return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
+                tiles = (cfg.block_m, cfg.block_n) if backend == "triton" else flex_tiles(device, dtype)
+                tile_fraction = build_block_table(tokens, phases, *tiles).tile_fraction
+                tile_fraction_raster = build_block_table(raster, phases, *tiles).tile_fraction
+            if backend == "flex":
+                fn = flex_runner(q, k, v, tokens, phases, tiles, compiled_flex)
+                reason += f"; {'compiled' if compiled_flex else 'eager'}, {tiles[0]}x{tiles[1]} tiles"
+            else:
+                def fn(tokens=tokens, backend=backend):
+                    return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
         extra = _extra_memory(fn, device)
         times = _time(fn, device, warmup, reps)
         p20, p50, p80 = _quantiles_ms(times)
         if backend == "flash":
             flash_ms = p50
-        flops = 4 * batch * HEADS * HEAD_DIM * length * length * tile_fraction
+        flops = 4 * batch * heads * HEAD_DIM * length * length * tile_fraction
         rows.append({
             "bench": "attention", "backend": backend, "case": case.name, "phase": phase_name,
-            "shape": {"B": batch, "L": length, "H": HEADS, "D": HEAD_DIM, "width": case.width,
+            "shape": {"B": batch, "L": length, "H": heads, "D": HEAD_DIM, "width": case.width,
                       "height": case.height, "instances": case.instances, "chunk": case.chunk},
             "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions(),
             "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": reps,
             "ratio_to_flash": None if flash_ms is None else p50 / flash_ms,
             "tflops_computed": flops / (p50 / 1e3) / 1e12,
-            "extra_mem_bytes": extra, "tile_fraction": tile_fraction,
+            "extra_mem_bytes": extra, "tile_fraction": tile_fraction, "tiles": None if tiles is None else list(tiles),
             "tile_fraction_raster": tile_fraction_raster, "density": exact, "note": reason,
         })
     return rows
@@ -218,7 +277,7 @@ def _skipped_row(case: Case, phase: str, backend: str, dtype: torch.dtype, devic
 
 def format_table(rows: Sequence[dict]) -> str:
     head = f"{'case':<14} {'phase':<6} {'backend':<8} {'p50 ms':>9} {'x flash':>8} {'TFLOP/s':>8} " \
-           f"{'extra MB':>9} {'tiles':>6} {'raster':>6} {'density':>7}"
+           f"{'extra MB':>9} {'tile':>6} {'tiles':>6} {'raster':>6} {'density':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -226,9 +285,10 @@ def format_table(rows: Sequence[dict]) -> str:
             continue
         ratio = "-" if r["ratio_to_flash"] is None else f"{r['ratio_to_flash']:.2f}"
         extra = "-" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 1e6:.2f}"
+        tile = "-" if r.get("tiles") is None else "x".join(str(t) for t in r["tiles"])
         lines.append(
             f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} {r['p50_ms']:>9.3f} {ratio:>8} "
-            f"{r['tflops_computed']:>8.2f} {extra:>9} {r['tile_fraction']:>6.1%} "
+            f"{r['tflops_computed']:>8.2f} {extra:>9} {tile:>6} {r['tile_fraction']:>6.1%} "
             f"{r['tile_fraction_raster']:>6.1%} {r['density']:>7.1%}"
         )
     return "\n".join(lines)
@@ -259,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma list among flash,triton,flex,sdpa (flash = unmasked SDPA, measured first)")
     parser.add_argument("--cases", default=None, help="comma list of case names (default: all for the device)")
     parser.add_argument("--phases", default="early,late", help="early = all four switches on; late = I2I off")
+    parser.add_argument("--heads", type=int, default=HEADS,
+                        help=f"attention heads (FLUX: {HEADS}; fewer for a quick run)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -267,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("bf16" if cuda else "fp32")]
     all_cases = GPU_CASES if cuda else CPU_CASES
     known = {c.name: c for c in (*GPU_CASES, *CPU_CASES)}
     names = args.cases.split(",") if args.cases else [c.name for c in all_cases]
@@ -281,10 +344,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     reps = args.reps if args.reps is not None else (30 if cuda else 3)
 
+    compiled_flex = None
+    if cuda and "flex" in backends:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled_flex = torch.compile(flex_attention, dynamic=False)  # one graph per shape, like a real render
     rows: list[dict] = []
-    for name in names:
-        for phase in args.phases.split(","):
-            rows.extend(run_case(known[name], phase, backends, dtype, device, warmup, reps))
+    # Every (case, phase) is a new shape or mask: let Dynamo keep them all rather than fall back to eager.
+    dynamo_config = torch._dynamo.config
+    limits = {"recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit": 256}
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        limits["accumulated_recompile_limit"] = 4096
+    with dynamo_config.patch(**limits):
+        for name in names:
+            for phase in args.phases.split(","):
+                rows.extend(run_case(known[name], phase, backends, dtype, device, warmup, reps,
+                                     compiled_flex=compiled_flex, heads=args.heads))
     print(format_table(rows))
     if not args.no_write:
         print(f"\nrows written to {write_rows(rows, args.out, device)}")

@@ -83,7 +83,9 @@ if triton is not None:
             m_i = m_ij
         return acc, l_i, m_i
 
-    @triton.jit
+    # Values that change between phases or layouts are not specialised on (1 -> constant, multiple
+    # of 16 -> hint): each distinct specialisation would be one more JIT compile in the middle of a render.
+    @triton.jit(do_not_specialize=["seq_len", "image_bits", "text_bits", "max_kv"])
     def _masked_attn_fwd(
         Q, K, V, Out,  #
         Member, Kind, KvIndex, KvFull, KvCount,  #
@@ -161,17 +163,38 @@ class KernelConfig:
     num_stages: int = 2
 
 
-def choose_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelConfig:
-    """Fixed tile shapes per (device kind, dtype, head dim); not autotuned, so block tables stay cacheable.
+# Opt-in shared memory per block (bytes) by compute capability, from NVIDIA's tables. Consumer
+# chips (8.6, 8.9, 12.x) have ~99 KB, where three K/V pipeline stages at head dim 128 do not fit.
+SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+_DEEP_PIPELINE_BYTES = 140 * 1024  # bf16/fp16, 128x64 tiles, D=128, 3 stages: 112-128 KB (sm_80 / sm_90)
 
-    GPU choices were checked with ptxas for sm_90/sm_80 (see `compile_ahead`): no
-    register spills on sm_90 at head dim 64 and 128; not yet timed on a GPU.
+
+def config_for(shared_memory: int, dtype: torch.dtype) -> KernelConfig:
+    """The CUDA config for a card with `shared_memory` bytes per block (opt-in) and this dtype."""
+    if dtype == torch.float32:
+        return KernelConfig(64, 32, 4, 2)
+    return KernelConfig(128, 64, 8, 3 if shared_memory >= _DEEP_PIPELINE_BYTES else 2)
+
+
+def _shared_memory(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    found = getattr(props, "shared_memory_per_block_optin", None)
+    if found:
+        return int(found)
+    return SHARED_MEMORY.get(props.major * 10 + props.minor, min(SHARED_MEMORY.values()))
+
+
+def choose_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    """Fixed tile shapes per (device kind, shared memory, dtype); not autotuned, so block tables stay cacheable.
+
+    Tiles do not depend on the head dim (64 and 128 share them); the pipeline depth
+    depends on the card's shared memory. Checked with ptxas (see `compile_ahead`):
+    at runtime specialisation, bf16 D=128 needs 128 KB on sm_90 (3 stages), 112 KB on
+    sm_80 (3 stages) and 80 KB on sm_86/89 (2 stages). Not yet timed on a GPU.
     """
     if device.type != "cuda":  # Triton's CPU interpreter: small tiles, few numpy ops per program
         return KernelConfig(32, 32, 1, 1)
-    if dtype == torch.float32:
-        return KernelConfig(64, 32, 4, 2)
-    return KernelConfig(128, 64, 8, 3)
+    return config_for(_shared_memory(device), dtype)
 
 
 def available(device: torch.device | str, dtype: torch.dtype) -> str | None:
@@ -266,6 +289,22 @@ def _rule_tensors(tokens: TokenLayout, device: torch.device) -> tuple[torch.Tens
     return found
 
 
+def _require_available(device: torch.device, dtype: torch.dtype, tokens: TokenLayout | None) -> None:
+    """Raise unless the kernel runs here; a pass is memoised on the layout.
+
+    The memo keeps device queries (torch.cuda capability, interpreter state) out of
+    the per-call path, which torch.compile traces.
+    """
+    key = ("triton_available", device, dtype)
+    if tokens is not None and tokens.cache.get(key):
+        return
+    reason = available(device, dtype)
+    if reason is not None:
+        raise RuleError(f"the Triton attention backend cannot run on {device} / {dtype}: {reason}")
+    if tokens is not None:
+        tokens.cache[key] = True
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: TokenLayout | None) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise RuleError(
@@ -275,9 +314,37 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tok
         raise RuleError("q, k, v must share one dtype and one device")
     if tokens is not None and tokens.length != q.shape[1]:
         raise RuleError(f"the token layout describes {tokens.length} tokens but q has L={q.shape[1]}")
-    reason = available(q.device, q.dtype)
-    if reason is not None:
-        raise RuleError(f"the Triton attention backend cannot run on {q.device} / {q.dtype}: {reason}")
+    _require_available(q.device, q.dtype, tokens)
+
+
+def _layout_config(tokens: TokenLayout | None, device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    """`choose_config`, memoised on the layout: it queries the card, which has no place in a compiled graph.
+
+    Keyed without the head dim: tiles do not depend on it.
+    """
+    if tokens is None:
+        return choose_config(device, dtype, head_dim)
+    key = ("triton_config", device, dtype)
+    found = tokens.cache.get(key)
+    if found is None:
+        found = tokens.cache[key] = choose_config(device, dtype, head_dim)
+    return found
+
+
+def prepare(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Build, outside any compiled region, what `attention` reads for this layout and phase set.
+
+    Everything lands in `tokens.cache` (availability, rule tensors, block table), so a
+    later call only looks it up: torch.compile then traces a warm call without a
+    graph break (a cold one runs torch.unique and device queries, which it cannot trace).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _require_available(device, dtype, tokens)
+    config = _layout_config(tokens, device, dtype, 128)  # FLUX's head dim; tiles do not depend on it
+    block_table(tokens, phases, config.block_m, config.block_n, device)
+    _rule_tensors(tokens, device)
 
 
 def attention(
@@ -293,7 +360,7 @@ def attention(
     tokens or phases None: plain attention through the same kernel (dense table).
     """
     _check_inputs(q, k, v, tokens)
-    config = config or choose_config(q.device, q.dtype, q.shape[-1])
+    config = config or _layout_config(tokens, q.device, q.dtype, q.shape[-1])
     length = q.shape[1]
     if tokens is None or phases is None:
         table: BlockTable = dense_table(length, config.block_m, config.block_n, q.device)
@@ -316,16 +383,20 @@ def compile_ahead(capability: int, dtype: torch.dtype, head_dim: int, config: Ke
     """Compile the kernel for a CUDA target without a GPU (Triton's AST -> PTX -> cubin).
 
     CI has no GPU; this at least proves the kernel builds as compiled code (the
-    interpreter accepts things the compiler rejects). Needs TRITON_INTERPRET unset
-    at import. Returns Triton's CompiledKernel (asm, metadata.shared).
+    interpreter accepts things the compiler rejects). Arguments are specialised as
+    Triton's launcher does for diffusers' inputs (unit head-dim strides become
+    constants; pointers and other strides are multiples of 16), so vectorised loads,
+    K/V pipelining and the shared-memory size match a real launch. Needs
+    TRITON_INTERPRET unset at import. Returns Triton's CompiledKernel (asm, metadata.shared).
     """
     if triton is None or _interpreting():
         raise RuntimeError("compile_ahead needs triton imported without TRITON_INTERPRET")
     from triton.backends.compiler import GPUTarget
 
-    config = config or choose_config(torch.device("cuda"), dtype, head_dim)
+    config = config or config_for(SHARED_MEMORY.get(capability, min(SHARED_MEMORY.values())), dtype)
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    signature = {name: "i32" for name in _masked_attn_fwd.arg_names}  # strides, sizes, bits
+    arg_names = _masked_attn_fwd.arg_names
+    signature = {name: "i32" for name in arg_names}  # strides, sizes, bits
     signature.update({name: f"*{names[dtype]}" for name in ("Q", "K", "V", "Out")})
     signature.update(Member="*i64", Kind="*i8", KvIndex="*i32", KvFull="*i8", KvCount="*i32", qk_scale="fp32")
     constexprs = {
@@ -333,8 +404,12 @@ def compile_ahead(capability: int, dtype: torch.dtype, head_dim: int, config: Ke
         "BLOCK_M": config.block_m,
         "BLOCK_N": config.block_n,
         "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        **{f"stride_{t}d": 1 for t in "qkvo"},  # the launcher turns an int equal to 1 into a constant
     }
     signature.update({name: "constexpr" for name in constexprs})
-    source = triton.compiler.ASTSource(fn=_masked_attn_fwd, signature=signature, constexprs=constexprs)
+    aligned = ["Q", "K", "V", "Out", "Member", "Kind", "KvIndex", "KvFull", "KvCount"]
+    aligned += [f"stride_{t}{axis}" for t in "qkvo" for axis in "blh"]  # H*D, D, L*H*D: multiples of 16
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = triton.compiler.ASTSource(fn=_masked_attn_fwd, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)

@@ -2,7 +2,7 @@
 
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py before triton is imported, and repeated here as a guard), so shapes
-stay small; one test compiles the kernel for sm_90/sm_80 without a GPU. Tolerance follows PyTorch's
+stay small; one test compiles the kernel for sm_90/sm_89/sm_80 without a GPU. Tolerance follows PyTorch's
 own error: the kernel may be at most ~2x further from the float64 reference
 than a plain PyTorch implementation at the same precision, plus a small atol.
 """
@@ -168,6 +168,32 @@ def test_full_flags_off_gives_the_same_result():
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # other query blocks do visit the poisoned tiles
+def test_skipped_tiles_are_never_loaded():
+    """Per query block, NaN in every key/value block its table skips must not reach its rows."""
+    tokens = layout("sparse")  # raster order: skipped tiles scattered over many query blocks
+    config = ta.KernelConfig(32, 32, 1, 1)
+    table = block_table(tokens, ON, config.block_m, config.block_n, DEVICE)
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = make_qkv(gen, 1, tokens.length, 1, 16, torch.float32, packed=False)
+    expected = reference(q, k, v, dense_allowed(tokens, ON))
+    checked = 0
+    for block in range(table.num_q_blocks):
+        visited = set(table.kv_index[block, : int(table.kv_count[block])].tolist())
+        skipped = [j for j in range(table.num_kv_blocks) if j not in visited]
+        if not skipped:
+            continue
+        k_bad, v_bad = k.clone(), v.clone()
+        for j in skipped:
+            k_bad[:, j * 32 : (j + 1) * 32] = float("nan")
+            v_bad[:, j * 32 : (j + 1) * 32] = float("nan")
+        rows = slice(block * 32, (block + 1) * 32)
+        out = run_poisoned(q, k_bad, v_bad, tokens, ON, config)[:, rows]
+        torch.testing.assert_close(out.double(), expected[:, rows], rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked >= 3, "layout should give several query blocks with skipped tiles"
+
+
 def test_custom_op_opcheck_and_compile_without_graph_breaks():
     """opcheck (schema, fake impl, autograd registration, AOT dispatch); compile(fullgraph): no break, no recompile."""
     tokens = layout("tiny")
@@ -189,6 +215,100 @@ def test_custom_op_opcheck_and_compile_without_graph_breaks():
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_flux_transformer_has_no_graph_break_and_one_graph_per_phase_set():
+    """torch.compile(fullgraph=True) of a tiny FLUX transformer with the Triton backend, tables prepared per phase.
+
+    fullgraph fails on any graph break (a Python launcher, importlib, torch.unique on a cold cache...);
+    the compile count shows a phase change costs one graph, and a repeat of the same phases or a new
+    layout (new block-table data) none.
+    """
+    diffusers = pytest.importorskip("diffusers")
+    from threedis.engine.processor import AttentionCall, install_processors
+    from threedis.kernels.attention import prepare_attention
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).to(DEVICE).eval()
+    install_processors(model)
+    regions = box_regions([(0.0, 0.0, 0.7, 0.6), (0.4, 0.3, 1.0, 1.0)], 4, 5)
+    tokens = TokenLayout.build(regions, chunk=5, order=membership_order(regions)).to(DEVICE)  # L = 15 + 20
+    gen = torch.Generator().manual_seed(8)
+    img_ids = torch.stack([torch.zeros(20), torch.arange(4).repeat_interleave(5), torch.arange(5).repeat(4)], 1)
+    args = dict(
+        hidden_states=torch.randn(1, 20, 8, generator=gen), encoder_hidden_states=torch.randn(1, 15, 32, generator=gen),
+        pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.6]),
+        guidance=torch.tensor([3.5]), img_ids=img_ids[tokens.order], txt_ids=torch.zeros(15, 3), return_dict=False,
+    )
+    args = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    later = Phases(False, True, True, True)
+    with torch.no_grad():
+        for count, phases in ((1, ON), (2, later), (2, later)):
+            prepare_attention(tokens, phases, DEVICE, torch.float32, "triton")
+            call = {"threedis": AttentionCall(tokens, phases, "triton")}
+            out = compiled(**args, joint_attention_kwargs=call)[0]
+            assert counter.frame_count == count, f"{phases}: {counter.frame_count} graphs, expected {count}"
+            eager = model(**args, joint_attention_kwargs=call)[0]
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        # Another layout of the same length: new table tensors are inputs to the same graph, not constants.
+        other = TokenLayout.build(box_regions([(0.5, 0.0, 1.0, 1.0), (0.0, 0.5, 0.6, 1.0)], 4, 5), chunk=5).to(DEVICE)
+        prepare_attention(other, ON, DEVICE, torch.float32, "triton")
+        call = {"threedis": AttentionCall(other, ON, "triton")}
+        out = compiled(**args, joint_attention_kwargs=call)[0]
+        assert counter.frame_count == 2, "a new layout with the same phases must reuse the compiled graph"
+        torch.testing.assert_close(out, model(**args, joint_attention_kwargs=call)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_triton_on_cuda_and_says_why(monkeypatch, caplog):
+    """With the kernel available on CUDA, auto chooses it first; the reason is returned and logged at debug."""
+    import logging
+
+    from threedis.kernels.attention import select_backend
+
+    monkeypatch.setattr(ta, "available", lambda device, dtype: None)
+    caplog.set_level(logging.DEBUG, logger="threedis.kernels")
+    name, reason = select_backend("cuda", torch.bfloat16)
+    assert name == "triton" and "cuda / bfloat16" in reason and reason in caplog.text
+    monkeypatch.setattr(ta, "available", lambda device, dtype: "switched off for this test")
+    name, reason = select_backend("cuda", torch.bfloat16)
+    assert name != "triton" and "triton: switched off for this test" in reason
+
+
+def test_attention_benchmark_writes_keyed_rows(tmp_path, capsys):
+    """`threedis bench attention` at a CPU shape: every backend row keyed and filled, density checked densely."""
+    import json
+
+    from threedis.kernels import bench_attention as bench
+
+    argv = ["--device", "cpu", "--cases", "256x256-n2", "--phases", "early", "--heads", "1", "--warmup", "0",
+            "--reps", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert "x flash" in capsys.readouterr().out
+    (path,) = tmp_path.glob("attention-*.jsonl")
+    rows = {row["backend"]: row for row in map(json.loads, path.read_text().splitlines())}
+    assert set(rows) == {"flash", "triton", "flex", "sdpa"}
+    case = bench.Case("256x256-n2", 256, 256, 2, chunk=32)
+    regions = box_regions(bench.layout_boxes(2), *case.grid)
+    exact = dense_allowed(TokenLayout.build(regions, chunk=32), ON).double().mean().item()
+    if ta.available("cpu", torch.float32) is not None:  # a CUDA machine: no interpreter, the CPU row says why
+        assert "CUDA" in rows.pop("triton")["skipped"]
+    for name, row in rows.items():
+        assert "skipped" not in row, row.get("skipped")
+        assert {"torch", "triton", "python"} <= set(row["versions"]) and row["device"] == "cpu"
+        assert row["shape"] == {"B": 1, "L": case.length, "H": 1, "D": 128, "width": 256, "height": 256,
+                                "instances": 2, "chunk": 32} and row["dtype"] == "float32"
+        assert row["p50_ms"] > 0 and row["tflops_computed"] > 0 and row["density"] == pytest.approx(exact)
+        assert row["ratio_to_flash"] == pytest.approx(row["p50_ms"] / rows["flash"]["p50_ms"])
+    assert exact <= rows["flex"]["tile_fraction"] < 1 and rows["flex"]["tiles"] == [32, 32]
+    if "triton" in rows:
+        assert rows["triton"]["tile_fraction"] == rows["flex"]["tile_fraction"] and rows["triton"]["tiles"] == [32, 32]
+    assert rows["sdpa"]["tile_fraction"] == 1.0
+
+
 def test_available_and_clear_errors():
     assert ta.available(DEVICE, torch.float32) is None
     assert "dtype" in ta.available(DEVICE, torch.float64)
@@ -205,17 +325,27 @@ def test_available_and_clear_errors():
 
 
 COMPILE_SCRIPT = """
+import re
 import torch
 from threedis.kernels import triton_attention as ta
-for capability, dtype, head_dim in [(90, torch.bfloat16, 128), (80, torch.float16, 64)]:
+# FLUX (bf16, D=128) on H100 and on a ~99 KB consumer card; fp16 D=64 on A100.
+for capability, dtype, head_dim in [(90, torch.bfloat16, 128), (89, torch.bfloat16, 128), (80, torch.float16, 64)]:
     kernel = ta.compile_ahead(capability, dtype, head_dim)
+    shared, limit = kernel.metadata.shared, ta.SHARED_MEMORY[capability]
+    print(capability, dtype, head_dim, "shared", shared, "of", limit)
     assert "mma" in kernel.asm["ptx"], "the two dots should use tensor cores"
-    print(capability, dtype, head_dim, "shared", kernel.metadata.shared)
+    assert shared <= limit, f"sm_{capability}: {shared} bytes of shared memory, the card has {limit}: launch would fail"
+    buffers = re.findall(r"memdesc<\\d+x64x%dx(?:bf16|f16)" % head_dim, kernel.asm["ttgir"])
+    assert buffers, "K/V tiles should be loaded asynchronously into pipeline buffers"
 """
 
 
 def test_kernel_compiles_for_cuda_targets_without_a_gpu():
-    """The interpreter accepts code the compiler rejects: build PTX/cubin for sm_90 and sm_80 in a clean process."""
+    """The interpreter accepts code the compiler rejects: build PTX/cubin for sm_90, sm_89 and sm_80 in a clean process.
+
+    Arguments are specialised as at a real launch, so the shared-memory size checked
+    against each card's limit is the one a launch would need.
+    """
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
