@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from threedis.engine.errors import UserError
@@ -40,15 +40,49 @@ _INSTANCE_REQUIRED = ("prompt", "box")
 
 
 class LayoutError(UserError, ValueError):
-    """A layout problem; `field` is the JSON path of the offending value ('' for the whole file)."""
+    """A layout problem; `field` is the JSON path of the offending value ('' for the whole file).
 
-    def __init__(self, message: str, field: str = "") -> None:
+    A file with several problems raises one LayoutError for the first, whose
+    one-line message says how many more there are; `problems` holds every one
+    (each a LayoutError with its own field), so `threedis validate` can list them all.
+    """
+
+    def __init__(self, message: str, field: str = "", problems: Iterable["LayoutError"] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.problems: tuple[LayoutError, ...] = tuple(problems) or (self,)
+
+    @classmethod
+    def combine(cls, problems: list["LayoutError"]) -> "LayoutError":
+        """One error for several problems: the first one's message and field, plus a count."""
+        if len(problems) == 1:
+            return problems[0]
+        more = len(problems) - 1
+        note = f" (and {more} more problem{'s' if more > 1 else ''}; `threedis validate` lists them all)"
+        return cls(f"{problems[0]}{note}", problems[0].field, problems)
 
 
 def _fail(field: str, message: str) -> LayoutError:
     return LayoutError(f"{field}: {message}" if field else message, field)
+
+
+class _Problems:
+    """Collects every problem of one layout instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.found: list[LayoutError] = []
+
+    def check(self, check: Callable[..., Any], *args: Any) -> Any:
+        """check(*args), or None after recording the LayoutError(s) it raised."""
+        try:
+            return check(*args)
+        except LayoutError as err:
+            self.found.extend(err.problems)
+            return None
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise LayoutError.combine(self.found)
 
 
 def _describe(value: Any) -> str:
@@ -145,16 +179,20 @@ def _check_mask(value: Any, field: str) -> str | None:
 
 
 def _check_keys(data: Mapping[str, Any], field: str, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """Every unknown and every missing key, one problem each."""
     what = field or "layout"
-    for key in data:
-        if key not in allowed:
-            raise _fail(
-                f"{field}.{key}" if field else str(key),
-                f"unknown key in {what}; allowed keys are: {', '.join(allowed)}",
-            )
-    for key in required:
-        if key not in data:
-            raise _fail(f"{field}.{key}" if field else key, f"missing; {what} needs the keys: {', '.join(required)}")
+    problems = [
+        _fail(f"{field}.{key}" if field else str(key), f"unknown key in {what}; allowed keys are: {', '.join(allowed)}")
+        for key in data
+        if key not in allowed
+    ]
+    problems += [
+        _fail(f"{field}.{key}" if field else key, f"missing; {what} needs the keys: {', '.join(required)}")
+        for key in required
+        if key not in data
+    ]
+    if problems:
+        raise LayoutError.combine(problems)
 
 
 def _check_object(value: Any, field: str) -> Mapping[str, Any]:
@@ -189,13 +227,18 @@ class Instance:
     def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None, field: str = "instance") -> "Instance":
         """Build from {"prompt", "box", "mask"?}; a relative mask path is resolved against base_dir."""
         data = _check_object(data, field)
-        _check_keys(data, field, _INSTANCE_KEYS, _INSTANCE_REQUIRED)
-        prompt = _check_prompt(data["prompt"], f"{field}.prompt")
-        box = _check_box(data["box"], f"{field}.box")
+        problems = _Problems()
+        problems.check(_check_keys, data, field, _INSTANCE_KEYS, _INSTANCE_REQUIRED)
+        prompt = box = None
+        if "prompt" in data:
+            prompt = problems.check(_check_prompt, data["prompt"], f"{field}.prompt")
+        if "box" in data:
+            box = problems.check(_check_box, data["box"], f"{field}.box")
         mask = data.get("mask")
         if isinstance(mask, str) and mask.strip() and base_dir is not None and not Path(mask).is_absolute():
             mask = str(Path(base_dir) / mask)
-        mask = _check_mask(mask, f"{field}.mask")
+        mask = problems.check(_check_mask, mask, f"{field}.mask")
+        problems.raise_any()
         return cls(prompt=prompt, box=box, mask=mask)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,18 +275,31 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None) -> "Layout":
-        """Validate a parsed JSON object; relative mask paths are resolved against base_dir."""
+        """Validate a parsed JSON object; relative mask paths are resolved against base_dir.
+
+        Every problem is found, not just the first: the LayoutError raised names the
+        first and lists all of them in `problems`.
+        """
         data = _check_object(data, "")
-        _check_keys(data, "", _LAYOUT_KEYS, _LAYOUT_REQUIRED)
-        prompt = _check_prompt(data["prompt"], "prompt")
-        width = _check_size(data["width"], "width")
-        height = _check_size(data["height"], "height")
+        problems = _Problems()
+        problems.check(_check_keys, data, "", _LAYOUT_KEYS, _LAYOUT_REQUIRED)
+        values = {}
+        for key, check in (("prompt", _check_prompt), ("width", _check_size), ("height", _check_size)):
+            if key in data:
+                values[key] = problems.check(check, data[key], key)
         raw = data.get("instances", [])
+        instances: list[Instance | None] = []
         if not isinstance(raw, list):
-            raise _fail("instances", f"must be a list [...] of instances, got {_type_name(raw)} {_describe(raw)}")
-        _check_count(len(raw))
-        instances = tuple(Instance.from_dict(item, base_dir, f"instances[{i}]") for i, item in enumerate(raw))
-        return cls(prompt=prompt, width=width, height=height, instances=instances)
+            problems.found.append(
+                _fail("instances", f"must be a list [...] of instances, got {_type_name(raw)} {_describe(raw)}")
+            )
+        else:
+            problems.check(_check_count, len(raw))
+            instances = [
+                problems.check(Instance.from_dict, item, base_dir, f"instances[{i}]") for i, item in enumerate(raw)
+            ]
+        problems.raise_any()
+        return cls(instances=tuple(instances), **values)
 
     @classmethod
     def from_json(cls, text: str, base_dir: str | os.PathLike | None = None, source: str = "layout JSON") -> "Layout":

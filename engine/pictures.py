@@ -9,15 +9,17 @@ into every run's output folder so a user can see what the engine was told.
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from threedis.engine.layout import Layout
-from threedis.kernels.rule import Phases, TokenLayout, query_restrictions
+from threedis.kernels.rule import Phases, Schedule, TokenLayout, membership_order, query_restrictions
 
-__all__ = ["draw_layout", "draw_regions", "draw_allowed", "instance_color"]
+__all__ = ["draw_layout", "draw_regions", "draw_allowed", "instance_color", "rule_pictures", "save_rule_pictures"]
 
 # Distinct, colour-blind-friendlier hues first; later instances get golden-ratio hues.
 _PALETTE = (
@@ -164,12 +166,22 @@ def draw_regions(
     names = [str(i) for i in range(n)] if labels is None else list(labels)
     draw = ImageDraw.Draw(image)
     font = _font(max(10, min(24, 2 * scale)))
+    placed: list[tuple[int, int, int, int]] = []
     for i, name in enumerate(names):
         cells_i = regions[i].nonzero()
         if not name or cells_i.numel() == 0:
             continue
         r0, c0 = int(cells_i[:, 0].min()), int(cells_i[:, 1].min())
-        _text(draw, (c0 * scale + 2, r0 * scale + 1), _truncate(name), font, _ink_for(instance_color(i)))
+        label = _truncate(name)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        box_w, box_h = right - left + 4, bottom - top + 4
+        x = min(c0 * scale + 1, max(image.width - box_w, 0))
+        y = min(r0 * scale + 1, max(image.height - box_h, 0))
+        while any(_overlaps((x, y, x + box_w, y + box_h), other) for other in placed) and y + 2 * box_h <= image.height:
+            y += box_h  # labels of regions that start in the same place stack instead of overprinting
+        placed.append((x, y, x + box_w, y + box_h))
+        draw.rectangle((x, y, x + box_w - 1, y + box_h - 1), fill=instance_color(i))
+        _text(draw, (x + 2 - left, y + 2 - top), label, font, _ink_for(instance_color(i)))
     return image
 
 
@@ -237,3 +249,60 @@ def draw_allowed(
             pixels[at, :] = torch.tensor(colour, dtype=torch.uint8)
             pixels[:, at] = torch.tensor(colour, dtype=torch.uint8)
     return _image_from_tensor(pixels)
+
+
+def rule_pictures(
+    regions: torch.Tensor,
+    prompts: Sequence[str],
+    chunk: int,
+    schedule: Schedule,
+    permute_tokens: bool = False,
+    size: int = 512,
+) -> dict[str, Image.Image]:
+    """What a render's attention rule was told, as pictures: name -> image.
+
+    "regions": the token cells of each instance (labelled `index: prompt`).
+    "attention": the allowed matrix at step 0, plus "attention-step<s>" for each
+    later step of the hard-control window where the phases change (e.g. when I2I
+    ends). Token order as the engine used it (grouped by instance if permute_tokens).
+    """
+    labels = [f"{i}: {prompt}" for i, prompt in enumerate(prompts)]
+    out = {"regions": draw_regions(regions, labels=labels)}
+    tokens = TokenLayout.build(regions, chunk=chunk, order=membership_order(regions) if permute_tokens else None)
+    previous = None
+    for step in range(min(schedule.hard, schedule.steps)):
+        phases = schedule.at(step)
+        if phases == previous:
+            continue
+        out["attention" if step == 0 else f"attention-step{step}"] = draw_allowed(tokens, phases, size=size)
+        previous = phases
+    return out
+
+
+def save_rule_pictures(result: Any, image_path: str | os.PathLike) -> dict[str, Path]:
+    """Write rule_pictures of a render beside its saved image, sharing the image's numbered suffix.
+
+    result: an engine RenderResult (its layout, per-instance masks and settings say
+    what the rule saw). image_path: where its image.png went (image-3.png -> regions-3.png).
+    Returns name -> path; a name that already exists is left alone and not returned.
+    """
+    from threedis.engine.denoise import regions_for  # the engine's own regions, masks included
+
+    image_path = Path(image_path)
+    suffix = image_path.stem.removeprefix("image")
+    layout, settings = result.layout, result.settings
+    masks = list(result.masks or []) or [None] * len(layout.instances)
+    regions = regions_for(layout.boxes, masks, layout.grid)
+    schedule = Schedule(**settings["schedule"])
+    pictures = rule_pictures(regions, [inst.prompt for inst in layout.instances], settings["chunk"], schedule,
+                             bool(settings.get("permute_tokens", False)))
+    written: dict[str, Path] = {}
+    for name, picture in pictures.items():
+        path = image_path.with_name(f"{name}{suffix}.png")
+        try:
+            with open(path, "xb") as handle:  # never replace a file that is already there
+                picture.save(handle, format="PNG")
+        except FileExistsError:
+            continue
+        written[name] = path
+    return written

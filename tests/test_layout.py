@@ -183,6 +183,36 @@ def test_wrong_container_types():
         Layout("a park", 64, 64, ({"prompt": "x", "box": [0, 0, 1, 1]},))
 
 
+def test_every_problem_is_reported_not_just_the_first(tmp_path):
+    data = {
+        "prompt": " ",
+        "width": 500,
+        "colour": "red",
+        "instances": [
+            {"prompt": "a red bird", "box": [0.5, 0.2, 0.4, 0.6]},
+            {"prompt": "", "box": [0.1, 0.2, 0.4, 1.5], "mask": "gone.png", "size": 3},
+            "a dog",
+        ],
+    }
+    with pytest.raises(LayoutError) as info:
+        Layout.from_dict(data, base_dir=tmp_path)
+    err = info.value
+    fields = [problem.field for problem in err.problems]
+    assert fields == [
+        "colour", "height", "prompt", "width", "instances[0].box",
+        "instances[1].size", "instances[1].prompt", "instances[1].box", "instances[1].mask", "instances[2]",
+    ]
+    for problem in err.problems:
+        message = str(problem)
+        assert message.startswith(f"{problem.field}:") and "\n" not in message and "more problem" not in message
+    # The error itself is one line: the first problem and how many more there are.
+    assert err.field == "colour" and "\n" not in str(err)
+    assert str(err).startswith("colour: unknown key") and "(and 9 more problems" in str(err)
+    # A single problem keeps its plain message.
+    one = fails(with_("instances.1.box", [0.5, 0.2, 0.4, 0.6]), "instances[1].box", "smaller than x1")
+    assert one.problems == (one,) and "more problem" not in str(one)
+
+
 # -- masks ---------------------------------------------------------------------
 
 

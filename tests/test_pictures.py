@@ -227,3 +227,49 @@ def test_draw_allowed_large_layout_in_blocks():
     assert (px[0][grey] == 255).all()
     # An instance-text query under T2T never sees the global text: dark where both are text.
     assert px[20, 5] == 0
+
+
+# -- the pictures written beside every render ---------------------------------------------
+
+
+def test_rule_pictures_one_attention_picture_per_phase_change():
+    from threedis.engine.pictures import rule_pictures
+    from threedis.kernels.rule import Schedule
+
+    regions = small_regions()
+    schedule = Schedule(steps=6, hard=5, i2i=2, i2t=5, t2i=5, t2t=3)  # phases change at steps 2 and 3; plain from 5
+    out = rule_pictures(regions, ["bird", "dog", "cat"], chunk=2, schedule=schedule, size=200)
+    assert list(out) == ["regions", "attention", "attention-step2", "attention-step3"]
+    assert out["regions"].size == draw_regions(regions).size
+    for name, step in (("attention", 0), ("attention-step2", 2), ("attention-step3", 3)):
+        tokens = _tokens()
+        assert out[name].size == (tokens.length * (200 // tokens.length),) * 2
+        expected = draw_allowed(tokens, schedule.at(step), size=200)
+        assert pixels(out[name]).equal(pixels(expected)), name
+    # grouped token order, as the engine uses with permute_tokens
+    grouped = rule_pictures(regions, ["bird", "dog", "cat"], 2, Schedule(steps=1, hard=1), permute_tokens=True)
+    assert pixels(grouped["attention"]).equal(pixels(draw_allowed(_tokens(order=True), Schedule(1, 1).at(0))))
+    assert "attention" not in rule_pictures(regions, ["a", "b", "c"], 2, Schedule(steps=4, hard=0))
+
+
+def test_save_rule_pictures_uses_the_render_masks_and_never_overwrites(tmp_path):
+    from types import SimpleNamespace
+
+    from threedis.engine.pictures import save_rule_pictures
+
+    layout = Layout("a park", 96, 64, (Instance("a bird", (0.0, 0.0, 0.5, 0.5)), Instance("a dog", (0.5, 0.5, 1, 1))))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (80, 0, 96, 16))  # top-right token cell only: not the box
+    result = SimpleNamespace(layout=layout, masks=[mask, None], settings={
+        "chunk": 3, "schedule": {"steps": 2, "hard": 2, "i2i": 1, "i2t": 2, "t2i": 2, "t2t": 2}})
+    (tmp_path / "attention-1.png").write_bytes(b"mine")
+    written = save_rule_pictures(result, tmp_path / "image-1.png")
+    assert written == {"regions": tmp_path / "regions-1.png", "attention-step1": tmp_path / "attention-step1-1.png"}
+    assert (tmp_path / "attention-1.png").read_bytes() == b"mine"
+    # the regions picture shows the mask's cell for instance 0, not its box
+    grid_regions = torch.zeros(2, 4, 6, dtype=torch.bool)
+    grid_regions[0, 0, 5] = True
+    grid_regions[1] = box_regions([(0.5, 0.5, 1, 1)], 4, 6)[0]
+    with Image.open(written["regions"]) as saved:
+        expected = draw_regions(grid_regions, labels=["0: a bird", "1: a dog"])
+        assert pixels(saved).equal(pixels(expected))

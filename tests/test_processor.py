@@ -11,6 +11,7 @@ itself is checked against a brute-force evaluation of SPEC's table in test_rule.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -177,6 +178,23 @@ def test_two_transformers_with_different_layouts_do_not_share_state():
     for i, c in enumerate(calls):
         assert torch.equal(step(a, *c), alone_a[i]), i
         assert torch.equal(step(b, *c), alone_b[i]), i
+    # Truly concurrent: both models in their own threads at once, sharing nothing but the process.
+    fresh_a, fresh_b = fresh()
+    results: dict[str, list] = {}
+    start = threading.Barrier(2)
+
+    def worker(name, entry):
+        start.wait()
+        results[name] = [step(entry, *c) for c in calls * 2]
+
+    threads = [threading.Thread(target=worker, args=item) for item in (("a", fresh_a), ("b", fresh_b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(torch.equal(got, want) for got, want in zip(results["a"], alone_a * 2))
+    assert all(torch.equal(got, want) for got, want in zip(results["b"], alone_b * 2))
+    assert len(results["a"]) == len(results["b"]) == 2 * len(calls)
     # the layouts' caches hold only their own tables
     assert all(key[4] == a[1].length for key in a[1].cache if key[:2] == ("flex", "block_mask"))
     assert all(key[4] == b[1].length for key in b[1].cache if key[:2] == ("flex", "block_mask"))

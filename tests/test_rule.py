@@ -53,7 +53,8 @@ def spec_allowed(tokens: list[tuple[str, frozenset]], p: Phases) -> torch.Tensor
 
 def random_regions(rng: random.Random, n: int, h: int, w: int) -> torch.Tensor:
     if rng.random() < 0.3:  # masks of assorted sizes and dtypes
-        masks = [(torch.rand(rng.randint(1, 9), rng.randint(1, 9)) > 0.6).float() for _ in range(n)]
+        g = torch.Generator().manual_seed(rng.randrange(2**31))  # reproducible from rng alone
+        masks = [(torch.rand(rng.randint(1, 9), rng.randint(1, 9), generator=g) > 0.6).float() for _ in range(n)]
         return rule.mask_regions(masks, h, w) if n else torch.zeros(0, h, w, dtype=torch.bool)
     boxes = []
     for _ in range(n):
@@ -68,7 +69,8 @@ def random_case(rng: random.Random):
     regions = random_regions(rng, n, h, w)
     order = None
     if rng.random() < 0.5:
-        order = rule.membership_order(regions) if rng.random() < 0.5 else torch.randperm(h * w)
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        order = rule.membership_order(regions) if rng.random() < 0.5 else torch.randperm(h * w, generator=g)
     return regions, chunk, order
 
 
@@ -386,7 +388,7 @@ def test_build_with_order_permutes_image_members():
     for _ in range(20):
         n, h, w = rng.randint(1, 5), rng.randint(1, 6), rng.randint(1, 6)
         regions = random_regions(rng, n, h, w)
-        order = torch.randperm(h * w)
+        order = torch.randperm(h * w, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         tokens = TokenLayout.build(regions, chunk=2, order=order)
         image = tokens.member[tokens.text_len :].tolist()
         for j, cell in enumerate(order.tolist()):
