@@ -12,28 +12,40 @@ Modes:
                  to exercise every profile, not for GPU numbers.
   --random-real  no checkpoint: FLUX.1-Depth-dev, T5-XXL, CLIP-L and the VAE built from
                  the bundled configs (threedis.engine.configs) on the meta device, given
-                 random bf16 weights on the host and quantized in memory per profile;
-                 prompts go through a stand-in tokenizer. Needs a big GPU box (the
-                 12B transformer is materialised in host RAM). There is no checkpoint to
-                 reload from, so gpu-then-freed models park in host RAM instead of being
-                 freed (VRAM is the same). --vram-cap-gb 12 caps this process's CUDA
-                 memory (torch.cuda.set_per_process_memory_fraction) to imitate a 12 GB card.
+                 random weights in the profile's float dtype and quantized in memory per
+                 profile; prompts go through a stand-in tokenizer. On CUDA each model is
+                 built and quantized on the GPU (seconds; bitsandbytes NF4 of the 12B
+                 transformer takes tens of minutes on a CPU), then moved to host RAM before
+                 the row's engine places it (needs ~30 GB of free VRAM while building, and
+                 ~35 GB of host RAM). There is no checkpoint to reload from, so
+                 gpu-then-freed models park in host RAM instead of being freed (VRAM is the
+                 same). --vram-cap-gb 12 caps this process's CUDA memory
+                 (torch.cuda.set_per_process_memory_fraction) from engine creation on, to
+                 imitate a 12 GB card.
 
 Rows go to bench/results/pipeline-<mode>.jsonl (one JSON object a line, overwritten per
 run) and are printed as a table. Columns: s/step p20/p50/p80 (warm render), load and
 quantize seconds (cold render), peak VRAM allocated / reserved (warm, GB = 2**30 B),
-the planner's predicted peak, steps the step cache reused.
+the planner's predicted peak, and plan/meas: the planned peak over the measured device
+peak (largest reserved of both renders + what the process held outside PyTorch's
+allocator at the row's start: CUDA context, cuBLAS), the number for the planner's 10%
+goal; steps the step cache reused. --images DIR saves each row's warm image (compare
+step-cache kinds by eye or by pixel difference).
 
 Usage:
   python bench/pipeline.py                                   # tiny checkpoint, all profiles, CPU or CUDA
   python bench/pipeline.py --profiles cpu --set step_cache=none
   python bench/pipeline.py --random-real --profiles 12gb,16gb --sizes 1024x1024 --instances 4,9 \\
       --steps 20 --vram-cap-gb 12
+  python bench/pipeline.py --random-real --profiles 12gb --set transformer.offload=none --tag no-offload
+                                                             # s/step baseline for the 1.25x goal
+  python bench/pipeline.py --profiles cpu --set step_cache=none --images /tmp/sc   # vs step_cache=first-block
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import statistics
@@ -131,35 +143,70 @@ def _config(key: str, configs: str | None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def random_model(key: str, configs: str | None, weights: str) -> tuple[Any, float, float]:
-    """(model with random weights in the profile's format, materialise seconds, quantize seconds)."""
+def random_model(key: str, configs: str | None, weights: str, device: torch.device) -> tuple[Any, float, float]:
+    """(model with random weights in the profile's format, on the host; materialise s, quantize s).
+
+    Parameters are created one by one in the target dtype (no float32 copy of the whole
+    model). On CUDA they are drawn and quantized on the GPU, then the model moves to
+    the host; quanto formats are always quantized on the host (on CUDA quanto may repack
+    weights into kernel-specific layouts).
+    """
+    from torch import nn
+
+    from threedis.engine.offload import move_model
     from threedis.engine.planner import instantiate_meta
     from threedis.engine.quantize import PLAIN_SCHEMES, apply_quantization
 
+    build = device if device.type == "cuda" and not weights.startswith("quanto-") else torch.device("cpu")
     start = time.perf_counter()
     model = instantiate_meta(_config(key, configs), key)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=build).manual_seed(0)
     dtype = PLAIN_SCHEMES.get(weights, torch.bfloat16)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.data = torch.empty(p.shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
-        else:
-            p.data = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, dtype=dtype)
-    for name, b in model.named_buffers():
-        if name.endswith("position_ids"):  # CLIP's only buffer: arange over positions
-            b.copy_(torch.arange(b.shape[-1]).expand_as(b))
-        else:
-            raise RuntimeError(f"{key}: buffer {name} has no random-init rule")
+    made_for: dict[int, nn.Parameter] = {}  # tied parameters (T5's shared / embed_tokens) stay tied
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made_for:
+                if p.dim() >= 2:
+                    value = torch.empty(p.shape, dtype=dtype, device=build).normal_(0.0, 0.02, generator=gen)
+                else:
+                    value = (torch.ones if name == "weight" else torch.zeros)(p.shape, dtype=dtype, device=build)
+                made_for[id(p)] = nn.Parameter(value, requires_grad=False)
+            module._parameters[name] = made_for[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is None:
+                continue
+            if name == "position_ids":  # CLIP's only buffer: arange over positions
+                module._buffers[name] = torch.arange(b.shape[-1], device=build).expand(b.shape).contiguous()
+            else:
+                raise RuntimeError(f"{key}: buffer {name} has no random-init rule")
     model.eval().requires_grad_(False)
+    _sync(build)
     made = time.perf_counter() - start
     start = time.perf_counter()
     if weights not in PLAIN_SCHEMES:
         apply_quantization(model, weights)
-    return model, made, time.perf_counter() - start
+    move_model(model, "cpu")
+    _sync(build)
+    quantized = time.perf_counter() - start
+    _release(device)
+    return model, made, quantized
 
 
-def random_components(profile: Profile, configs: str | None) -> tuple[Any, float, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    """Collect cycles (hooks keep models alive through closures) and hand cached VRAM back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def random_components(profile: Profile, configs: str | None, device: torch.device) -> tuple[Any, float, float]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from threedis.engine.loading import FluxComponents, TextEncoders
@@ -168,7 +215,7 @@ def random_components(profile: Profile, configs: str | None) -> tuple[Any, float
     made = quantized = 0.0
     models = {}
     for key in RUNTIME_MODELS:
-        models[key], m, q = random_model(key, configs, profile.policy(key).weights.value)
+        models[key], m, q = random_model(key, configs, profile.policy(key).weights.value, device)
         made, quantized = made + m, quantized + q
     text = TextEncoders(clip=models["clip"], clip_tokenizer=StandInTokenizer(models["clip"].config.vocab_size, 77),
                         t5=models["t5"], t5_tokenizer=StandInTokenizer(models["t5"].config.vocab_size, 512))
@@ -177,6 +224,19 @@ def random_components(profile: Profile, configs: str | None) -> tuple[Any, float
 
 
 # -- one row ------------------------------------------------------------------------------------
+
+def set_cap(device: torch.device, cap_gb: float | None) -> None:
+    """Cap this process's CUDA memory at cap_gb GB (2**30 B) like a smaller card; None lifts it."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if cap_gb is None else min(1.0, cap_gb * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+
+
+def _bigger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
 
 def _gb(n: int | None) -> float | None:
     return None if n is None else round(n / GIB, 3)
@@ -211,16 +271,24 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
     }
     layout, depth = grid_layout(width, height, instances), depth_ramp(width, height)
     kwargs = dict(depth=depth, steps=args.steps, seed=0, chunk=args.chunk)
+    outside = 0  # device memory this process holds outside PyTorch's allocator (CUDA context, cuBLAS)
     with tempfile.TemporaryDirectory(prefix="threedis-bench-") as cache:
         try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+            _release(device)  # the previous row's models are gone before this row measures
+            set_cap(device, None)  # building random models may need more than the cap
             made = quantized = 0.0
+            components = None
             if args.random_real:
-                components, made, quantized = random_components(profile, args.configs)
+                components, made, quantized = random_components(profile, args.configs, device)
+            set_cap(device, args.vram_cap_gb)
+            if device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(device)
+                outside = max(0, total - free - torch.cuda.memory_reserved(device))
+                torch.cuda.reset_peak_memory_stats(device)
+            if components is not None:
                 engine = Engine.from_components(components, profile=profile, device=device, cache_dir=cache,
                                                 backend=args.backend)
+                del components
             else:
                 engine = Engine.from_pretrained(args.model, profile=profile, device=device, cache_dir=cache,
                                                 backend=args.backend)
@@ -236,8 +304,21 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
     quants = [s.wall_s for s in cold.report.stages if s.name.startswith("quantize ")]
     alloc, reserved, rss = _peaks(warm.report)
     cold_alloc, cold_reserved, _ = _peaks(cold.report)
-    plan = engine.models.plan(width, height, instances, args.chunk)
+    if args.random_real and args.configs is not None:  # the planner prices the configs the models came from
+        from threedis.engine.planner import plan as make_plan
+
+        plan = make_plan(profile, width, height, instances, args.chunk,
+                         {k: Path(args.configs) / SUBFOLDERS[k] for k in RUNTIME_MODELS})
+    else:
+        plan = engine.models.plan(width, height, instances, args.chunk)
     cache = warm.settings["step_cache"]
+    measured = None
+    if _bigger(reserved, cold_reserved) is not None:
+        measured = _bigger(reserved, cold_reserved) + outside
+    if args.images is not None:
+        args.images.mkdir(parents=True, exist_ok=True)
+        tag = "-".join(f"{k}={v}" for k, v in sorted(args.overrides.items())).replace("/", "_")
+        warm.image.save(args.images / f"{profile.name}-{width}x{height}-n{instances}{'-' + tag if tag else ''}.png")
     row.update({
         "status": "ok",
         "s_per_step": _pcts(steps),
@@ -245,6 +326,8 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
         "peak_allocated_gb": _gb(alloc), "peak_reserved_gb": _gb(reserved), "peak_rss_gb": _gb(rss),
         "cold_peak_allocated_gb": _gb(cold_alloc), "cold_peak_reserved_gb": _gb(cold_reserved),
         "planned_peak_gpu_gb": _gb(plan.peak_gpu_bytes), "planned_peak_stage": plan.peak_stage,
+        "measured_peak_device_gb": _gb(measured), "outside_allocator_gb": _gb(outside),
+        "plan_vs_measured": None if not measured else round(plan.peak_gpu_bytes / measured, 4),
         "backend": warm.settings["backend"], "weights": {k: v["weights"] for k, v in warm.settings["placement"].items()},
         "step_cache": cache["kind"], "reused_steps": len(cache["reused_steps"]),
         "report": {"stages": [{"name": s.name, "wall_s": s.wall_s} for s in warm.report.stages
@@ -261,14 +344,15 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'profile':<8} {'size':>9} {'N':>2} {'s/step p50':>10} {'p20-p80':>15} {'load s':>7} {'quant s':>7} "
-          f"{'alloc GB':>8} {'resv GB':>8} {'plan GB':>7} {'reused':>6}  status")
+          f"{'alloc GB':>8} {'resv GB':>8} {'plan GB':>7} {'plan/meas':>9} {'reused':>6}  status")
     for r in rows:
         s = r.get("s_per_step") or {}
         spread = f"{_fmt(s.get('p20'))}-{_fmt(s.get('p80'))}" if s else "-"
         print(f"{r['profile']:<8} {r['width']:>4}x{r['height']:<4} {r['instances']:>2} {_fmt(s.get('p50'), '.4f'):>10} "
               f"{spread:>15} {_fmt(r.get('load_s'), '.2f'):>7} {_fmt(r.get('quantize_s'), '.2f'):>7} "
               f"{_fmt(r.get('peak_allocated_gb'), '.2f'):>8} {_fmt(r.get('peak_reserved_gb'), '.2f'):>8} "
-              f"{_fmt(r.get('planned_peak_gpu_gb'), '.2f'):>7} {r.get('reused_steps', '-')!s:>6}  {r['status']}")
+              f"{_fmt(r.get('planned_peak_gpu_gb'), '.2f'):>7} {_fmt(r.get('plan_vs_measured'), '.3f'):>9} "
+              f"{r.get('reused_steps', '-')!s:>6}  {r['status']}")
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -303,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    parser.add_argument("--images", type=Path, default=None, help="save each row's warm image in this folder")
     args = parser.parse_args(argv)
 
     from threedis.engine.profiles import parse_overrides
@@ -319,12 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         from threedis.engine.tiny import tiny_flux_path
 
         args.model = tiny_flux_path()
-    if args.vram_cap_gb is not None:
-        if device.type != "cuda":
-            print("--vram-cap-gb needs CUDA", file=sys.stderr)
-            return 2
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * GIB / total), device)
+    if args.vram_cap_gb is not None and device.type != "cuda":
+        print("--vram-cap-gb needs CUDA", file=sys.stderr)
+        return 2
 
     rows = []
     for name in args.profiles.split(","):

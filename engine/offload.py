@@ -39,22 +39,36 @@ def has_quantized_tensors(model: nn.Module) -> bool:
 
 
 def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """`model.to(device)` that also moves bitsandbytes int8 row scales.
+    """`model.to(device)` that also moves bitsandbytes int8 codes and row scales.
 
-    Int8Params.to returns a new parameter with SCB moved, but Module.to keeps the old
-    parameter object and only swaps its `.data`, so SCB would stay behind.
+    Int8Params.to returns a new parameter with CB/SCB moved, but Module.to (between CPU
+    and CUDA) keeps the old parameter object and only swaps its `.data`, so the `CB`
+    and `SCB` attributes, and `Linear8bitLt.state.CB/SCB` after a first forward, would
+    stay behind: the layer would then run with codes on the old device, and the old
+    copy would keep its memory. CB is the int8 weight itself, so it is re-pointed at
+    the moved `.data` (no second copy).
     """
     device = torch.device(device)
     nn.Module.to(model, device)  # plain nn.Module.to: no dtype casts of packed storage
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        scb = getattr(weight, "SCB", None)
-        if isinstance(scb, torch.Tensor) and scb.device != device:
-            weight.SCB = scb.to(device)
-        state = getattr(module, "state", None)
-        if isinstance(getattr(state, "SCB", None), torch.Tensor) and state.SCB.device != device:
-            state.SCB = state.SCB.to(device)
+        if isinstance(weight, torch.Tensor):
+            _follow(weight, device, weight.data)
+            state = getattr(module, "state", None)
+            if state is not None:
+                _follow(state, device, weight.data)
     return model
+
+
+def _follow(holder: object, device: torch.device, data: torch.Tensor) -> None:
+    """Move `holder.CB` (re-pointed at `data` when it is the same int8 matrix) and `holder.SCB`."""
+    cb = getattr(holder, "CB", None)
+    if isinstance(cb, torch.Tensor) and cb.device != device:
+        same = cb.shape == data.shape and cb.dtype == data.dtype and data.device == device
+        holder.CB = data if same else cb.to(device)
+    scb = getattr(holder, "SCB", None)
+    if isinstance(scb, torch.Tensor) and scb.device != device:
+        holder.SCB = scb.to(device)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

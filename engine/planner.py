@@ -374,7 +374,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         req = self.request
         return {
-            "profile": self.profile.name,
+            "profile": self.profile.name, "profile_origin": self.profile.origin,
             "width": req.width, "height": req.height, "num_instances": req.num_instances,
             "chunk": req.chunk, "stage1_size": list(req.stage1_size), "seq_len": self.seq_len,
             "attention_backend": self.attention_backend,
@@ -394,6 +394,7 @@ class Plan:
         lines = [f"memory plan: profile {self.profile.name}, {req.width}x{req.height}, "
                  f"{req.num_instances} instances, chunk {req.chunk} -> L = {self.seq_len} tokens, "
                  f"attention {self.attention_backend}",
+                 *([f"profile {self.profile.origin}"] if self.profile.origin.startswith("auto") else []),
                  f"{'stage':<15} {'runs':<16} {'GPU GB':>7} {'host GB':>8}  details"]
         for r in self.rows:
             lines.append(f"{r.stage:<15} {','.join(r.models):<16} {_gb(r.gpu_bytes):>7} "

@@ -344,12 +344,15 @@ def load_quantized(
     scheme: str | QuantConfig,
     cache: QuantCache,
     loader: Callable[[], nn.Module],
+    work_device: torch.device | str | None = None,
 ) -> LoadResult:
     """A quantized model from the cache, or from `loader()` + quantization on a miss.
 
     `loader` loads the float source model (any device; CPU keeps the cache portable) and
     is called only on a miss. Plain bf16/fp16/fp32 schemes bypass the cache (the source
-    is already that). Returns LoadResult(model, hit, entry); a hit is on the CPU.
+    is already that). work_device: see quantize.apply_quantization (a CUDA device makes
+    a miss fast; the entry is the same format). Returns LoadResult(model, hit, entry);
+    a hit is on the CPU.
     """
     cfg = QuantConfig(scheme) if isinstance(scheme, str) else scheme
     folder = Path(source_path) / subfolder if subfolder else Path(source_path)
@@ -367,7 +370,7 @@ def load_quantized(
         except Exception as exc:  # whatever the reason, a bad entry is rebuilt, never used
             cache.discard(key, f"tensors do not fit {model_cls.__name__}: {type(exc).__name__}: {exc}")
     del skeleton, found
-    model = apply_quantization(_checked(loader(), model_cls), cfg)
+    model = apply_quantization(_checked(loader(), model_cls), cfg, work_device)
     meta: dict[str, Any] = {
         "scheme": cfg.scheme, "compute_dtype": str(cfg.compute_dtype), "skip": list(cfg.skip or ()),
         "model_class": model_cls.__name__, "config": model_config, "source": identity,

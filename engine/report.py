@@ -113,6 +113,20 @@ class Report:
     def load(cls, path: str | Path) -> Report:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
+    def with_stage(self, name: str, wall_s: float, rss: int | None = None, **info: Any) -> Report:
+        """A copy with one more top-level stage, placed after the last one.
+
+        For work timed after the render returned its report, e.g. "save" (writing the image
+        files) before the report itself is written.
+        """
+        if wall_s < 0:
+            raise ValueError(f"wall_s must be >= 0, got {wall_s}")
+        start = max((s.end_s for s in self.stages), default=0.0)
+        record = StageRecord(name=name, info=jsonable(info), depth=0, parent=None, start_s=start,
+                             end_s=start + wall_s, wall_s=wall_s, peak_allocated=None, peak_reserved=None,
+                             allocated_end=None, rss_end=rss, rss_peak=rss)
+        return Report(stages=(*self.stages, record), info=dict(self.info), samples=self.samples)
+
     # -- reading ------------------------------------------------------------------------------
 
     def find(self, name: str) -> list[StageRecord]:

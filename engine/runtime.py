@@ -19,7 +19,8 @@ bookkeeping (`placement()`) still follows the profile, so tests can check it.
 
 Models load lazily at first use, inside whatever profiler is bound (`bind`), which
 records "load <model>" and, on a quantized-cache miss, "read <model>" (the float
-source) and "quantize <model>" (quantize + write the cache entry).
+source) and "quantize <model>" (quantize + write the cache entry); whole-model moves
+between host and GPU are "onload <model>" / "offload <model>" (none on a CPU engine).
 """
 
 from __future__ import annotations
@@ -248,8 +249,11 @@ class ModelManager:
                 stack.enter_context(prof.stage(f"quantize {slot.key}", scheme=slot.weights))
                 return model
 
+            # On a CUDA engine bitsandbytes quantizes layer by layer on the GPU (minutes -> seconds).
+            work = self.device if self.device.type == "cuda" else None
             result = load_quantized(loading.model_class(slot.key), root, loading.SUBFOLDERS[slot.key],
-                                    QuantConfig(slot.weights, compute_dtype=QUANT_COMPUTE_DTYPE), cache, read_source)
+                                    QuantConfig(slot.weights, compute_dtype=QUANT_COMPUTE_DTYPE), cache, read_source,
+                                    work_device=work)
         slot.cache = "hit" if result.hit else "miss"
         return result.model
 
@@ -323,7 +327,8 @@ class ModelManager:
             self._load(slot)
         streamed = self._streamed(slot)
         if not streamed and slot.home != slot.run:
-            move_model(slot.model, slot.run)
+            with self.profiler.stage(f"onload {key}", to=str(slot.run)):  # model offload's copy, timed
+                move_model(slot.model, slot.run)
         slot.state = Residency.IN_STAGE
         try:
             yield slot.model
@@ -333,7 +338,8 @@ class ModelManager:
                 self.free(key)
             else:
                 if not streamed and slot.home != slot.run:
-                    move_model(slot.model, slot.home)
+                    with self.profiler.stage(f"offload {key}", to=str(slot.home)):
+                        move_model(slot.model, slot.home)
                 slot.state = self._between_stages(slot)
                 if slot.home != slot.run:
                     self._return_memory()
@@ -391,9 +397,31 @@ class ModelManager:
         return result
 
 
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _describe_given(model: Any) -> tuple[str, torch.dtype]:
-    """Weights name ("given fp32") and compute dtype of a model handed in."""
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = getattr(model, "dtype", None) or (first.dtype if first is not None else torch.float32)
-    name = next((n for n, d in _PLAIN.items() if d == dtype), str(dtype).removeprefix("torch."))
+    """Weights name ("given fp32", "given nf4") and compute dtype of a model handed in."""
+    first = next((p for p in model.parameters() if p.is_floating_point() and p.dtype not in _FP8), None)
+    dtype = getattr(model, "dtype", None)
+    if dtype is None or dtype in _FP8:
+        dtype = first.dtype if first is not None else torch.float32
+    name = _quantized_format(model) or next((n for n, d in _PLAIN.items() if d == dtype),
+                                            str(dtype).removeprefix("torch."))
     return f"given {name}", dtype
+
+
+def _quantized_format(model: Any) -> str | None:
+    """The weights format of an already quantized model (profile names), None for float weights."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind == "Linear4bit":
+            return str(getattr(module.weight, "quant_type", "nf4"))
+        if kind == "Linear8bitLt":
+            return "int8"
+        qtype = getattr(getattr(module, "weight_qtype", None), "name", None)  # optimum-quanto modules
+        if qtype is not None:
+            return "quanto-fp8" if qtype.startswith("qfloat8") else f"quanto-{qtype.removeprefix('q')}"
+    if any(p.dtype in _FP8 for p in model.parameters()):
+        return "fp8"
+    return None

@@ -35,6 +35,28 @@ def test_flux_depth_is_flux_dev_plus_depth_channels(sizes):
     assert sizes["transformer"].params == 11_901_408_320 + 64 * 3072
 
 
+@pytest.mark.parametrize("key, cls_name, exact", [
+    ("transformer", "FluxTransformer2DModel", 11_901_604_928), ("t5", "T5EncoderModel", 4_762_310_656),
+    ("clip", "CLIPTextModel", 123_060_480), ("vae", "AutoencoderKL", 83_819_683),
+])
+def test_real_configs_count_like_numel_on_meta(sizes, key, cls_name, exact):
+    """The planner's per-layer count equals the library's own numel over the shipped config's meta model."""
+    import diffusers
+    import transformers
+
+    cfg = {k: v for k, v in P.load_config(P.DEFAULT_CONFIGS[key]).items()
+           if not k.startswith("_") and k not in ("architectures", "model_type", "transformers_version",
+                                                   "torch_dtype", "dtype")}
+    with torch.device("meta"):
+        if hasattr(diffusers, cls_name):
+            model = getattr(diffusers, cls_name).from_config(cfg)
+        else:
+            cls = getattr(transformers, cls_name)
+            model = cls(cls.config_class(**cfg))
+    assert type(model).__name__ == sizes[key].class_name
+    assert sum(p.numel() for p in model.parameters()) == sizes[key].params == exact
+
+
 @pytest.mark.parametrize("config, published", [
     ("depth_anything_v2_small", 24.8e6), ("depth_anything_v2_large", 335.3e6),
 ])
@@ -327,3 +349,23 @@ def test_plan_input_errors(sizes, kwargs, match):
 def test_unknown_config_is_a_user_error():
     with pytest.raises(UserError, match="did you mean 'flux_vae'"):
         P.load_config("flux_vea")
+
+
+def test_plan_command_table_json_and_errors(tmp_path, capsys):
+    """`threedis plan layout.json --profile 12gb [--json]`: the table, exact counts, a bad key named."""
+    from threedis.engine.cli import main
+    from threedis.engine.layout import Instance, Layout
+
+    path = tmp_path / "layout.json"
+    Layout("a room", 1024, 1024, tuple(Instance(f"thing {i}", (0.1 * i, 0.1, 0.1 * i + 0.2, 0.5))
+                                       for i in range(4))).save(path)
+    assert main(["plan", str(path), "--profile", "12gb"]) == 0
+    table = capsys.readouterr().out
+    assert "profile 12gb, 1024x1024, 4 instances" in table and "L = 5096 tokens" in table  # 4096 + 200 * 5
+    assert "11,901,604,928" in table and "denoise" in table
+    assert main(["plan", str(path), "--profile", "12gb", "--json", "--set", "t5.weights=nf4"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["models"]["t5"]["params"] == 4_762_310_656 and data["models"]["t5"]["weights"] == "nf4"
+    assert data["seq_len"] == 5096 and {s["stage"] for s in data["stages"]} >= {"t5_encode", "denoise"}
+    assert main(["plan", str(path), "--profile", "12gb", "--set", "vae.tiling=false"]) != 0
+    assert "vae.tiling" in capsys.readouterr().err

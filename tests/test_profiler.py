@@ -278,3 +278,16 @@ def test_cuda_peaks_fold_into_parents() -> None:
     assert by_name["outer"].peak_reserved >= by_name["outer"].peak_allocated
     assert all(s.wall_s > 0 and s.allocated_end is not None for s in by_name.values())
     assert prof.report().info["device_name"] == torch.cuda.get_device_name()
+
+
+def test_with_stage_appends_a_top_level_stage(report: Report) -> None:
+    """Work after the render (saving its files) joins the report as a last stage; the original is unchanged."""
+    saved = report.with_stage("save", 0.25, rss=123, files=4)
+    assert len(report.stages) == 6 and len(saved.stages) == 7
+    last, end = saved.stages[-1], max(s.end_s for s in report.stages)
+    assert (last.name, last.parent, last.depth, last.info) == ("save", None, 0, {"files": 4})
+    assert last.start_s == end and last.end_s == pytest.approx(end + 0.25) and last.rss_peak == 123
+    assert Report.from_json(saved.to_json()) == saved
+    assert "save" in saved.table()
+    with pytest.raises(ValueError):
+        report.with_stage("save", -1.0)

@@ -372,3 +372,18 @@ def test_tiny_flux_checkpoint_round_trip(tiny_flux_dir: Path, tmp_path: Path) ->
         with torch.no_grad():
             assert torch.equal(fresh.model(**kwargs)[0], cached.model(**kwargs)[0])
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_quantizing_on_the_gpu_leaves_weights_on_the_host(scheme: str, float_models) -> None:
+    """work_device: bitsandbytes arithmetic on CUDA, the quantized state back where the float weights were."""
+    model, ref = float_models["flux"]
+    q = apply_quantization(copy.deepcopy(model), QuantConfig(scheme, torch.float32), work_device="cuda")
+    tensors = [t for _, t in q.named_parameters()] + [getattr(q.get_submodule(n).weight, "SCB", None)
+                                                       for n in quantized_module_names(q)]
+    assert all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    if scheme == "nf4":
+        assert all(q.get_submodule(n).weight.quant_state.absmax.device.type == "cpu"
+                   for n in quantized_module_names(q))
+    assert _rel(_run("flux", q), ref) < MODEL_BOUND[scheme]["flux"]

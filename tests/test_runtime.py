@@ -33,11 +33,11 @@ def stage_names(result) -> list[str]:
     return [s.name for s in result.report.stages]
 
 
-def gpu_style_profile():
+def gpu_style_profile(**extra: str):
     """The 12gb recipe's residency on float weights: T5 loaded then freed, transformer model-offloaded."""
     return apply_overrides(load_profile("cpu"), {
         "t5.device": "gpu-then-freed", "clip.device": "gpu", "vae.device": "gpu",
-        "transformer.device": "gpu", "transformer.offload": "model", "step_cache": "none",
+        "transformer.device": "gpu", "transformer.offload": "model", "step_cache": "none", **extra,
     })
 
 
@@ -64,8 +64,8 @@ def test_auto_on_cpu_picks_cpu_and_says_why(tiny_flux_dir, tmp_path, depth_image
 
 
 def test_residency_follows_the_profile(tiny_flux_dir, tmp_path, depth_image_64):
-    engine = Engine.from_pretrained(tiny_flux_dir, profile=gpu_style_profile(), device="cpu", backend="sdpa",
-                                    cache_dir=tmp_path)
+    profile = gpu_style_profile(**{"clip.device": "cpu"})  # one model the profile keeps on the CPU
+    engine = Engine.from_pretrained(tiny_flux_dir, profile=profile, device="cpu", backend="sdpa", cache_dir=tmp_path)
     models = engine.models
     assert {k: models.placement()[k]["state"] for k in MODELS} == {k: "not loaded" for k in MODELS}
     t5_refs: list[weakref.ref] = []
@@ -82,9 +82,12 @@ def test_residency_follows_the_profile(tiny_flux_dir, tmp_path, depth_image_64):
     assert t5_state_when_transformer_loads == ["freed"]  # T5 was gone before the transformer arrived
     assert placement["transformer"]["state"] == "parked"  # model offload: host RAM between stages
     assert placement["clip"]["state"] == placement["vae"]["state"] == "resident"
-    for key, where in placement.items():  # what the profile sends to cpu stays on the cpu
-        if key in MODELS and where["device"] == "cpu":
-            assert where["run"] == where["home"] == "cpu"
+    cpu_models = [k for k in MODELS if placement[k]["device"] == "cpu"]
+    assert cpu_models == ["clip"]
+    for key in cpu_models:  # what the profile sends to cpu lives and runs on the cpu, whatever the engine
+        assert placement[key]["run"] == placement[key]["home"] == placement[key]["on"] == "cpu"
+    for key in ("transformer", "vae"):  # the "gpu" models run on the engine's device (here the CPU)
+        assert placement[key]["run"] == "cpu"
     assert all(p.device.type == "cpu" for k in ("transformer", "clip", "vae")
                for p in models.loaded(k).parameters())
 
@@ -179,3 +182,35 @@ def test_block_offloader_keeps_two_groups_and_the_same_output(tiny_flux_dir):
     assert len(offloader.groups) == 4 and offloader.onloads == 8  # each group once per forward
     assert offloader.max_resident <= 2 and offloader.on_device == set()
     offloader.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_models_stay_off_the_gpu_and_int8_moves_whole(tiny_flux_dir, tmp_path, depth_image_64):
+    """On CUDA: a cpu-profiled model never reaches the GPU; int8 codes and scales follow model moves."""
+    pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from threedis.engine.offload import move_model
+    from threedis.engine.quantize import QuantConfig, apply_quantization
+
+    profile = apply_overrides(load_profile("12gb"), {"clip.device": "cpu", "t5.weights": "bf16"})
+    engine = Engine.from_pretrained(tiny_flux_dir, profile=profile, device="cuda", backend="sdpa",
+                                    cache_dir=tmp_path)
+    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    placement = result.settings["placement"]
+    assert placement["clip"]["on"] == "cpu"
+    assert all(p.device.type == "cpu" for p in engine.models.loaded("clip").parameters())
+    assert placement["transformer"]["state"] == "parked" and placement["transformer"]["on"] == "cpu"
+
+    layer = apply_quantization(nn.Sequential(nn.Linear(128, 64)), QuantConfig("int8", torch.float16, skip=()))
+    x = torch.randn(4, 128, dtype=torch.float16)
+    with torch.no_grad():
+        layer(x)  # a first forward hands CB/SCB to the layer's matmul state
+        move_model(layer, "cuda")
+        lin = layer[0]
+        held = [t for t in (lin.weight.CB, lin.weight.SCB, lin.state.CB, lin.state.SCB) if t is not None]
+        assert held and all(t.device.type == "cuda" for t in held)
+        out = layer(x.cuda())
+        move_model(layer, "cpu")
+        assert lin.weight.device.type == "cpu" and lin.state.CB.device.type == "cpu"
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
