@@ -24,9 +24,11 @@ from PIL import Image
 
 from threedis.engine.denoise import RenderCancelled
 from threedis.engine.errors import UserError
+from threedis.engine.profiles import Placement, Profile
 
 __all__ = [
     "AUX_KINDS",
+    "PROFILE_KEYS",
     "AuxModels",
     "Stage1Options",
     "mask_images",
@@ -37,6 +39,10 @@ __all__ = [
 
 AUX_KINDS = ("stage1", "sam", "depth")
 _WHAT = {"stage1": "stage-1 model", "sam": "SAM2 model", "depth": "depth estimator"}
+# The profile entries (profiles/*.toml) that govern each auxiliary model.
+PROFILE_KEYS: dict[str, tuple[str, ...]] = {
+    "stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam": ("sam2",), "depth": ("depth_estimator",)}
+_FLOAT_WEIGHTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 T = TypeVar("T")
 
@@ -74,8 +80,11 @@ class Stage1Options:
     phase_augment: bool = True
     size: tuple[int, int] = (512, 512)  # (width, height) of the generated depth, before resizing to the layout
     seed: int = 0
+    negative_prompt: str | None = None  # None: the demos' (stage1.pipeline.DEFAULT_NEGATIVE)
 
     def __post_init__(self) -> None:
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise UserError(f"stage1_negative_prompt must be text, got {self.negative_prompt!r}")
         _whole("stage1_steps", self.steps, 1)
         _whole("migc_steps", self.migc_steps, 0)
         _whole("stage1_seed", self.seed, 0)
@@ -89,21 +98,38 @@ class Stage1Options:
         return out
 
 
+def _check_profile(profile: Profile) -> None:
+    """The auxiliary models are small and load through diffusers/transformers in a float format."""
+    for key in (k for keys in PROFILE_KEYS.values() for k in keys):
+        weights = profile.policy(key).weights.value
+        if weights not in _FLOAT_WEIGHTS:
+            raise UserError(f"profile {profile.name!r}: {key}.weights = {weights!r} is not supported for the "
+                            f"stage-1, SAM2 and depth models (small, loaded for one stage); use fp16, bf16 or fp32")
+
+
 class AuxModels:
     """Where stage 1, SAM2 and the depth estimator are; loads one on demand and frees it after use.
 
     specs: "stage1" None (no stage 1: renders need a depth map), "auto" (the authors'
     release: LDM3D-4c base + their UNet and adapter) or a base folder / hub id holding
     the release's two files; "sam" and "depth" a folder or hub id, None for the default id.
+    profile: the engine's profile; its ldm3d_unet / ldm3d_vae / ldm3d_text / sam2 /
+    depth_estimator entries set each model's float format and device ("cpu" keeps it on
+    the CPU, the GPU placements use `device`). None: each loader's default (fp16 for
+    stage 1 and bf16 for the others on CUDA, fp32 on the CPU).
     `loaders` maps kind -> callable(spec) returning the loaded model; an instance
     attribute, so a caller can wrap or replace one (quantized loads, test stubs).
     """
 
     def __init__(self, stage1: Any = None, sam: Any = None, depth: Any = None,
-                 device: torch.device | str = "cpu", local_files_only: bool = False) -> None:
+                 device: torch.device | str = "cpu", local_files_only: bool = False,
+                 profile: Profile | None = None) -> None:
         self.specs: dict[str, Any] = {"stage1": stage1, "sam": sam, "depth": depth}
         self.device = torch.device(device)
         self.local_files_only = bool(local_files_only)
+        if profile is not None:
+            _check_profile(profile)
+        self.profile = profile
         self.loaders: dict[str, Callable[[Any], Any]] = {
             "stage1": self._load_stage1, "sam": self._load_sam, "depth": self._load_depth}
         self.live: dict[str, Any] = {}  # kind -> model, only while its stage runs
@@ -131,22 +157,48 @@ class AuxModels:
         """Specs as given (None = not set / default), for settings and reports."""
         return {k: (None if v is None else os.fspath(v)) for k, v in self.specs.items()}
 
+    def placement(self, key: str) -> tuple[torch.device, torch.dtype | None]:
+        """(device, dtype) of the profile entry `key` (e.g. "sam2"); dtype None = the loader's default."""
+        if self.profile is None:
+            return self.device, None
+        policy = self.profile.policy(key)
+        device = torch.device("cpu") if policy.device is Placement.CPU else self.device
+        return device, _FLOAT_WEIGHTS[policy.weights.value]
+
+    def _formats(self, kind: str) -> dict[str, str]:
+        """For the report: "<profile key>": "<weights>@<device>" of each part of `kind`."""
+        if self.profile is None or kind not in PROFILE_KEYS:
+            return {}
+        out = {}
+        for key in PROFILE_KEYS[kind]:
+            device, _ = self.placement("ldm3d_unet" if kind == "stage1" else key)  # stage 1: one device
+            out[key] = f"{self.profile.policy(key).weights.value}@{device.type}"
+        return out
+
     # -- default loaders ---------------------------------------------------------
 
     def _load_stage1(self, spec: str) -> Any:
         from threedis.engine.stage1 import Stage1Pipeline
 
-        return Stage1Pipeline.from_pretrained(spec, device=self.device, local_files_only=self.local_files_only)
+        # One device for the whole pipeline (the UNet's entry); per-part float formats.
+        device, unet_dtype = self.placement("ldm3d_unet")
+        return Stage1Pipeline.from_pretrained(spec, device=device, dtype=unet_dtype,
+                                              vae_dtype=self.placement("ldm3d_vae")[1],
+                                              text_encoder_dtype=self.placement("ldm3d_text")[1],
+                                              local_files_only=self.local_files_only)
 
     def _load_sam(self, spec: str) -> Any:
         from threedis.engine.sam_masks import SamMasker
 
-        return SamMasker.from_pretrained(spec, device=self.device, local_files_only=self.local_files_only)
+        device, dtype = self.placement("sam2")
+        return SamMasker.from_pretrained(spec, device=device, dtype=dtype, local_files_only=self.local_files_only)
 
     def _load_depth(self, spec: str) -> Any:
         from threedis.engine.depth_estimation import DepthEstimator
 
-        return DepthEstimator.from_pretrained(spec, device=self.device, local_files_only=self.local_files_only)
+        device, dtype = self.placement("depth_estimator")
+        return DepthEstimator.from_pretrained(spec, device=device, dtype=dtype,
+                                              local_files_only=self.local_files_only)
 
     # -- load, use, free ----------------------------------------------------------
 
@@ -162,7 +214,7 @@ class AuxModels:
         try:
             spec = self.spec(kind)
             if profiler is not None:
-                with profiler.stage(f"load {kind}", model=spec):
+                with profiler.stage(f"load {kind}", model=spec, **self._formats(kind)):
                     self.live[kind] = self.loaders[kind](spec)
             else:
                 self.live[kind] = self.loaders[kind](spec)
@@ -200,6 +252,7 @@ def run_stage1(aux: AuxModels, layout: Any, options: Stage1Options, append_insta
             steps=options.steps, guidance=options.guidance, migc_steps=options.migc_steps,
             phase_augment=options.phase_augment, seed=options.seed, on_step=on_step, cancel=cancel,
             append_instances=append_instances,
+            **({} if options.negative_prompt is None else {"negative_prompt": options.negative_prompt}),
         )
 
     with profiler.stage("stage1", steps=options.steps, width=width, height=height):

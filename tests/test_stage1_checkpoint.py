@@ -171,3 +171,22 @@ def test_offline_hub_says_where_to_put_the_file(tmp_path: Path, monkeypatch):
     assert resolve_weight_file(tmp_path / "x.ckpt", "ignored.ckpt") == tmp_path / "x.ckpt"
     with pytest.raises(UserError, match="has no missing.ckpt"):
         resolve_weight_file(tmp_path, "missing.ckpt")
+
+
+def test_convert_weights_command_once(tmp_path: Path, capsys):
+    from threedis.engine.cli import main
+
+    unet, adapter = {"w": torch.randn(2, 3)}, {"a.attn2.processor.migc.gamma": torch.ones(1)}
+    torch.save(unet, tmp_path / "unet_0901.ckpt")
+    torch.save({"state_dict": adapter}, tmp_path / "layout_adapter.ckpt")
+    assert main(["convert-weights", str(tmp_path)]) == 0
+    for name, state in (("unet_0901", unet), ("layout_adapter", adapter)):
+        back = load_state_file(tmp_path / f"{name}.ckpt")  # the copy is what loads now
+        assert (tmp_path / f"{name}.safetensors").is_file()
+        assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    stamp = (tmp_path / "unet_0901.safetensors").stat().st_mtime_ns
+    assert main(["convert-weights", str(tmp_path / "unet_0901.ckpt")]) == 0
+    assert (tmp_path / "unet_0901.safetensors").stat().st_mtime_ns == stamp  # kept: one-time
+    assert "exists, kept" in capsys.readouterr().out
+    assert main(["convert-weights", str(tmp_path / "nothing")]) == 2
+    assert main(["convert-weights", str(tmp_path / "unet_0901.safetensors")]) == 2

@@ -179,3 +179,53 @@ def test_fp16_on_gpu(tiny_dir, pipe):
     assert np.array_equal(a.depth_array, b.depth_array)
     cpu = pipe.generate(PROMPT, INSTANCES, BOXES, seed=1, **FAST)
     assert np.abs(a.depth_array - cpu.depth_array).mean() < 0.05  # fp16 vs fp32, same noise
+
+
+def test_profile_entries_set_each_part_and_model(tiny_dir):
+    """The engine's profile (ldm3d_* / sam2 / depth_estimator) decides formats and devices."""
+    from threedis.engine.profiles import load_profile
+    from threedis.engine.stages import AuxModels
+    from threedis.engine.tiny_aux import tiny_depth_anything_path, tiny_sam2_path
+
+    profile = load_profile("cpu", {"ldm3d_vae.weights": "bf16", "ldm3d_text.weights": "bf16",
+                                   "sam2.weights": "bf16", "depth_estimator.weights": "fp32"})
+    aux = AuxModels(stage1=tiny_dir, sam=tiny_sam2_path(), depth=tiny_depth_anything_path(), device="cpu",
+                    local_files_only=True, profile=profile)
+    got = aux.run("stage1", lambda p: (p.unet.dtype, p.vae.dtype, p.text_encoder.dtype,
+                                       p.generate(PROMPT, INSTANCES, BOXES, width=64, height=64, steps=1)))
+    assert got[:3] == (torch.float32, torch.bfloat16, torch.bfloat16)
+    assert got[3].depth.size == (64, 64) and np.isfinite(got[3].depth_array).all()
+    assert aux.run("sam", lambda m: next(m.model.parameters()).dtype) == torch.bfloat16
+    assert aux.run("depth", lambda e: next(e.model.parameters()).dtype) == torch.float32
+    assert aux.live == {}
+    with pytest.raises(UserError, match="sam2.weights = 'quanto-int8' is not supported"):
+        AuxModels(profile=load_profile("cpu", {"sam2.weights": "quanto-int8"}))
+
+
+def test_engine_stage1_settings_reach_the_pipeline():
+    """run_stage1 hands every Stage1Options field to generate (negative prompt included)."""
+    from threedis.engine.layout import Instance, Layout
+    from threedis.engine.profiler import Profiler
+    from threedis.engine.stages import AuxModels, Stage1Options, run_stage1
+
+    calls: list[dict] = []
+
+    class Recorder:
+        def generate(self, *args, **kwargs):
+            calls.append(kwargs)
+            return "depth"
+
+    aux = AuxModels(stage1="somewhere")
+    aux.loaders["stage1"] = lambda spec: Recorder()
+    layout = Layout(PROMPT, 64, 64, (Instance(INSTANCES[0], BOXES[0]),))
+    options = Stage1Options(steps=7, guidance=3.0, migc_steps=3, phase_augment=False, size=(64, 32), seed=9,
+                            negative_prompt="blurry")
+    assert run_stage1(aux, layout, options, False, Profiler(enabled=False)) == "depth"
+    assert {k: calls[0][k] for k in ("width", "height", "steps", "guidance", "migc_steps", "phase_augment", "seed",
+                                     "negative_prompt", "append_instances")} == dict(
+        width=64, height=32, steps=7, guidance=3.0, migc_steps=3, phase_augment=False, seed=9,
+        negative_prompt="blurry", append_instances=False)
+    run_stage1(aux, layout, Stage1Options(), True, Profiler(enabled=False))
+    assert "negative_prompt" not in calls[1]  # the pipeline's default: the demos' negative prompt
+    with pytest.raises(UserError, match="stage1_negative_prompt"):
+        Stage1Options(negative_prompt=3)

@@ -27,6 +27,7 @@ __all__ = [
     "UNET_FILENAME",
     "WEIGHTS_REPO_ID",
     "check_state_keys",
+    "convert_release_files",
     "convert_to_safetensors",
     "is_hub_id",
     "load_adapter_weights",
@@ -118,6 +119,34 @@ def convert_to_safetensors(ckpt_path: str | os.PathLike[str],
     save_file(flat, tmp, metadata={"format": "pt", "converted_from": ckpt_path.name})
     os.replace(tmp, out)
     return out
+
+
+def convert_release_files(path: str | os.PathLike[str], overwrite: bool = False) -> list[tuple[Path, bool]]:
+    """One-time conversion of the release pickles: a .ckpt file, or a folder holding
+    unet_0901.ckpt and/or layout_adapter.ckpt -> a .safetensors copy beside each.
+
+    Returns (safetensors path, written) per file; an existing copy is kept unless `overwrite`.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [path / n for n in (UNET_FILENAME, ADAPTER_FILENAME) if (path / n).is_file()]
+        if not files:
+            raise UserError(f"{path} holds neither {UNET_FILENAME} nor {ADAPTER_FILENAME}; give the folder you "
+                            f"downloaded them into (https://huggingface.co/{WEIGHTS_REPO_ID}) or a .ckpt file")
+    elif path.suffix == ".safetensors":
+        raise UserError(f"{path} is already safetensors; give the .ckpt file to convert")
+    elif not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    else:
+        files = [path]
+    done = []
+    for file in files:
+        out = file.with_suffix(".safetensors")
+        if out.exists() and not overwrite:
+            done.append((out, False))
+            continue
+        done.append((convert_to_safetensors(file, out), True))
+    return done
 
 
 def _listing(keys: list[str]) -> str:

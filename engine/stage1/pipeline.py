@@ -169,12 +169,16 @@ class Stage1Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         local_files_only: bool = False,
+        vae_dtype: torch.dtype | None = None,
+        text_encoder_dtype: torch.dtype | None = None,
     ) -> Stage1Pipeline:
         """Load the base model and the authors' weights.
 
         unet_ckpt / adapter_ckpt: a file, a folder holding the release's file name, a hub
         repo id, "auto" (the file inside the base folder if there, else the authors' hub
         repo), or None (keep the base UNet / no adapter: refined shader only).
+        dtype: the UNet's and adapter's (default fp16 on CUDA, fp32 on the CPU);
+        vae_dtype / text_encoder_dtype default to it (profiles keep the VAE in fp32).
         """
         from accelerate import init_empty_weights
         from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
@@ -182,6 +186,7 @@ class Stage1Pipeline:
 
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        vae_dtype, text_encoder_dtype = vae_dtype or dtype, text_encoder_dtype or dtype
         base = _resolve_base(base_path_or_id, local_files_only, unet_weights=unet_ckpt is None)
         _check_base(base)
         unet_file = _weights(unet_ckpt, base, UNET_FILENAME, local_files_only)
@@ -203,9 +208,9 @@ class Stage1Pipeline:
         # dtype is already right: diffusers' ModelMixin.to(dtype=...) would only add a warning
         unet.to(device).eval().requires_grad_(False)
 
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, use_safetensors=True,
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True,
                                             local_files_only=True).to(device).eval()
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype,
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_encoder_dtype,
                                                      use_safetensors=True, local_files_only=True).to(device).eval()
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
         if vae.config.out_channels != 4:
