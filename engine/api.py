@@ -211,7 +211,7 @@ class Engine:
                                      models=self.models)
         # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
         self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
-                             local_files_only=local_files_only)
+                             local_files_only=local_files_only, profile=self.profile)
         self.loras: list[dict] = []
         self._lock = threading.Lock()  # one render at a time per engine: the scheduler copy and models are shared
 
@@ -252,7 +252,8 @@ class Engine:
         loading.check_checkpoint(root)
         components = FluxComponents(transformer=None, vae=None, scheduler=loading.load_scheduler(root), source=root)
         engine = cls(components, device=device, dtype=dtype, backend=backend, profile=profile, cache_dir=cache_dir,
-                     overrides=overrides, model_id=os.fspath(path_or_id), stage1=stage1, sam=sam,
+                     overrides=overrides, model_id=str(root) if Path(os.fspath(path_or_id)).expanduser().is_dir()
+                     else os.fspath(path_or_id), stage1=stage1, sam=sam,
                      depth_estimator=depth_estimator, local_files_only=local_files_only)
         if engine.device.type == "cuda":  # the smallest useful render must fit before anything loads
             engine.models.check_fits(512, 512, 0, 200)
@@ -270,7 +271,7 @@ class Engine:
         from threedis.engine.lora import load_lora
 
         name = load_lora(self.components.transformer, path, scale=scale, adapter_name=f"lora{len(self.loras)}")
-        self.loras.append({"path": os.fspath(path), "scale": float(scale), "name": name})
+        self.loras.append({"path": str(Path(path).expanduser().resolve()), "scale": float(scale), "name": name})
         return name
 
     # -- rendering -------------------------------------------------------------
@@ -319,6 +320,7 @@ class Engine:
         phase_augment: bool = True,
         stage1_seed: int | None = None,
         stage1_size: int | tuple[int, int] = 512,
+        stage1_negative_prompt: str | None = None,
         on_stage1_step: Callable[[int, int], None] | None = None,
     ) -> RenderResult:
         """Render `layout`: stage 1 (when depth is None) -> SAM2 masks (when sam) -> FLUX.
@@ -340,7 +342,8 @@ class Engine:
             self.aux.spec("stage1")  # no stage 1 configured: say so before any work
             stage1 = Stage1Options(steps=stage1_steps, guidance=stage1_guidance, migc_steps=migc_steps,
                                    phase_augment=phase_augment, size=stage1_size,
-                                   seed=seed if stage1_seed is None else stage1_seed)
+                                   seed=seed if stage1_seed is None else stage1_seed,
+                                   negative_prompt=stage1_negative_prompt)
         settings = DenoiseSettings(steps=steps, guidance=float(guidance), schedule=schedule, backend=self.backend,
                                    permute_tokens=bool(permute_tokens), preview=bool(preview))
         with self._lock:
@@ -448,6 +451,7 @@ class Engine:
             "backend_reason": self.backend_reason,
             "profile": self.profile.name,
             "profile_origin": self.profile.origin,
+            "vae_tiling": bool(self.profile.vae_tiling),  # tiled decoding changes the pixels of large images
             "overrides": self.overrides,
             "placement": self.models.placement(),
             "step_cache": self.step_cache.describe(),

@@ -1,4 +1,4 @@
-"""`threedis` command line: render, demo, depth, make-tiny, validate, plan, profiles, bench.
+"""`threedis` command line: render, demo, depth, convert-weights, make-tiny, validate, plan, profiles, bench.
 
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -109,6 +110,8 @@ def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
     g.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
                    help="stage-1 generation size, stretched to the layout size after (default 512)")
     g.add_argument("--stage1-seed", type=int, default=None, help="stage-1 seed (default: --seed)")
+    g.add_argument("--stage1-negative", default=None, metavar="TEXT",
+                   help="stage-1 negative prompt (default: the authors' demos' 'worst quality, low quality, ...')")
     g.add_argument("--no-phase-augment", action="store_true",
                    help="do not repeat instance phrases for stage 1 (the authors' phase augmentation)")
     g.add_argument("--sam", nargs="?", const=_SAM_DEFAULT, default=None, metavar="PATH_OR_ID",
@@ -127,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render a layout (stage 1 -> optional SAM2 -> FLUX)",
                        description="Render LAYOUT (JSON) into an output folder. Without --depth, stage 1 "
                                    "makes the depth map from the layout.")
-    p.add_argument("layout", type=Path, help="layout JSON file")
+    p.add_argument("layout", type=Path, nargs="?", help="layout JSON file (not with --from)")
+    p.add_argument("--from", dest="from_png", type=Path, default=None, metavar="IMAGE.png",
+                   help="render again an image written by threedis: layout, seed, settings, model and LoRAs come "
+                        "from its metadata, the depth map from the depth file saved beside it (or --depth); "
+                        "--model / --depth / --device / --profile / --set / --backend still apply")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="FLUX.1-Depth-dev: local diffusers folder or hub id (or $THREEDIS_MODEL)")
     p.add_argument("--out", type=Path, default=Path("threedis-out"), help="output folder (default threedis-out)")
@@ -159,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--local-files-only", action="store_true", help="never try to download weights")
+
+    p = sub.add_parser("convert-weights", help="write safetensors copies of the stage-1 .ckpt pickles (once)",
+                       description="Read unet_0901.ckpt / layout_adapter.ckpt (weights only, no code runs) and "
+                                   "write a .safetensors copy beside each; stage 1 loads the copy from then on.")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                   help="a .ckpt file, or a folder holding the authors' unet_0901.ckpt and layout_adapter.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace existing .safetensors copies")
 
     p = sub.add_parser("make-tiny", help="write a tiny random-weight FLUX-depth checkpoint (diffusers layout)")
     p.add_argument("path", type=Path, help="folder to write (must not exist or be empty)")
@@ -237,6 +251,7 @@ def _stage1_kwargs(args: argparse.Namespace, steps: int, migc_steps: int, size: 
         "stage1_guidance": args.stage1_guidance,
         "stage1_seed": args.stage1_seed,
         "phase_augment": not args.no_phase_augment,
+        "stage1_negative_prompt": args.stage1_negative,
     }
 
 
@@ -259,6 +274,8 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
         local_files_only=args.local_files_only, backend=args.backend, stage1=stage1,
         sam=None if sam in (None, _SAM_DEFAULT) else sam, depth_estimator=args.depth_model,
     )
+    print(f"profile {engine.profile.name} ({engine.profile.origin or 'built-in'}); "
+          f"attention backend {engine.backend} ({engine.backend_reason})")
     if args.lora:
         engine.load_lora(args.lora, scale=args.lora_scale)
     depth = args.depth
@@ -284,6 +301,9 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
         result.settings["depth"] = {"source": "photo", "photo": str(args.depth_from_photo),
                                     "model": engine.aux.spec("depth")}
     paths = save_result(result, args.out)
+    from threedis.engine.pictures import save_rule_pictures
+
+    paths.update(save_rule_pictures(result, paths["image"]))  # regions.png, attention*.png
     print(result.report.table())
     print(f"\nwrote to {args.out}:")
     for kind, path in paths.items():
@@ -294,9 +314,68 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
 # ---------------------------------------------------------------- commands
 
 
+# With --from, these may still be given: where things are and how to run, not what to render.
+_FROM_ALLOWED = {"command", "layout", "from_png", "model", "out", "depth", "device", "local_files_only", "profile",
+                 "overrides", "backend"}
+
+
+def _rerender(args: argparse.Namespace) -> int:
+    """`render --from IMAGE.png`: the same render again from the image's metadata and the files beside it."""
+    from threedis.engine.api import Engine
+    from threedis.engine.outputs import rerender_from_png, save_result
+
+    if args.layout is not None:
+        raise UserError("give either a layout file or --from IMAGE.png, not both")
+    defaults = vars(build_parser().parse_args(["render", "--from", str(args.from_png)]))
+    changed = sorted(k for k, v in vars(args).items() if k not in _FROM_ALLOWED and v != defaults.get(k))
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserError(f"--from takes the render settings from the image; drop {flags} (or render the layout)")
+    _check_depth_inputs(args)
+    plan = rerender_from_png(args.from_png, depth=args.depth)
+    engine_kwargs = dict(plan.engine)
+    recorded = engine_kwargs.pop("path_or_id")
+    model = args.model if args.model != defaults["model"] or recorded in (None, "in-memory") else recorded
+    if not model:
+        raise UserError(f"{args.from_png} was rendered from models built in memory; pass --model")
+    if args.profile != "auto":
+        engine_kwargs["profile"] = args.profile
+    engine_kwargs["overrides"] = {**engine_kwargs["overrides"], **_parse_overrides(args.overrides)}
+    if args.backend != "auto":
+        engine_kwargs["backend"] = args.backend
+    engine = Engine.from_pretrained(model, device=args.device, local_files_only=args.local_files_only,
+                                    **engine_kwargs)
+    for path, scale in plan.loras:
+        engine.load_lora(path, scale=scale)
+    cancel = threading.Event()
+    bar1, bar2 = _ProgressBar("stage 1 (layout -> depth)"), _ProgressBar("denoising")
+    try:
+        result = engine.render(on_step=bar2, cancel=cancel, on_stage1_step=bar1, **plan.render)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        bar1.close()
+        bar2.close()
+    result.settings["rerendered_from"] = str(args.from_png.resolve())
+    paths = save_result(result, args.out)
+    from threedis.engine.pictures import save_rule_pictures
+
+    paths.update(save_rule_pictures(result, paths["image"]))
+    print(result.report.table())
+    print(f"\nrendered {args.from_png} again; wrote to {args.out}:")
+    for kind, path in paths.items():
+        print(f"  {kind:<12} {path}")
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from threedis.engine.layout import Layout
 
+    if args.from_png is not None:
+        return _rerender(args)
+    if args.layout is None:
+        raise UserError("give a layout file (threedis render layout.json ...) or --from IMAGE.png")
     layout = Layout.load(args.layout)
     if not args.model:
         raise UserError("no model given: pass --model with a FLUX.1-Depth-dev folder or hub id "
@@ -370,6 +449,15 @@ def cmd_depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    from threedis.engine.stage1.checkpoint import convert_release_files
+
+    for path in args.paths:
+        for out, written in convert_release_files(path, overwrite=args.overwrite):
+            print(f"wrote {out}" if written else f"{out} exists, kept (--overwrite replaces it)")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from threedis.engine.tiny import write_tiny_flux
 
@@ -395,7 +483,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             layout = Layout.load(path)
         except LayoutError as err:
             failed += 1
-            print(f"{path}: INVALID: {err}")
+            if len(err.problems) == 1:
+                print(f"{path}: INVALID: {err}")
+            else:  # one line per problem, so a file can be fixed in one go
+                print(f"{path}: INVALID ({len(err.problems)} problems):")
+                for problem in err.problems:
+                    print(f"  {problem}")
             continue
         print(f"{path}: ok ({layout.width}x{layout.height}, {len(layout.instances)} instances)")
     return EXIT_USER_ERROR if failed else 0
@@ -436,6 +529,7 @@ COMMANDS = {
     "render": cmd_render,
     "demo": cmd_demo,
     "depth": cmd_depth,
+    "convert-weights": cmd_convert_weights,
     "make-tiny": cmd_make_tiny,
     "validate": cmd_validate,
     "plan": cmd_plan,
@@ -446,6 +540,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns at import (pulled in by diffusers) that an optional CPU kernel package is
+    # missing; it is noise for every command and would make a user error two lines.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as err:

@@ -173,6 +173,38 @@ def _attention_call(tokens: TokenLayout | None, phases: Phases | None, backend: 
     return AttentionCall(tokens, phases, backend)
 
 
+def _prepare_attention(tokens: TokenLayout, phases: Phases, device: torch.device, dtype: torch.dtype,
+                       backend: str) -> None:
+    """Build this phase set's attention tables before the transformer runs, so a torch.compile'd
+    transformer only looks them up (no graph break). Best effort: the attention call reports real errors."""
+    from threedis.kernels.attention import prepare_attention
+
+    try:
+        prepare_attention(tokens, phases, device, dtype, backend)
+    except rule.RuleError:
+        pass
+
+
+def _attention_sparsity(tokens: TokenLayout, phases: Phases, device: torch.device, dtype: torch.dtype,
+                        backend: str) -> dict[str, Any]:
+    """Density and tile fraction of this phase set for the step stages of the report (best effort)."""
+    from threedis.kernels.attention import attention_sparsity
+
+    try:
+        return attention_sparsity(tokens, phases, device, dtype, backend)
+    except rule.RuleError:
+        return {}
+
+
+def _describe_sparsity(phases: Phases, sparsity: dict[str, Any]) -> str:
+    switches = "".join(name for name, on in (("I2I ", phases.i2i), ("I2T ", phases.i2t), ("T2I ", phases.t2i),
+                                             ("T2T ", phases.t2t)) if on).strip() or "none"
+    tiles = f"{sparsity['tile_fraction']:.1%} of tiles computed"
+    if "tile" in sparsity:
+        tiles += f" ({sparsity['tile']})"
+    return f"phases {switches}: {sparsity['density']:.1%} of pairs allowed, {tiles}"
+
+
 def denoise(
     transformer: Any,
     scheduler: Any,
@@ -205,10 +237,12 @@ def denoise(
     plain = _attention_call(None, None, settings.backend)
     masked = tokens.num_instances > 0
     current: tuple[Phases | None, Any] = (None, plain)
+    sparsity: dict[str, Any] = {}
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if cancel is not None and cancel.is_set():
-            latents = control = None  # drop the big tensors before the exception keeps this frame alive
+            # drop every tensor of this render before the exception's traceback keeps this frame alive
+            latents = control = image_ids = text = tokens = full_text = global_text = enc = current = None
             raise RenderCancelled(f"render cancelled before step {i + 1} of {total}")
         phases = settings.schedule.at(i) if masked else None
         if phases is None:
@@ -216,8 +250,13 @@ def denoise(
         else:
             if current[0] != phases:  # new object only on a phase change, so per-layout caches keep hitting
                 current = (phases, _attention_call(tokens, phases, settings.backend))
+                _prepare_attention(tokens, phases, device, latents.dtype, settings.backend)
+                sparsity = _attention_sparsity(tokens, phases, device, latents.dtype, settings.backend)
+                if sparsity:
+                    profiler.note(f"attention from step {i}", _describe_sparsity(phases, sparsity))
             enc, txt_ids, call = full_text, full_ids, current[1]
-        with profiler.stage("step", step=i, text_tokens=int(enc.shape[1]), masked=phases is not None):
+        cost = sparsity if phases is not None else {}
+        with profiler.stage("step", step=i, text_tokens=int(enc.shape[1]), masked=phases is not None, **cost):
             model_in = torch.cat([latents, control], dim=2)  # [1, S, 64 + 64]
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             cache_ctx = step_cache.step(i, (int(enc.shape[1]), phases)) if step_cache is not None \
@@ -244,7 +283,7 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, total, preview)
     if cancel is not None and cancel.is_set():
-        latents = control = None
+        latents = control = image_ids = text = tokens = full_text = global_text = enc = None
         raise RenderCancelled(f"render cancelled after the last step ({total} of {total}), before decoding")
     return latents
 

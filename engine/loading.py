@@ -100,9 +100,9 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 # ------------------------------------------------------------------ finding the files
 
 
-def _how_to_get(target: str) -> str:
+def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
     return (
-        f"download it with `huggingface-cli download {DEFAULT_MODEL_ID} --local-dir {target}` "
+        f"download it with `huggingface-cli download {repo} --local-dir {target}` "
         f"(accept the model licence on huggingface.co first), or write a tiny test checkpoint with "
         f"`threedis make-tiny {target}`"
     )
@@ -138,23 +138,57 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, local_files_only: bool = F
         mode = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
         raise UserError(
             f"cannot get model {text!r} {mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-            f"without internet, {_how_to_get('DIR')} on a connected machine and pass DIR"
+            f"{_how_to_get('DIR', text)}; then pass DIR"
         ) from None
     return Path(folder)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete (None if it looks whole), reading only its header.
+
+    A half-finished download keeps its header but lacks the tail; the header says how
+    many data bytes follow, so truncation shows without reading the weights.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"truncated: {size} bytes"
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8:
+                return f"truncated: {size} bytes, header alone needs {header_len + 8}"
+            header = json.loads(handle.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a readable safetensors file"
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    return None
 
 
 def _missing_weights(folder: Path, stem: str) -> list[str]:
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if single.is_file():
-        return []
-    if not index.is_file():
+        files = [single.name]
+    elif not index.is_file():
         return [f"{folder.name}/{single.name}"]
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError):
-        return [f"{folder.name}/{index.name} (unreadable index)"]
-    return [f"{folder.name}/{shard}" for shard in shards if not (folder / shard).is_file()]
+    else:
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return [f"{folder.name}/{index.name} (unreadable index)"]
+    missing = []
+    for name in files:
+        path = folder / name
+        problem = "missing" if not path.is_file() else _safetensors_problem(path)
+        if problem == "missing":
+            missing.append(f"{folder.name}/{name}")
+        elif problem is not None:
+            missing.append(f"{folder.name}/{name} ({problem})")
+    return missing
 
 
 def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
@@ -172,9 +206,11 @@ def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
         if "any_of" in spec and not any(all((folder / n).is_file() for n in group) for group in spec["any_of"]):
             missing.append(f"{part}/" + " or ".join("+".join(group) for group in spec["any_of"]))
     if missing:
-        raise UserError(
-            f"incomplete FLUX depth checkpoint at {root}: missing {', '.join(missing)}; {_how_to_get(str(root))}"
-        )
+        broken = [m for m in missing if m.endswith(")")]  # present but truncated or unreadable
+        absent = [m for m in missing if m not in broken]
+        what = "; ".join(f"{label} {', '.join(items)}" for label, items in (("missing", absent), ("incomplete", broken))
+                         if items)
+        raise UserError(f"incomplete FLUX depth checkpoint at {root}: {what}; {_how_to_get(str(root))}")
 
 
 # ------------------------------------------------------------------ one loader per model

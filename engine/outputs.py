@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ __all__ = [
     "METADATA_KEY",
     "metadata_for",
     "read_metadata",
+    "Rerender",
+    "rerender_from_png",
     "render_kwargs_from_metadata",
     "save_image_new",
     "save_result",
@@ -52,6 +56,7 @@ def _stage(result: Any, folder: Path) -> dict[str, Path]:
     """Write every output into `folder` under its plain name; returns kind -> path."""
     from threedis.engine.pictures import draw_layout
 
+    started = time.perf_counter()
     info = PngInfo()
     info.add_itxt(METADATA_KEY, json.dumps(metadata_for(result), ensure_ascii=False))
     paths = {"image": folder / "image.png", "depth": folder / "depth.png", "layout": folder / "layout.png"}
@@ -68,7 +73,9 @@ def _stage(result: Any, folder: Path) -> dict[str, Path]:
             mask.convert("L").save(paths[f"mask-{i}"])
     report_dir = folder / "report"
     report_dir.mkdir()
-    saved = result.report.save(report_dir)
+    # the written report also times the writing of the pictures above ("save")
+    report = result.report.with_stage("save", time.perf_counter() - started, files=len(paths))
+    saved = report.save(report_dir)
     for kind, path in saved.items():
         path = Path(path)
         target = folder / path.name
@@ -198,6 +205,81 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
         kwargs.update({k: stage1[k] for k in ("migc_steps", "phase_augment") if k in stage1})
         if "size" in stage1:
             kwargs["stage1_size"] = tuple(stage1["size"])
+        if stage1.get("negative_prompt") is not None:
+            kwargs["stage1_negative_prompt"] = stage1["negative_prompt"]
     if depth is not None:
         kwargs["depth"] = depth
     return kwargs
+
+
+def _sibling(image_path: Path, name: str) -> Path:
+    """The file of the same saved set: image-3.png -> depth-3.png (save_result's shared suffix)."""
+    stem = image_path.name.partition(".")[0]
+    suffix = stem[len("image"):] if stem.startswith("image") else ""
+    return image_path.with_name(_with_suffix(name, suffix))
+
+
+@dataclass
+class Rerender:
+    """What reproduces a saved image: Engine.from_pretrained kwargs, LoRAs to load, Engine.render kwargs."""
+
+    engine: dict
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    render: dict = field(default_factory=dict)
+
+
+def _reproducing_overrides(meta: dict) -> dict[str, str]:
+    """Profile overrides pinning what changes the numbers: each model's weight format, the step cache and
+    VAE tiling (so the profile "auto" picks on this machine still renders the same), plus the user's own."""
+    out = {str(k): str(v) for k, v in (meta.get("overrides") or {}).items()}
+    if "vae_tiling" in meta:
+        out["vae_tiling"] = str(bool(meta["vae_tiling"])).lower()
+    for key, place in (meta.get("placement") or {}).items():
+        weights = str((place or {}).get("weights") or "").removeprefix("given ").strip()
+        if weights:
+            out[f"{key}.weights"] = weights
+    cache = meta.get("step_cache") or {}
+    if cache.get("kind"):
+        out["step_cache"] = str(cache["kind"])
+        if cache.get("threshold") is not None:
+            out["step_cache_threshold"] = str(cache["threshold"])
+    return out
+
+
+def rerender_from_png(png_path: str | os.PathLike, depth: Any = None) -> Rerender:
+    """Everything needed to render the image at `png_path` again, from its metadata and the files beside it.
+
+    The depth map is the depth file saved beside the image (same suffix) unless `depth`
+    is given; without either, a depth made by stage 1 is made again from the recorded
+    stage-1 settings. A user mask whose file has moved is taken from the mask file saved
+    beside the image. The weight formats and step cache are pinned from the metadata, so
+    the profile "auto" picks on this machine does not change the picture.
+    """
+    path = Path(png_path)
+    meta = read_metadata(path)
+    source = (meta.get("depth") or {}).get("source")
+    if depth is None and _sibling(path, "depth.png").is_file():
+        depth = _sibling(path, "depth.png")
+    if depth is None and source != "stage1":
+        raise UserError(f"{path}: the depth map it was rendered from ({_sibling(path, 'depth.png').name}, saved "
+                        f"beside it) is missing; pass it (--depth FILE, or depth=...)")
+    layout = dict(meta.get("layout") or {})
+    instances = [dict(item) for item in layout.get("instances") or []]
+    for i, (item, origin) in enumerate(zip(instances, meta.get("masks") or [])):
+        saved = _sibling(path, f"mask-{i}.png")
+        if origin == "user" and item.get("mask") and not Path(item["mask"]).is_file() and saved.is_file():
+            item["mask"] = str(saved)
+    layout["instances"] = instances
+    render = render_kwargs_from_metadata({**meta, "layout": layout}, depth=depth)
+    if depth is not None:  # the saved depth is the one used: stage 1 (and its settings) is not needed again
+        render = {k: v for k, v in render.items() if not k.startswith("stage1_")
+                  and k not in ("migc_steps", "phase_augment")}
+    # "auto": the recorded profile may not fit (or exist on) this machine; the overrides pin its numerics
+    engine = {"path_or_id": meta.get("model"), "profile": "auto",
+              "overrides": _reproducing_overrides(meta), "backend": meta.get("backend") or "auto"}
+    if depth is None:
+        engine["stage1"] = meta["depth"].get("model")
+    if render.get("sam"):
+        engine["sam"] = (meta.get("sam") or {}).get("model")
+    loras = [(str(item["path"]), float(item.get("scale", 1.0))) for item in meta.get("loras") or []]
+    return Rerender(engine=engine, loras=loras, render=render)

@@ -120,15 +120,83 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def _resolve(tokens: TokenLayout, device: torch.device, dtype: torch.dtype, requested: str) -> ModuleType:
-    """Backend module for this call; the choice is memoised on the layout, not the process."""
+    """Backend module for this call; the choice is memoised on the layout, not the process.
+
+    The module itself is memoised (not its name) so a warm call is one dict lookup:
+    torch.compile traces that, whereas importlib inside the graph is a graph break.
+    """
     key = ("select", requested, device, dtype)
-    name = tokens.cache.get(key)
-    if name is None:
+    module = tokens.cache.get(key)
+    if module is None:
         name, _ = select_backend(device, dtype, requested)
-        tokens.cache[key] = name
-    module, reason = _load(name)
-    assert module is not None, reason  # select_backend only returns loadable backends
+        module, reason = _load(name)
+        assert module is not None, reason  # select_backend only returns loadable backends
+        tokens.cache[key] = module
     return module
+
+
+def prepare_attention(
+    tokens: TokenLayout,
+    phases: Phases | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> None:
+    """Warm the layout's caches for one phase set before the transformer runs (call on each phase change).
+
+    Picks the backend and lets it build its tables (a backend may define
+    `prepare(tokens, phases, device, dtype)`), so the attention calls inside the
+    transformer only look things up: that is what lets torch.compile trace the
+    whole model without a graph break. Optional in eager mode: calls build lazily.
+    """
+    if phases is None or not phases.any:
+        return
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    module = _resolve(tokens, device, dtype, backend)
+    hook = getattr(module, "prepare", None)
+    if callable(hook):
+        hook(tokens, phases, device, dtype)
+
+
+def attention_sparsity(
+    tokens: TokenLayout,
+    phases: Phases | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> dict[str, float | int | str]:
+    """What one phase set costs the chosen backend, for the profiler: exact density of
+    allowed pairs and the fraction of tiles the backend computes.
+
+    triton and flex skip tiles without an allowed pair (triton: its block table, built
+    and cached here as the call would; flex: its block mask's 128-token tiles, counted
+    with the same rule); sdpa computes every pair. O(L) work; no L x L matrix.
+    """
+    from threedis.kernels.block_table import block_table, build_block_table, density
+
+    if phases is None or not phases.any:
+        return {"density": 1.0, "tile_fraction": 1.0}
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    module = _resolve(tokens, device, dtype, backend)
+    name = module.__name__.rsplit(".", 1)[-1].removesuffix("_backend").removesuffix("_attention")
+    out: dict[str, float | int | str] = {"density": round(density(tokens, phases), 6)}
+    if name == "triton":
+        config = module._layout_config(tokens, device, dtype, 128)
+        table = block_table(tokens, phases, config.block_m, config.block_n, device)
+        out.update(tile_fraction=round(table.tile_fraction, 6), mask_free_fraction=round(table.full_fraction, 6),
+                   tile=f"{config.block_m}x{config.block_n}")
+    elif name == "flex":
+        block = module.BLOCK_SIZE
+        table = build_block_table(tokens, phases, block, block)
+        out.update(tile_fraction=round(table.tile_fraction, 6), mask_free_fraction=round(table.full_fraction, 6),
+                   tile=f"{block}x{block}")
+    else:
+        out.update(tile_fraction=1.0)
+    return out
 
 
 def masked_joint_attention(

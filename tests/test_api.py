@@ -126,6 +126,16 @@ def test_metadata_round_trip_rerenders_the_same_image(engine, depth_image_64, tm
     assert np.array_equal(pixels(again.image), pixels(result.image))
 
 
+def test_saved_report_times_the_save(engine, depth_image_64, tmp_path):
+    import json
+
+    result = engine.render(layout(), depth=depth_image_64, steps=1, chunk=8)
+    paths = save_result(result, tmp_path)
+    names = [s["name"] for s in json.loads(paths["report"].read_text())["stages"]]
+    assert names[-1] == "save" and "step" in names
+    assert "save" not in [s.name for s in result.report.stages]  # the returned report is not changed
+
+
 def test_save_never_overwrites_silently(engine, depth_image_64, tmp_path):
     result = engine.render(layout(), depth=depth_image_64, steps=1, chunk=8)
     first = save_result(result, tmp_path)
@@ -233,3 +243,58 @@ def test_two_engines_alternate_without_interference(tiny_flux_dir, depth_image_6
     assert np.array_equal(pixels(b1.image), pixels(b2.image))
     assert a1.settings["loras"] == [] and len(b1.settings["loras"]) == 1
     assert a.prompts is not b.prompts and a.components.transformer is not b.components.transformer
+
+
+# ------------------------------------------------------------------ loading: half-downloaded files
+
+
+def test_truncated_weight_file_is_named_before_loading(tiny_flux_dir, tmp_path):
+    root = tmp_path / "partial"
+    shutil.copytree(tiny_flux_dir, root)
+    weights = root / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted download: header whole, tail missing
+    with pytest.raises(UserError) as err:
+        Engine.from_pretrained(root, cache_dir=tmp_path / "c")
+    assert "incomplete vae/diffusion_pytorch_model.safetensors (truncated" in str(err.value)
+    assert "huggingface-cli download" in str(err.value)
+    (root / "text_encoder" / "model.safetensors").write_bytes(b"\x10")
+    with pytest.raises(UserError, match=r"text_encoder/model.safetensors \(truncated"):
+        loading.check_checkpoint(root)
+
+
+# ------------------------------------------------------------------ re-render from a PNG alone (CLI)
+
+
+def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_path):
+    """`threedis render --from image-1.png` rebuilds the engine (model, weight formats, step cache, backend,
+    LoRA) and the render (layout, seed, schedule, depth and user mask saved beside it) from the file."""
+    from PIL import Image
+
+    from threedis.engine.cli import main
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:40, 4:36] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    scene = Layout("a garden at dawn", 64, 64, (
+        Instance("a red bird", (0.0, 0.0, 0.7, 0.7), mask=str(tmp_path / "mask.png")),
+        Instance("a blue jay", (0.5, 0.1, 0.9, 0.7)),
+    ))
+    engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path / "c", **EXACT)
+    write_lora(tmp_path / "lora.safetensors", engine.components.transformer)
+    engine.load_lora(tmp_path / "lora.safetensors", scale=0.6)
+    schedule = Schedule(steps=2, hard=1, i2i=1, i2t=2, t2i=2, t2t=2)
+    out = tmp_path / "out"
+    save_result(engine.render(scene, depth=depth_image_64, seed=1, steps=2, chunk=8), out)  # image.png, depth.png
+    wanted = engine.render(scene, depth=depth_image_64.transpose(0), seed=9, steps=2, chunk=12, schedule=schedule)
+    image = save_result(wanted, out)["image"]
+    assert image.name == "image-1.png"
+    (tmp_path / "mask.png").unlink()  # moved away since: mask-0-1.png beside the image stands in
+
+    again = tmp_path / "again"
+    assert main(["render", "--from", str(image), "--out", str(again), "--device", "cpu"]) == 0
+    meta = read_metadata(again / "image.png")
+    assert meta["seed"] == 9 and meta["schedule"]["hard"] == 1 and meta["loras"][0]["scale"] == 0.6
+    assert meta["rerendered_from"] == str(image.resolve())
+    assert meta["placement"]["transformer"]["weights"] == "fp32" and meta["step_cache"]["kind"] == "none"
+    assert np.array_equal(pixels(Image.open(again / "image.png")), pixels(wanted.image))
+    assert main(["render", "--from", str(image), "--seed", "3", "--out", str(again)]) == 2  # settings come from it

@@ -75,6 +75,22 @@ def test_render_bad_layout_in_a_subprocess(bad_layout):
     one_error_line(proc.stderr)
 
 
+def test_user_error_stays_one_line_after_heavy_imports(tmp_path):
+    """Libraries imported mid-command (diffusers, bitsandbytes) must not add lines to a user error."""
+    code = (
+        "import sys\n"
+        "from threedis.engine import cli\n"
+        "def command(args):\n"
+        "    import diffusers, bitsandbytes  # what loading a checkpoint imports\n"
+        "    raise cli.UserError('the user made a mistake')\n"
+        "cli.COMMANDS['profiles'] = command\n"
+        "sys.exit(cli.main(['profiles']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    assert one_error_line(proc.stderr) == "threedis: error: the user made a mistake"
+
+
 def test_validate_good_and_bad(bad_layout, capsys):
     good = example_path("two_birds")
     assert main(["validate", str(good)]) == 0
@@ -84,6 +100,16 @@ def test_validate_good_and_bad(bad_layout, capsys):
     assert f"{bad_layout}: INVALID" in out and "ok" in out
     assert main(["validate", "--list"]) == 0
     assert "two_birds" in capsys.readouterr().out.split()
+
+
+def test_validate_lists_every_problem(tmp_path, capsys):
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps({"prompt": "", "width": 500, "height": 64, "extra": 1,
+                                "instances": [{"prompt": "a", "box": [0.5, 0.5, 0.2, 0.9]}]}))
+    assert main(["validate", str(path)]) == EXIT_USER_ERROR
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{path}: INVALID (4 problems):"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["extra", "prompt", "width", "instances[0].box"]
 
 
 def test_make_tiny_refuses_a_non_empty_folder(tmp_path, capsys):
@@ -169,10 +195,16 @@ def test_demo_runs_every_stage_on_tiny_checkpoints(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0, capsys.readouterr().err
     names = {p.name for p in out.iterdir()}
-    assert {"image.png", "depth.png", "stage1-rgb.png", "layout.png", "report.json", "memory.png"} <= names
+    assert {"image.png", "depth.png", "stage1-rgb.png", "layout.png", "report.json", "memory.png",
+            "regions.png", "attention.png"} <= names
     meta = read_metadata(out / "image.png")
     assert meta["depth"]["source"] == "stage1" and meta["sam"]["ran"] is True
     with Image.open(out / "image.png") as image:
         assert max(image.size) <= 256
     printed = capsys.readouterr().out
     assert "tiny random-weight" in printed and "stage1" in printed
+    assert "profile cpu (auto: " in printed and "attention backend " in printed  # the choices, said up front
+    report = json.loads((out / "report.json").read_text())
+    steps = [s for s in report["stages"] if s["name"] == "step" and s["info"].get("masked")]
+    assert steps and all(0 < s["info"]["tile_fraction"] <= 1 and 0 < s["info"]["density"] <= 1 for s in steps)
+    assert report["stages"][-1]["name"] == "save"

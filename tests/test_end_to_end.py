@@ -96,6 +96,8 @@ def test_render_without_depth_runs_every_stage(engine, aux_paths, tmp_path):
     for name in ("stage1", "load stage1", "sam", "load sam", "encode", "step", "decode"):
         assert name in names
     assert names.index("stage1") < names.index("sam") < names.index("encode") < names.index("step")
+    load1 = result.report.stages[names.index("load stage1")].info  # the profile's entries, one report
+    assert load1["ldm3d_unet"] == load1["ldm3d_vae"] == load1["ldm3d_text"] == "fp32@cpu"
     assert engine.aux.live == {}
 
     # The depth used is stage 1's own output for this layout and seed (stage1_seed defaults to seed).
@@ -121,10 +123,11 @@ def test_render_without_depth_runs_every_stage(engine, aux_paths, tmp_path):
 
 
 def test_metadata_without_depth_reruns_stage1_to_the_same_image(engine, tmp_path):
-    first = engine.render(scene(), seed=2, **FAST)
+    first = engine.render(scene(), seed=2, stage1_negative_prompt="blurry, dark", **FAST)
     meta = read_metadata(save_result(first, tmp_path)["image"])
     kwargs = render_kwargs_from_metadata(meta)  # no depth: stage 1 runs again with the saved settings
     assert "depth" not in kwargs and kwargs["stage1_size"] == (64, 64)
+    assert kwargs["stage1_negative_prompt"] == "blurry, dark"
     again = engine.render(**kwargs)
     assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
 

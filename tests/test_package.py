@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +37,13 @@ def test_no_top_level_engine_or_kernels_module(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True"]
+
+
+def test_checkout_kernels_folder_is_not_a_top_level_kernels_in_tests():
+    """transformers and bitsandbytes probe for a `kernels` package; in the test run they must not find ours."""
+    root = str(Path(__file__).resolve().parents[1])
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not str(spec.origin).startswith(root), spec.origin
 
 
 def test_top_level_names_are_lazy(tmp_path):

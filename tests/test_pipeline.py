@@ -214,6 +214,33 @@ def test_profiler_stages(engine, depth_image_64):
     assert result.report.info["attention backend"] == "sdpa"
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_step_stages_report_density_and_tile_fraction(tiny_flux_dir, depth_image_64, tmp_path, backend):
+    """Masked steps carry the exact share of allowed pairs (dense reference) and the tiles the backend computes."""
+    from threedis.kernels.block_table import build_block_table
+
+    eng = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend=backend, cache_dir=tmp_path, **EXACT)
+    layout = two_birds(128, 128)
+    schedule = Schedule(steps=3, hard=2, i2i=1, i2t=2, t2i=2, t2t=2)
+    result = eng.render(layout, depth=depth_image_64, steps=3, seed=0, schedule=schedule, chunk=CHUNK)
+    steps = result.report.find("step")
+    tokens = TokenLayout.build(box_regions(layout.boxes, 8, 8), chunk=CHUNK)
+    for s in steps[:2]:
+        phases = schedule.at(s.info["step"])
+        assert s.info["density"] == pytest.approx(dense_allowed(tokens, phases).double().mean().item(), abs=1e-6)
+        if backend == "sdpa":
+            assert s.info["tile_fraction"] == 1.0
+        else:
+            assert 0 < s.info["tile_fraction"] <= 1
+            assert s.info["tile"] == "128x128"
+            visited = build_block_table(tokens, phases, 128, 128).tile_fraction
+            assert s.info["tile_fraction"] == pytest.approx(visited)
+    assert "density" not in steps[2].info  # past the hard window: plain attention
+    notes = [k for k in result.report.info if k.startswith("attention from step")]
+    assert notes == ["attention from step 0", "attention from step 1"]
+    assert "of pairs allowed" in result.report.info["attention from step 0"]
+
+
 # ------------------------------------------------------------------ depth input
 
 
@@ -303,3 +330,71 @@ def test_cuda_bf16_backends_track_the_fp32_reference(tiny_flux_dir, depth_image_
             err = (decoder_input_of(torch.bfloat16, name, permute) - reference).abs().max().item()
             print(f"{name} permute={permute}: {err:.3e} (bf16 sdpa {baseline:.3e})")
             assert err <= 2 * baseline + 1e-2
+
+
+def test_cancel_frees_the_render_tensors_while_the_error_is_alive(engine, depth_image_64, monkeypatch):
+    """After RenderCancelled, even with its traceback still held, no latent, control or text tensor of the render
+    survives (on CUDA their memory goes back to the allocator); only the models stay, for the next render."""
+    import gc
+    import weakref
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from threedis.engine import denoise
+
+    alive: dict[str, list] = {"control": [], "latents": [], "text": []}
+
+    def tracked(kind, fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            alive[kind].append(weakref.ref(out[0] if isinstance(out, tuple) else out))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(denoise, "control_latents", tracked("control", denoise.control_latents))
+    monkeypatch.setattr(denoise, "initial_latents", tracked("latents", denoise.initial_latents))
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step",
+                        tracked("latents", FlowMatchEulerDiscreteScheduler.step))
+
+    def hook(module, args, kwargs):
+        alive["text"].append(weakref.ref(kwargs["encoder_hidden_states"]))
+
+    handle = engine.components.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    encoded: list[torch.Tensor] = []  # the encoder's own result is the caller's (on CPU, the same tensor)
+    encode = engine.prompts.encode
+    monkeypatch.setattr(engine.prompts, "encode", lambda *a, **k: (encoded.append(encode(*a, **k)), encoded[-1])[1])
+    cancel = threading.Event()
+    try:
+        with pytest.raises(RenderCancelled) as caught:
+            engine.render(two_birds(), depth=depth_image_64, steps=4, seed=0, chunk=CHUNK, cancel=cancel,
+                          on_step=lambda step, total, preview: cancel.set() if step == 2 else None)
+    finally:
+        handle.remove()
+    gc.collect()
+    assert caught.value is not None  # the traceback (and its frames) is still referenced here
+    assert all(len(refs) > 0 for refs in alive.values())
+    callers = {id(text.embeds) for text in encoded}
+    survivors = {kind: sum(ref() is not None and id(ref()) not in callers for ref in refs)
+                 for kind, refs in alive.items()}
+    assert survivors == {"control": 0, "latents": 0, "text": 0}
+
+
+@pytest.mark.parametrize("name", ["night_street", "reading_girl", "still_life", "two_birds"])
+def test_shipped_example_layouts_render(engine, depth_image_64, name):
+    """Every example layout, shrunk to <= 128 px, renders with the default chunk (200) and schedule."""
+    from dataclasses import replace
+
+    from threedis.engine.layout import example_path
+
+    layout = Layout.load(example_path(name))
+    scale = 128 / max(layout.width, layout.height)
+    layout = replace(layout, width=int(layout.width * scale) // 16 * 16, height=int(layout.height * scale) // 16 * 16)
+    with transformer_calls(engine.components.transformer) as calls:
+        result = engine.render(layout, depth=depth_image_64, steps=2, seed=0)
+    n = len(layout.instances)
+    assert [c["text_len"] for c in calls] == [200 * (n + 1)] * 2  # default schedule: masked throughout
+    tokens = calls[0]["call"].tokens
+    image_member = tokens.member[tokens.text_len:]
+    assert all(((image_member >> i) & 1).any() for i in range(n))  # every instance owns image tokens
+    pixels = np.asarray(result.image, dtype=np.float32)
+    assert result.image.size == (layout.width, layout.height) and np.isfinite(pixels).all() and pixels.std() > 0
