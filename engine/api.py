@@ -348,7 +348,11 @@ class Engine:
                                    permute_tokens=bool(permute_tokens), preview=bool(preview))
         with self._lock:
             if self.device.type == "cuda":  # before anything of this render loads
-                self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk)
+                from threedis.engine.planner import STAGE2_MODELS, models_for
+
+                extra = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
+                self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
+                                       stage1_size=stage1.size if stage1 is not None else (512, 512))
             prof = Profiler(device=self.device)
             prof.note("profile", self.profile.name)
             prof.note("profile origin", self.profile.origin)

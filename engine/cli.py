@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="12gb", help="profile name or TOML file (default 12gb)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--chunk", type=int, default=200)
+    p.add_argument("--stage1", action="store_true", help="include stage 1 (layout -> depth: render without --depth)")
+    p.add_argument("--stage1-size", type=int, default=512, help="stage-1 generation size (default 512)")
+    p.add_argument("--sam", action="store_true", help="include SAM2 mask enhancement")
+    p.add_argument("--depth-from-photo", action="store_true", help="include the Depth Anything estimator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("profiles", help="list the built-in memory profiles")
@@ -496,12 +500,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from threedis.engine.layout import Layout
-    from threedis.engine.planner import plan
+    from threedis.engine.planner import models_for, plan
     from threedis.engine.profiles import load_profile
 
     layout = Layout.load(args.layout)
     profile = load_profile(args.profile, _parse_overrides(args.overrides) or None)
-    result = plan(profile, layout.width, layout.height, len(layout.instances), chunk=args.chunk)
+    models = models_for(stage1=args.stage1, sam2=args.sam, depth_estimator=args.depth_from_photo)
+    if args.stage1_size <= 0 or args.stage1_size % 8:
+        raise UserError(f"--stage1-size {args.stage1_size} must be a positive multiple of 8 (e.g. 512)")
+    result = plan(profile, layout.width, layout.height, len(layout.instances), chunk=args.chunk, models=models,
+                  stage1_size=(args.stage1_size, args.stage1_size))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -31,7 +31,7 @@ import gc
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -364,28 +364,39 @@ class ModelManager:
 
     # -- memory plan ----------------------------------------------------------------------------
 
-    def plan(self, width: int, height: int, num_instances: int, chunk: int = 200) -> Any:
-        """The planner's per-stage prediction for this engine's checkpoint (its own configs) and profile."""
-        from threedis.engine.planner import measure_models, plan
+    def plan(self, width: int, height: int, num_instances: int, chunk: int = 200, extra: Sequence[str] = (),
+             stage1_size: tuple[int, int] = (512, 512)) -> Any:
+        """The planner's per-stage prediction for this engine's checkpoint (its own configs) and profile.
 
-        models = None
+        extra: auxiliary models this render also runs ("ldm3d_unet", "sam2", ...: see
+        planner.models_for), priced from the real models' bundled configs.
+        """
+        from threedis.engine.planner import DEFAULT_CONFIGS, measure_model, plan
+
+        models: dict[str, Any] = {k: DEFAULT_CONFIGS[k] for k in RUNTIME_MODELS}
         if self.source is not None:
             models = {k: self.source / loading.SUBFOLDERS[k] for k in RUNTIME_MODELS}
+        models.update({k: DEFAULT_CONFIGS[k] for k in extra if k not in models})
         if self._sizes is None:
-            self._sizes = measure_models(models)
-        return plan(self.profile, width, height, num_instances, chunk, models, sizes=self._sizes)
+            self._sizes = {}
+        for key, config in models.items():  # meta-device counts, once per engine
+            if key not in self._sizes:
+                self._sizes[key] = measure_model(key, config)
+        return plan(self.profile, width, height, num_instances, chunk, models, stage1_size=stage1_size,
+                    sizes=self._sizes)
 
     def check_fits(self, width: int, height: int, num_instances: int, chunk: int = 200,
-                   available_gpu_bytes: int | None = None, available_host_bytes: int | None = None) -> Any:
+                   available_gpu_bytes: int | None = None, available_host_bytes: int | None = None,
+                   extra: Sequence[str] = (), stage1_size: tuple[int, int] = (512, 512)) -> Any:
         """Raise UserError (stage, predicted and available GB, a profile that fits) before loading.
 
         available_gpu_bytes None: measured on CUDA (free memory plus what this process already
         holds, since the plan counts our own models; at most the per-process memory fraction);
-        on a CPU engine nothing is checked.
+        on a CPU engine nothing is checked. extra / stage1_size: as in `plan`.
         """
         from threedis.engine.planner import check_fits
 
-        result = self.plan(width, height, num_instances, chunk)
+        result = self.plan(width, height, num_instances, chunk, extra, stage1_size)
         if available_gpu_bytes is None:
             if self.device.type != "cuda":
                 return result

@@ -369,3 +369,36 @@ def test_plan_command_table_json_and_errors(tmp_path, capsys):
     assert data["seq_len"] == 5096 and {s["stage"] for s in data["stages"]} >= {"t5_encode", "denoise"}
     assert main(["plan", str(path), "--profile", "12gb", "--set", "vae.tiling=false"]) != 0
     assert "vae.tiling" in capsys.readouterr().err
+
+
+def test_plan_command_adds_stage1_sam_and_depth_rows(tmp_path, capsys):
+    from threedis.engine.cli import main
+    from threedis.engine.layout import Instance, Layout
+
+    path = tmp_path / "layout.json"
+    Layout("a room", 512, 512, (Instance("a lamp", (0.1, 0.1, 0.4, 0.6)),)).save(path)
+    assert main(["plan", str(path), "--profile", "12gb", "--json"]) == 0
+    plain = {s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert main(["plan", str(path), "--profile", "12gb", "--json", "--stage1", "--sam", "--depth-from-photo",
+                 "--stage1-size", "256"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stages = {s["stage"] for s in data["stages"]}
+    assert stages - plain == {"ldm3d_text", "ldm3d_denoise", "ldm3d_decode", "sam2_masks", "depth_estimate"}
+    assert data["models"]["ldm3d_vae"]["params"] == P.measure_model("ldm3d_vae").params
+    assert main(["plan", str(path), "--stage1", "--stage1-size", "100"]) != 0
+    assert "--stage1-size" in capsys.readouterr().err
+
+
+def test_engine_memory_check_prices_the_auxiliary_models(tiny_flux_dir, tmp_path):
+    """The pre-render check counts stage 1 and SAM2 when a render runs them (bundled real configs)."""
+    from threedis.engine.runtime import ModelManager
+
+    manager = ModelManager(load_profile("12gb"), "cpu", tiny_flux_dir, tmp_path)
+    base = manager.plan(512, 512, 2, 16)
+    more = manager.plan(512, 512, 2, 16, extra=("ldm3d_unet", "ldm3d_vae", "ldm3d_text", "sam2"))
+    assert [r.stage for r in more.rows if r.stage not in {r.stage for r in base.rows}] == [
+        "ldm3d_text", "ldm3d_denoise", "ldm3d_decode", "sam2_masks"]
+    unet = next(r for r in more.rows if r.stage == "ldm3d_denoise")
+    with pytest.raises(UserError, match="ldm3d_denoise"):
+        manager.check_fits(512, 512, 2, 16, available_gpu_bytes=unet.gpu_bytes - 1,
+                           extra=("ldm3d_unet", "ldm3d_vae", "ldm3d_text"))
