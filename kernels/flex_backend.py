@@ -97,11 +97,18 @@ def block_mask(tokens: TokenLayout, phases: Phases, device: torch.device, block:
     return result
 
 
+def prepare(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Build this phase set's BlockMask before the transformer runs (a compiled model then only looks it up)."""
+    block_mask(tokens, phases, torch.device(device))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: TokenLayout, phases: Phases) -> torch.Tensor:
     """q, k, v: [B, L, H, D]; returns [B, L, H, D]."""
     mask = block_mask(tokens, phases, q.device)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
-    if q.device.type == "cuda":
+    if torch.compiler.is_compiling():  # inside a compiled model: traced and fused with it
+        out = flex_attention(qt, kt, vt, block_mask=mask)
+    elif q.device.type == "cuda":
         out = _compiled_flex()(qt, kt, vt, block_mask=mask)
     else:
         with warnings.catch_warnings():

@@ -30,6 +30,11 @@ def dense_mask(tokens: TokenLayout, phases: Phases, device: torch.device) -> tor
     return mask
 
 
+def prepare(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Build this phase set's mask before the transformer runs (a compiled model then only looks it up)."""
+    dense_mask(tokens, phases, torch.device(device))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: TokenLayout, phases: Phases) -> torch.Tensor:
     """q, k, v: [B, L, H, D]; returns [B, L, H, D]."""
     mask = dense_mask(tokens, phases, q.device)  # [L, L], broadcast over B and H
