@@ -204,7 +204,9 @@ class Engine:
         if backend == "auto" and requested != "auto":
             self.backend_reason = f"profile {self.profile.name}: {self.backend_reason}"
         self.step_cache = StepCacheRunner(self.profile.step_cache, self.profile.step_cache_threshold)
+        self.loras: list[dict] = []
         self.models.on_load("transformer", install_processors)
+        self.models.on_load("transformer", self._reapply_loras)  # a freed transformer comes back with its LoRAs
         self.models.on_free("transformer", self.step_cache.release)
         self.components = EngineComponents(self.models, components.scheduler, components.source)
         self.prompts = PromptEncoder(components.source, self.device, self.dtype, cache_dir=cache_root / "prompts",
@@ -212,7 +214,6 @@ class Engine:
         # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
         self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
                              local_files_only=local_files_only, profile=self.profile)
-        self.loras: list[dict] = []
         self._lock = threading.Lock()  # one render at a time per engine: the scheduler copy and models are shared
 
     # -- construction ----------------------------------------------------------
@@ -271,8 +272,18 @@ class Engine:
         from threedis.engine.lora import load_lora
 
         name = load_lora(self.components.transformer, path, scale=scale, adapter_name=f"lora{len(self.loras)}")
+        self.models.settle_added_weights("transformer", lambda param: ".lora_" in param)
         self.loras.append({"path": str(Path(path).expanduser().resolve()), "scale": float(scale), "name": name})
         return name
+
+    def _reapply_loras(self, transformer: Any) -> None:
+        """Load this engine's LoRAs into a freshly loaded transformer (profiles that free it between renders)."""
+        from threedis.engine.lora import load_lora
+
+        for item in self.loras:
+            load_lora(transformer, item["path"], scale=item["scale"], adapter_name=item["name"])
+        if self.loras:
+            self.models.settle_added_weights("transformer", lambda param: ".lora_" in param)
 
     # -- rendering -------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from threedis.engine.errors import UserError
 
 __all__ = ["load_lora", "lora_file", "set_lora_scale", "unload_loras"]
@@ -53,6 +55,29 @@ def _scales(transformer: Any) -> dict[str, float]:
     return scales
 
 
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def _compute_dtype(transformer: Any) -> torch.dtype:
+    """The dtype the transformer computes in: that of its first floating, non-fp8 parameter
+    (fp8 layerwise casting and the quantizers keep norms and embedders in it)."""
+    for param in transformer.parameters():
+        if param.is_floating_point() and param.dtype not in _FP8:
+            return param.dtype
+    return torch.bfloat16
+
+
+def _unfp8_adapters(transformer: Any) -> None:
+    """peft stores new LoRA matrices in the base weight's dtype; with fp8 storage (layerwise
+    casting upcasts only the base layer) they would be multiplied in fp8, which torch cannot
+    do. LoRA matrices are tiny: keep them in the compute dtype."""
+    dtype = None
+    for name, param in transformer.named_parameters():
+        if ".lora_" in name and param.dtype in _FP8:
+            dtype = dtype or _compute_dtype(transformer)
+            param.data = param.data.to(dtype)
+
+
 def _activate(transformer: Any) -> None:
     scales = _scales(transformer)
     transformer.set_adapters(list(scales), weights=list(scales.values()))
@@ -82,6 +107,7 @@ def load_lora(transformer: Any, path: str | os.PathLike, scale: float = 1.0, ada
                                                        adapter_name=name)
     except (ValueError, RuntimeError, KeyError) as exc:  # shape mismatch: a LoRA for another model
         raise UserError(f"LoRA {file} does not fit this FLUX transformer: {exc}") from None
+    _unfp8_adapters(transformer)
     _scales(transformer)[name] = float(scale)
     _activate(transformer)
     return name

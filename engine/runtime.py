@@ -344,6 +344,24 @@ class ModelManager:
                 if slot.home != slot.run:
                     self._return_memory()
 
+    def settle_added_weights(self, key: str, is_added: Callable[[str], bool]) -> int:
+        """Place parameters added to a loaded model after its placement (LoRA matrices).
+
+        A model streamed by diffusers' group-offload hooks moves only the parameters its
+        groups knew when they were built; added ones would stay in host RAM while their
+        block runs on the GPU. They are small, so they stay on the run device for good.
+        Returns how many were moved (none unless the model is streamed on CUDA).
+        """
+        slot = self._slot(key)
+        if slot.model is None or not self._streamed(slot) or slot.run.type != "cuda":
+            return 0
+        moved = 0
+        for name, param in slot.model.named_parameters():
+            if is_added(name) and param.device != slot.run:
+                param.data = param.data.to(slot.run)
+                moved += 1
+        return moved
+
     def free(self, key: str) -> None:
         """Drop a model (it reloads at next use) and hand its memory back."""
         slot = self._slot(key)

@@ -214,6 +214,49 @@ def test_lora_matches_merged_weights_and_scale_zero_is_a_no_op(tiny_flux_dir, de
     torch.testing.assert_close(seen[-1], base, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_survives_a_transformer_freed_between_renders(tiny_flux_dir, depth_image_64, tmp_path):
+    """A profile that frees the transformer after each render reloads it with the engine's LoRAs."""
+    from dataclasses import replace
+
+    from threedis.engine.profiles import apply_overrides, load_profile
+
+    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    resident = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
+    write_lora(tmp_path / "tiny_lora.safetensors", resident.components.transformer)
+    resident.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
+    with decoder_input(resident.components.vae) as seen:
+        resident.render(layout(), **render)
+    want = seen[-1]
+
+    freed = apply_overrides(replace(load_profile("cpu")), {"transformer.device": "gpu-then-freed"})
+    engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, profile=freed,
+                                    **EXACT)
+    engine.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
+    vae = engine.components.vae
+    for _ in range(2):  # the second render loads the transformer again
+        with decoder_input(vae) as seen:
+            engine.render(layout(), **render)
+        torch.testing.assert_close(seen[-1], want, atol=1e-5, rtol=1e-5)
+    assert engine.models.placement()["transformer"]["loads"] == 2
+
+
+def test_lora_on_fp8_storage(tiny_flux_dir, depth_image_64, tmp_path):
+    """fp8 layerwise casting upcasts only base layers: LoRA matrices must not stay in fp8."""
+    from threedis.engine.lora import set_lora_scale
+
+    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, profile="cpu",
+                                    overrides={"transformer.weights": "fp8", "step_cache": "none"})
+    base = engine.render(layout(), **render).image
+    write_lora(tmp_path / "tiny_lora.safetensors", engine.components.transformer)
+    name = engine.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
+    lora_dtypes = {p.dtype for n, p in engine.components.transformer.named_parameters() if ".lora_" in n}
+    assert lora_dtypes == {torch.bfloat16}
+    assert np.abs(pixels(engine.render(layout(), **render).image) - pixels(base)).max() > 0
+    set_lora_scale(engine.components.transformer, name, 0.0)
+    assert np.array_equal(pixels(engine.render(layout(), **render).image), pixels(base))
+
+
 def test_lora_file_errors(engine, tmp_path):
     with pytest.raises(UserError, match="not found"):
         engine.load_lora(tmp_path / "missing.safetensors")
@@ -298,3 +341,17 @@ def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_pa
     assert meta["placement"]["transformer"]["weights"] == "fp32" and meta["step_cache"]["kind"] == "none"
     assert np.array_equal(pixels(Image.open(again / "image.png")), pixels(wanted.image))
     assert main(["render", "--from", str(image), "--seed", "3", "--out", str(again)]) == 2  # settings come from it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_on_a_streamed_transformer_runs_on_cuda(tiny_flux_dir, depth_image_64, tmp_path):
+    """16gb streams fp8 blocks with diffusers' group offloading; LoRA matrices added later must reach the GPU."""
+    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    engine = Engine.from_pretrained(tiny_flux_dir, device="cuda", cache_dir=tmp_path, profile="16gb",
+                                    overrides={"step_cache": "none"})
+    base = engine.render(layout(), **render).image
+    write_lora(tmp_path / "tiny_lora.safetensors", engine.components.transformer)
+    engine.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
+    devices = {p.device.type for n, p in engine.components.transformer.named_parameters() if ".lora_" in n}
+    assert devices == {"cuda"}
+    assert np.abs(pixels(engine.render(layout(), **render).image) - pixels(base)).max() > 0
