@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from threedis.engine.errors import UserError
 
@@ -269,7 +269,6 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
             stage1_kwargs: dict) -> int:
     """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
     from threedis.engine.api import Engine
-    from threedis.engine.outputs import save_result
 
     _check_depth_inputs(args)
     overrides = _parse_overrides(args.overrides)
@@ -286,33 +285,43 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
     if args.depth_from_photo is not None:
         print(f"estimating the depth map of {args.depth_from_photo}")
         depth = engine.depth_from_image(args.depth_from_photo, size=(layout.width, layout.height))
+    result = _render_with_progress(
+        engine, layout=layout, depth=depth, seed=args.seed, steps=steps, guidance=args.guidance,
+        schedule=_schedule(args, steps), chunk=args.chunk, append_instances=not args.no_append_instances,
+        permute_tokens=args.permute_tokens, sam=sam is not None, **stage1_kwargs,
+    )
+    if args.depth_from_photo is not None:
+        result.settings["depth"] = {"source": "photo", "photo": str(args.depth_from_photo),
+                                    "model": engine.aux.spec("depth")}
+    _save_and_report(result, args.out, f"wrote to {args.out}:")
+    return 0
+
+
+def _render_with_progress(engine: Any, **render_kwargs: Any) -> Any:
+    """engine.render with terminal progress bars; Ctrl-C cancels at the next step and frees memory."""
     cancel = threading.Event()
     bar1, bar2 = _ProgressBar("stage 1 (layout -> depth)"), _ProgressBar("denoising")
     try:
-        result = engine.render(
-            layout, depth=depth, seed=args.seed, steps=steps, guidance=args.guidance,
-            schedule=_schedule(args, steps), chunk=args.chunk,
-            append_instances=not args.no_append_instances, permute_tokens=args.permute_tokens,
-            on_step=bar2, cancel=cancel, sam=sam is not None, on_stage1_step=bar1, **stage1_kwargs,
-        )
+        return engine.render(on_step=bar2, cancel=cancel, on_stage1_step=bar1, **render_kwargs)
     except KeyboardInterrupt:
         cancel.set()
         raise
     finally:
         bar1.close()
         bar2.close()
-    if args.depth_from_photo is not None:
-        result.settings["depth"] = {"source": "photo", "photo": str(args.depth_from_photo),
-                                    "model": engine.aux.spec("depth")}
-    paths = save_result(result, args.out)
+
+
+def _save_and_report(result: Any, out: Path, heading: str) -> None:
+    """Write the render's files (never overwriting) and the rule pictures; print the profile and the paths."""
+    from threedis.engine.outputs import save_result
     from threedis.engine.pictures import save_rule_pictures
 
+    paths = save_result(result, out)
     paths.update(save_rule_pictures(result, paths["image"]))  # regions.png, attention*.png
     print(result.report.table())
-    print(f"\nwrote to {args.out}:")
+    print(f"\n{heading}")
     for kind, path in paths.items():
         print(f"  {kind:<12} {path}")
-    return 0
 
 
 # ---------------------------------------------------------------- commands
@@ -326,7 +335,7 @@ _FROM_ALLOWED = {"command", "layout", "from_png", "model", "out", "depth", "devi
 def _rerender(args: argparse.Namespace) -> int:
     """`render --from IMAGE.png`: the same render again from the image's metadata and the files beside it."""
     from threedis.engine.api import Engine
-    from threedis.engine.outputs import rerender_from_png, save_result
+    from threedis.engine.outputs import rerender_from_png
 
     if args.layout is not None:
         raise UserError("give either a layout file or --from IMAGE.png, not both")
@@ -351,25 +360,9 @@ def _rerender(args: argparse.Namespace) -> int:
                                     **engine_kwargs)
     for path, scale in plan.loras:
         engine.load_lora(path, scale=scale)
-    cancel = threading.Event()
-    bar1, bar2 = _ProgressBar("stage 1 (layout -> depth)"), _ProgressBar("denoising")
-    try:
-        result = engine.render(on_step=bar2, cancel=cancel, on_stage1_step=bar1, **plan.render)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        bar1.close()
-        bar2.close()
+    result = _render_with_progress(engine, **plan.render)
     result.settings["rerendered_from"] = str(args.from_png.resolve())
-    paths = save_result(result, args.out)
-    from threedis.engine.pictures import save_rule_pictures
-
-    paths.update(save_rule_pictures(result, paths["image"]))
-    print(result.report.table())
-    print(f"\nrendered {args.from_png} again; wrote to {args.out}:")
-    for kind, path in paths.items():
-        print(f"  {kind:<12} {path}")
+    _save_and_report(result, args.out, f"rendered {args.from_png} again; wrote to {args.out}:")
     return 0
 
 

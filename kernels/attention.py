@@ -135,6 +135,14 @@ def _resolve(tokens: TokenLayout, device: torch.device, dtype: torch.dtype, requ
     return module
 
 
+def _concrete(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:<current>": the per-layout caches are keyed by the device the tensors are on."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def prepare_attention(
     tokens: TokenLayout,
     phases: Phases | None,
@@ -151,9 +159,7 @@ def prepare_attention(
     """
     if phases is None or not phases.any:
         return
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _concrete(device)
     module = _resolve(tokens, device, dtype, backend)
     hook = getattr(module, "prepare", None)
     if callable(hook):
@@ -178,9 +184,7 @@ def attention_sparsity(
 
     if phases is None or not phases.any:
         return {"density": 1.0, "tile_fraction": 1.0}
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _concrete(device)
     module = _resolve(tokens, device, dtype, backend)
     name = module.__name__.rsplit(".", 1)[-1].removesuffix("_backend").removesuffix("_attention")
     out: dict[str, float | int | str] = {"density": round(density(tokens, phases), 6)}

@@ -49,3 +49,29 @@ def depth_image_64():
     img = Image.linear_gradient("L").rotate(90).resize((64, 64)).convert("RGB")
     ImageDraw.Draw(img).rectangle((20, 24, 44, 48), fill=(230, 230, 230))
     return img
+
+
+@pytest.fixture
+def small_flux_transformer():
+    """(model, inputs): a 1+1-block FluxTransformer2DModel with our processors and one step's inputs.
+
+    Image grid 4x5 (20 tokens), 15 text tokens (three chunks of 5): for attention and compile tests.
+    """
+    diffusers = pytest.importorskip("diffusers")
+    from threedis.engine.processor import install_processors
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    install_processors(model)
+    gen = torch.Generator().manual_seed(8)
+    img_ids = torch.stack([torch.zeros(20), torch.arange(4).repeat_interleave(5), torch.arange(5).repeat(4)], 1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 20, 8, generator=gen), encoder_hidden_states=torch.randn(1, 15, 32, generator=gen),
+        pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.6]),
+        guidance=torch.tensor([3.5]), img_ids=img_ids, txt_ids=torch.zeros(15, 3), return_dict=False,
+    )
+    return model, inputs

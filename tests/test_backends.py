@@ -247,27 +247,13 @@ def test_float64_inputs_stay_float64():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_compiled_flux_transformer_traces_through_the_reference_backends(backend):
+def test_compiled_flux_transformer_traces_through_the_reference_backends(backend, small_flux_transformer):
     """With the phase set prepared, torch.compile(fullgraph=True) sees no graph break and matches eager."""
-    diffusers = pytest.importorskip("diffusers")
-    from threedis.engine.processor import AttentionCall, install_processors
+    from threedis.engine.processor import AttentionCall
     from threedis.kernels.attention import prepare_attention
 
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    install_processors(model)
+    model, args = small_flux_transformer
     tokens = TokenLayout.build(rule.box_regions([(0.0, 0.0, 0.7, 0.6), (0.4, 0.3, 1.0, 1.0)], 4, 5), chunk=5)
-    gen = torch.Generator().manual_seed(3)
-    img_ids = torch.stack([torch.zeros(20), torch.arange(4).repeat_interleave(5), torch.arange(5).repeat(4)], 1)
-    args = dict(
-        hidden_states=torch.randn(1, 20, 8, generator=gen), encoder_hidden_states=torch.randn(1, 15, 32, generator=gen),
-        pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.6]),
-        guidance=torch.tensor([3.5]), img_ids=img_ids, txt_ids=torch.zeros(15, 3), return_dict=False,
-    )
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     with torch.no_grad():

@@ -215,33 +215,21 @@ def test_custom_op_opcheck_and_compile_without_graph_breaks():
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_flux_transformer_has_no_graph_break_and_one_graph_per_phase_set():
+def test_compiled_flux_transformer_has_no_graph_break_and_one_graph_per_phase_set(small_flux_transformer):
     """torch.compile(fullgraph=True) of a tiny FLUX transformer with the Triton backend, tables prepared per phase.
 
     fullgraph fails on any graph break (a Python launcher, importlib, torch.unique on a cold cache...);
     the compile count shows a phase change costs one graph, and a repeat of the same phases or a new
     layout (new block-table data) none.
     """
-    diffusers = pytest.importorskip("diffusers")
-    from threedis.engine.processor import AttentionCall, install_processors
+    from threedis.engine.processor import AttentionCall
     from threedis.kernels.attention import prepare_attention
 
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ).to(DEVICE).eval()
-    install_processors(model)
+    model, args = small_flux_transformer
+    model = model.to(DEVICE)
     regions = box_regions([(0.0, 0.0, 0.7, 0.6), (0.4, 0.3, 1.0, 1.0)], 4, 5)
     tokens = TokenLayout.build(regions, chunk=5, order=membership_order(regions)).to(DEVICE)  # L = 15 + 20
-    gen = torch.Generator().manual_seed(8)
-    img_ids = torch.stack([torch.zeros(20), torch.arange(4).repeat_interleave(5), torch.arange(5).repeat(4)], 1)
-    args = dict(
-        hidden_states=torch.randn(1, 20, 8, generator=gen), encoder_hidden_states=torch.randn(1, 15, 32, generator=gen),
-        pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.6]),
-        guidance=torch.tensor([3.5]), img_ids=img_ids[tokens.order], txt_ids=torch.zeros(15, 3), return_dict=False,
-    )
+    args["img_ids"] = args["img_ids"][tokens.order]
     args = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in args.items()}
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
