@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from threedis.kernels.rule import Phases, RuleError, TokenLayout
+from threedis.kernels.rule import Phases, RuleError, TokenLayout, concrete_device
 
 log = logging.getLogger("threedis.kernels")
 
@@ -135,14 +135,6 @@ def _resolve(tokens: TokenLayout, device: torch.device, dtype: torch.dtype, requ
     return module
 
 
-def _concrete(device: torch.device | str) -> torch.device:
-    """"cuda" -> "cuda:<current>": the per-layout caches are keyed by the device the tensors are on."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def prepare_attention(
     tokens: TokenLayout,
     phases: Phases | None,
@@ -159,7 +151,7 @@ def prepare_attention(
     """
     if phases is None or not phases.any:
         return
-    device = _concrete(device)
+    device = concrete_device(device)
     module = _resolve(tokens, device, dtype, backend)
     hook = getattr(module, "prepare", None)
     if callable(hook):
@@ -176,30 +168,25 @@ def attention_sparsity(
     """What one phase set costs the chosen backend, for the profiler: exact density of
     allowed pairs and the fraction of tiles the backend computes.
 
-    triton and flex skip tiles without an allowed pair (triton: its block table, built
-    and cached here as the call would; flex: its block mask's 128-token tiles, counted
-    with the same rule); sdpa computes every pair. O(L) work; no L x L matrix.
+    A backend that skips tiles without an allowed pair says which through its
+    `tiles(tokens, phases, device, dtype) -> BlockTable` (triton: the table its calls
+    use; flex: its block mask's tiles); one without (sdpa) computes every pair.
+    O(L) work; no L x L matrix.
     """
-    from threedis.kernels.block_table import block_table, build_block_table, density
+    from threedis.kernels.block_table import density
 
     if phases is None or not phases.any:
         return {"density": 1.0, "tile_fraction": 1.0}
-    device = _concrete(device)
+    device = concrete_device(device)
     module = _resolve(tokens, device, dtype, backend)
-    name = module.__name__.rsplit(".", 1)[-1].removesuffix("_backend").removesuffix("_attention")
     out: dict[str, float | int | str] = {"density": round(density(tokens, phases), 6)}
-    if name == "triton":
-        config = module._layout_config(tokens, device, dtype, 128)
-        table = block_table(tokens, phases, config.block_m, config.block_n, device)
-        out.update(tile_fraction=round(table.tile_fraction, 6), mask_free_fraction=round(table.full_fraction, 6),
-                   tile=f"{config.block_m}x{config.block_n}")
-    elif name == "flex":
-        block = module.BLOCK_SIZE
-        table = build_block_table(tokens, phases, block, block)
-        out.update(tile_fraction=round(table.tile_fraction, 6), mask_free_fraction=round(table.full_fraction, 6),
-                   tile=f"{block}x{block}")
-    else:
+    tiles = getattr(module, "tiles", None)  # backends that skip tiles say which; the others compute all
+    if not callable(tiles):
         out.update(tile_fraction=1.0)
+        return out
+    table = tiles(tokens, phases, device, dtype)
+    out.update(tile_fraction=round(table.tile_fraction, 6), mask_free_fraction=round(table.full_fraction, 6),
+               tile=f"{table.block_m}x{table.block_n}")
     return out
 
 

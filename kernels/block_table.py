@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from threedis.kernels.rule import KIND_IMAGE, KIND_INSTANCE_TEXT, Phases, RuleError, TokenLayout
+from threedis.kernels.rule import (
+    KIND_IMAGE, KIND_INSTANCE_TEXT, Phases, RuleError, TokenLayout, concrete_device,
+)
 
 # Query-type x key-type combinations evaluated at once; caps working memory at
 # max(L, _PAIR_CHUNK) pairs whatever the number of distinct types.
@@ -182,10 +184,7 @@ def build_block_table(tokens: TokenLayout, phases: Phases | None, block_m: int, 
 
 
 def _device_key(device: torch.device | str | None, fallback: torch.device) -> torch.device:
-    device = torch.device(device) if device is not None else fallback
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return concrete_device(device if device is not None else fallback)
 
 
 def block_table(

@@ -13,12 +13,15 @@ import functools
 import importlib.util
 import math
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
 from threedis.kernels.rule import Phases, TokenLayout, query_restrictions
+
+if TYPE_CHECKING:
+    from threedis.kernels.block_table import BlockTable
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -100,6 +103,13 @@ def block_mask(tokens: TokenLayout, phases: Phases, device: torch.device, block:
 def prepare(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> None:
     """Build this phase set's BlockMask before the transformer runs (a compiled model then only looks it up)."""
     block_mask(tokens, phases, torch.device(device))
+
+
+def tiles(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> "BlockTable":
+    """Which BLOCK_SIZE tiles hold an allowed pair: the tiles the block mask lets FlexAttention compute."""
+    from threedis.kernels.block_table import build_block_table
+
+    return build_block_table(tokens, phases, BLOCK_SIZE, BLOCK_SIZE)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: TokenLayout, phases: Phases) -> torch.Tensor:

@@ -165,6 +165,14 @@ class Schedule:
         return Phases(i2i=step < self.i2i, i2t=step < self.i2t, t2i=step < self.t2i, t2t=step < self.t2t)
 
 
+def concrete_device(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:<current>": per-layout caches are keyed by the device the tensors are on."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass(frozen=True, eq=False)
 class TokenLayout:
     """O(L) description of the joint sequence: text chunks first, then image tokens.

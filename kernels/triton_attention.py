@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from threedis.kernels.block_table import BlockTable, block_table, dense_table
-from threedis.kernels.rule import KIND_IMAGE, KIND_INSTANCE_TEXT, Phases, RuleError, TokenLayout
+from threedis.kernels.rule import (
+    KIND_IMAGE, KIND_INSTANCE_TEXT, Phases, RuleError, TokenLayout, concrete_device,
+)
 
 try:
     import triton
@@ -338,13 +340,17 @@ def prepare(tokens: TokenLayout, phases: Phases, device: torch.device | str, dty
     later call only looks it up: torch.compile then traces a warm call without a
     graph break (a cold one runs torch.unique and device queries, which it cannot trace).
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     _require_available(device, dtype, tokens)
-    config = _layout_config(tokens, device, dtype, 128)  # FLUX's head dim; tiles do not depend on it
-    block_table(tokens, phases, config.block_m, config.block_n, device)
+    tiles(tokens, phases, device, dtype)
     _rule_tensors(tokens, device)
+
+
+def tiles(tokens: TokenLayout, phases: Phases, device: torch.device | str, dtype: torch.dtype) -> BlockTable:
+    """The block table this kernel uses for the layout and phase set (cached on the layout)."""
+    device = concrete_device(device)
+    config = _layout_config(tokens, device, dtype, 128)  # FLUX's head dim; tiles do not depend on it
+    return block_table(tokens, phases, config.block_m, config.block_n, device)
 
 
 def attention(

@@ -139,3 +139,23 @@ def test_bad_block_sizes_raise_rule_error():
     tokens = TokenLayout.build(box_regions([(0, 0, 1, 1)], 2, 2), chunk=2)
     with pytest.raises(RuleError, match="block sizes"):
         build_block_table(tokens, Phases(True, True, True, True), 0, 16)
+
+
+@pytest.mark.parametrize("backend, tile", [("triton", 32), ("flex", 128), ("sdpa", None)])
+def test_attention_sparsity_reports_each_backends_tiles(backend, tile):
+    """Density from the dense reference; tile fraction from a table built here at the backend's tile size."""
+    from threedis.kernels.attention import attention_sparsity, select_backend
+
+    try:
+        select_backend("cpu", torch.float32, backend)
+    except RuleError as err:
+        pytest.skip(str(err))
+    tokens = TokenLayout.build(box_regions([(0.0, 0.1, 0.6, 0.7), (0.3, 0.4, 1.0, 1.0)], 12, 14), chunk=9)
+    phases = Phases(True, True, True, True)
+    got = attention_sparsity(tokens, phases, "cpu", torch.float32, backend)
+    assert got["density"] == pytest.approx(dense_allowed(tokens, phases).double().mean().item(), abs=1e-6)
+    if tile is None:
+        assert got["tile_fraction"] == 1.0 and "tile" not in got
+    else:
+        assert got["tile"] == f"{tile}x{tile}"
+        assert got["tile_fraction"] == pytest.approx(build_block_table(tokens, phases, tile, tile).tile_fraction)
