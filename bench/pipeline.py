@@ -61,6 +61,7 @@ import torch
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import GIB, Profile, apply_overrides, list_profiles, load_profile
 from threedis.kernels.bench_attention import versions as base_versions
+from threedis.engine.api import RenderOptions
 
 RUNTIME_MODELS = ("transformer", "t5", "clip", "vae")
 REAL_CONFIGS = {"transformer": "flux_depth_transformer", "t5": "t5_xxl_encoder", "clip": "clip_l_text",
@@ -270,7 +271,7 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
         "device_name": device_name(device), "vram_cap_gb": args.vram_cap_gb, "versions": versions(),
     }
     layout, depth = grid_layout(width, height, instances), depth_ramp(width, height)
-    kwargs = dict(depth=depth, steps=args.steps, seed=0, chunk=args.chunk)
+    kwargs = dict(depth=depth, steps=args.steps, seed=0, options=RenderOptions(chunk=args.chunk))
     outside = 0  # device memory this process holds outside PyTorch's allocator (CUDA context, cuBLAS)
     with tempfile.TemporaryDirectory(prefix="threedis-bench-") as cache:
         try:

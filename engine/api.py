@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -41,9 +41,33 @@ from threedis.engine.runtime import ModelManager
 from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
 from threedis.kernels.rule import RuleError, Schedule
 
-__all__ = ["Engine", "RenderCancelled", "RenderResult", "default_schedule", "default_cache_dir"]
+__all__ = ["Engine", "RenderCancelled", "RenderOptions", "RenderResult", "Stage1Options", "default_schedule",
+           "default_cache_dir"]
 
 DEMO_I2I_STEPS = 4  # the authors' demo default for the image->image switch (SPEC section 3)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """The rarely changed knobs of a render, grouped so that the common call stays short.
+
+    chunk: T5 tokens kept per prompt (SPEC 2, default 200). append_instances: append each
+    instance's description to the global prompt, as the authors do. permute_tokens: group
+    image tokens by instance so whole attention tiles can be skipped (same image, faster
+    kernel). preview: decode a small preview image for on_step every step.
+    """
+
+    chunk: int = 200
+    append_instances: bool = True
+    permute_tokens: bool = False
+    preview: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise UserError(f"chunk must be a positive whole number of tokens, got {self.chunk!r}")
+        for name in ("append_instances", "permute_tokens", "preview"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -63,6 +87,21 @@ class RenderResult:
     settings: dict = field(default_factory=dict)
     masks: list = field(default_factory=list)
     stage1_rgb: Image.Image | None = None
+
+    def save(self, folder: str | os.PathLike, pictures: bool = True, overwrite: bool = False,
+             prefix: str | None = None) -> dict[str, Path]:
+        """Write this render's files into `folder` as one set; returns kind -> final path.
+
+        image.png (layout, seed and settings in its PNG metadata), depth.png, layout.png,
+        masks, the report files and, with pictures, what the attention rule saw
+        (regions.png, attention*.png). The set is written aside and moved in together;
+        existing files are never replaced unless overwrite: a clash gives the whole set
+        the next free numbered suffix. prefix names the set ("seed-3" -> seed-3.png,
+        seed-3-depth.png, ...) instead of image.png, depth.png, ...
+        """
+        from threedis.engine.outputs import save_result
+
+        return save_result(self, folder, overwrite=overwrite, pictures=pictures, prefix=prefix)
 
 
 def default_schedule(steps: int) -> Schedule:
@@ -316,47 +355,60 @@ class Engine:
         depth: Any = None,
         seed: int = 0,
         steps: int = 20,
+        *,
         guidance: float = 10.0,
         schedule: Schedule | None = None,
-        chunk: int = 200,
-        append_instances: bool = True,
-        on_step: StepCallback | None = None,
-        cancel: threading.Event | None = None,
-        permute_tokens: bool = False,
-        preview: bool = False,
         sam: bool = False,
-        stage1_steps: int = 30,
-        stage1_guidance: float = 6.5,
-        migc_steps: int = 16,
-        phase_augment: bool = True,
-        stage1_seed: int | None = None,
-        stage1_size: int | tuple[int, int] = 512,
-        stage1_negative_prompt: str | None = None,
+        depth_from_photo: Any = None,
+        stage1: Stage1Options | None = None,
+        options: RenderOptions | None = None,
+        on_step: StepCallback | None = None,
         on_stage1_step: Callable[[int, int], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> RenderResult:
-        """Render `layout`: stage 1 (when depth is None) -> SAM2 masks (when sam) -> FLUX.
+        """Render `layout`: depth (given, from a photo, or stage 1) -> SAM2 masks (when sam) -> FLUX.
 
-        depth None runs stage 1 at stage1_size (default 512 x 512, as the demos) and stretches
-        its depth to the layout size. sam=True replaces the box of every instance without a
-        user mask by SAM2's mask of that box on the (resized) depth map.
-        on_stage1_step(done, total) and on_step(done, total, preview) report progress;
-        setting `cancel` stops at the next step or stage boundary with RenderCancelled,
-        with every auxiliary model already freed.
+        depth: a depth map (PIL image, path, array or tensor; near = bright). depth_from_photo:
+        a photo whose depth Depth Anything V2 estimates instead. With neither, stage 1 makes
+        the depth at stage1.size (Stage1Options; default 512 x 512 as the demos, seed = this
+        render's seed) and it is stretched to the layout size. settings["depth"] records
+        which source was used. sam=True replaces the box of every instance without a user
+        mask by SAM2's mask of that box on the (resized) depth map. options: the rarely
+        changed knobs (RenderOptions). on_stage1_step(done, total) and
+        on_step(done, total, preview) report progress; setting `cancel` stops at the next
+        step or stage boundary with RenderCancelled, with every auxiliary model freed.
         """
         from threedis.engine.profiler import Profiler
 
         self._check_render_args(layout, steps, schedule)
+        options = options if options is not None else RenderOptions()
+        if not isinstance(options, RenderOptions):
+            raise UserError(f"options must be a threedis RenderOptions, got {type(options).__name__}")
+        if stage1 is not None and not isinstance(stage1, Stage1Options):
+            raise UserError(f"stage1 must be a threedis Stage1Options, got {type(stage1).__name__}")
+        if depth is not None and depth_from_photo is not None:
+            raise UserError("give either depth= or depth_from_photo=, not both")
+        chunk, append_instances = options.chunk, options.append_instances
         schedule = schedule or default_schedule(steps)
-        depth_image = None if depth is None else self._depth_image(layout, depth)
-        stage1 = None
+        depth_source: dict[str, Any] = {"source": "user"}
+        depth_image = None
+        if depth_from_photo is not None:
+            depth_image = self._depth_image(layout, self.depth_from_image(depth_from_photo,
+                                                                          size=(layout.width, layout.height)))
+            photo = depth_from_photo if isinstance(depth_from_photo, (str, os.PathLike)) else None
+            depth_source = {"source": "photo", "photo": None if photo is None else os.fspath(photo),
+                            "model": self.aux.spec("depth")}
+        elif depth is not None:
+            depth_image = self._depth_image(layout, depth)
         if depth_image is None:
             self.aux.spec("stage1")  # no stage 1 configured: say so before any work
-            stage1 = Stage1Options(steps=stage1_steps, guidance=stage1_guidance, migc_steps=migc_steps,
-                                   phase_augment=phase_augment, size=stage1_size,
-                                   seed=seed if stage1_seed is None else stage1_seed,
-                                   negative_prompt=stage1_negative_prompt)
+            stage1 = stage1 if stage1 is not None else Stage1Options()
+            if stage1.seed is None:
+                stage1 = replace(stage1, seed=seed)
+        else:
+            stage1 = None
         settings = DenoiseSettings(steps=steps, guidance=float(guidance), schedule=schedule, backend=self.backend,
-                                   permute_tokens=bool(permute_tokens), preview=bool(preview))
+                                   permute_tokens=options.permute_tokens, preview=options.preview)
         with self._lock:
             if self.device.type == "cuda":  # before anything of this render loads
                 from threedis.engine.planner import STAGE2_MODELS, models_for
@@ -386,8 +438,8 @@ class Engine:
             prof.note("placement", self.models.placement())
             prof.note("step cache", self.step_cache.describe())
             report = prof.report()
-        info = self._settings(steps, guidance, schedule, chunk, append_instances, permute_tokens, text)
-        info["depth"] = self._depth_settings(stage1, stage1_result)
+        info = self._settings(steps, guidance, schedule, options, text)
+        info["depth"] = self._depth_settings(stage1, stage1_result) if stage1 is not None else depth_source
         info.update(mask_info)
         return RenderResult(image=image, depth=depth_image, report=report, layout=layout, seed=int(seed),
                             settings=info, masks=masks,
@@ -447,21 +499,18 @@ class Engine:
         )
         return image, text
 
-    def _depth_settings(self, stage1: Stage1Options | None, result: Any) -> dict:
-        if stage1 is None:
-            return {"source": "user"}
+    def _depth_settings(self, stage1: Stage1Options, result: Any) -> dict:
         return {"source": "stage1", "model": self.aux.spec("stage1"), **stage1.to_dict(),
                 "prompt": result.settings.get("prompt")}
 
-    def _settings(self, steps: int, guidance: float, schedule: Schedule, chunk: int, append_instances: bool,
-                  permute_tokens: bool, text: Any) -> dict:
+    def _settings(self, steps: int, guidance: float, schedule: Schedule, options: RenderOptions, text: Any) -> dict:
         return {
             "steps": steps,
             "guidance": float(guidance),
             "schedule": asdict(schedule),
-            "chunk": chunk,
-            "append_instances": bool(append_instances),
-            "permute_tokens": bool(permute_tokens),
+            "chunk": options.chunk,
+            "append_instances": options.append_instances,
+            "permute_tokens": options.permute_tokens,
             "backend": self.backend,
             "backend_reason": self.backend_reason,
             "profile": self.profile.name,

@@ -82,15 +82,13 @@ _SAM_DEFAULT = "(default)"  # --sam without a value: the engine's default SAM2 i
 
 
 def _size_arg(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
-    parts = text.lower().split("x")
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height): the API's reading (stages.parse_size)."""
+    from threedis.engine.sizes import parse_size
+
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values, default=0) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a size like 512 or 768x512, got {text!r}")
-    return (values[0], values[-1])
+        return parse_size(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
@@ -188,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--chunk", type=int, default=200)
     p.add_argument("--stage1", action="store_true", help="include stage 1 (layout -> depth: render without --depth)")
-    p.add_argument("--stage1-size", type=int, default=512, help="stage-1 generation size (default 512)")
+    p.add_argument("--stage1-size", type=_size_arg, default=(512, 512), metavar="WxH",
+                   help="stage-1 generation size, 512 or 768x512 (default 512)")
     p.add_argument("--sam", action="store_true", help="include SAM2 mask enhancement")
     p.add_argument("--depth-from-photo", action="store_true", help="include the Depth Anything estimator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -205,13 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set expects KEY=VALUE (e.g. transformer.weights=nf4), got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
+    from threedis.engine.profiles import parse_overrides
+
+    return parse_overrides(items)
 
 
 def _schedule(args: argparse.Namespace, steps: int):
@@ -246,17 +241,19 @@ class _ProgressBar:
             self.bar = None
 
 
-def _stage1_kwargs(args: argparse.Namespace, steps: int, migc_steps: int, size: int | tuple[int, int]) -> dict:
+def _stage1_options(args: argparse.Namespace, steps: int, migc_steps: int, size: int | tuple[int, int]) -> Any:
     """Stage-1 settings for Engine.render: the command's values, else the given defaults."""
-    return {
-        "stage1_steps": args.stage1_steps if args.stage1_steps is not None else steps,
-        "migc_steps": args.migc_steps if args.migc_steps is not None else migc_steps,
-        "stage1_size": args.stage1_size if args.stage1_size is not None else size,
-        "stage1_guidance": args.stage1_guidance,
-        "stage1_seed": args.stage1_seed,
-        "phase_augment": not args.no_phase_augment,
-        "stage1_negative_prompt": args.stage1_negative,
-    }
+    from threedis.engine.api import Stage1Options
+
+    return Stage1Options(
+        steps=args.stage1_steps if args.stage1_steps is not None else steps,
+        migc_steps=args.migc_steps if args.migc_steps is not None else migc_steps,
+        size=args.stage1_size if args.stage1_size is not None else size,
+        guidance=args.stage1_guidance,
+        seed=args.stage1_seed,
+        phase_augment=not args.no_phase_augment,
+        negative_prompt=args.stage1_negative,
+    )
 
 
 def _check_depth_inputs(args: argparse.Namespace) -> None:
@@ -266,9 +263,9 @@ def _check_depth_inputs(args: argparse.Namespace) -> None:
 
 
 def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: str | None, sam: str | None,
-            stage1_kwargs: dict) -> int:
+            stage1_options: Any) -> int:
     """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
-    from threedis.engine.api import Engine
+    from threedis.engine.api import Engine, RenderOptions
 
     _check_depth_inputs(args)
     overrides = _parse_overrides(args.overrides)
@@ -281,18 +278,15 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
           f"attention backend {engine.backend} ({engine.backend_reason})")
     if args.lora:
         engine.load_lora(args.lora, scale=args.lora_scale)
-    depth = args.depth
     if args.depth_from_photo is not None:
         print(f"estimating the depth map of {args.depth_from_photo}")
-        depth = engine.depth_from_image(args.depth_from_photo, size=(layout.width, layout.height))
+    options = RenderOptions(chunk=args.chunk, append_instances=not args.no_append_instances,
+                            permute_tokens=args.permute_tokens)
     result = _render_with_progress(
-        engine, layout=layout, depth=depth, seed=args.seed, steps=steps, guidance=args.guidance,
-        schedule=_schedule(args, steps), chunk=args.chunk, append_instances=not args.no_append_instances,
-        permute_tokens=args.permute_tokens, sam=sam is not None, **stage1_kwargs,
+        engine, layout=layout, depth=args.depth, depth_from_photo=args.depth_from_photo, seed=args.seed,
+        steps=steps, guidance=args.guidance, schedule=_schedule(args, steps), sam=sam is not None,
+        stage1=stage1_options, options=options,
     )
-    if args.depth_from_photo is not None:
-        result.settings["depth"] = {"source": "photo", "photo": str(args.depth_from_photo),
-                                    "model": engine.aux.spec("depth")}
     _save_and_report(result, args.out, f"wrote to {args.out}:")
     return 0
 
@@ -312,12 +306,8 @@ def _render_with_progress(engine: Any, **render_kwargs: Any) -> Any:
 
 
 def _save_and_report(result: Any, out: Path, heading: str) -> None:
-    """Write the render's files (never overwriting) and the rule pictures; print the profile and the paths."""
-    from threedis.engine.outputs import save_result
-    from threedis.engine.pictures import save_rule_pictures
-
-    paths = save_result(result, out)
-    paths.update(save_rule_pictures(result, paths["image"]))  # regions.png, attention*.png
+    """Write the render's files as one set (never overwriting); print the profile and the paths."""
+    paths = result.save(out, pictures=True)
     print(result.report.table())
     print(f"\n{heading}")
     for kind, path in paths.items():
@@ -378,7 +368,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise UserError("no model given: pass --model with a FLUX.1-Depth-dev folder or hub id "
                         "(or set $THREEDIS_MODEL); `threedis demo` runs on a tiny test checkpoint")
     return _render(args, layout, args.model, args.steps, args.stage1 or "auto", args.sam,
-                   _stage1_kwargs(args, steps=30, migc_steps=16, size=512))
+                   _stage1_options(args, steps=30, migc_steps=16, size=512))
 
 
 # The tiny checkpoints only exercise the code: sizes and step counts that keep the demo to seconds on a CPU.
@@ -392,7 +382,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model:
         model, steps, sam = args.model, args.steps or 20, args.sam
         stage1 = args.stage1 or "auto"
-        stage1_kwargs = _stage1_kwargs(args, steps=30, migc_steps=16, size=512)
+        stage1_options = _stage1_options(args, steps=30, migc_steps=16, size=512)
     else:
         from threedis.engine.stage1.tiny import tiny_ldm3d_path
         from threedis.engine.tiny import tiny_flux_path
@@ -414,11 +404,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if sam is None and not args.no_sam:
             sam = str(tiny_sam2_path())
             print(f"SAM2: tiny random-weight checkpoint at {sam}")
-        stage1_kwargs = _stage1_kwargs(args, steps=_TINY_STAGE1_STEPS, migc_steps=_TINY_MIGC_STEPS,
-                                       size=_TINY_STAGE1_SIZE)
+        stage1_options = _stage1_options(args, steps=_TINY_STAGE1_STEPS, migc_steps=_TINY_MIGC_STEPS,
+                                         size=_TINY_STAGE1_SIZE)
     if args.no_sam:
         sam = None
-    return _render(args, layout, model, steps, stage1, sam, stage1_kwargs)
+    return _render(args, layout, model, steps, stage1, sam, stage1_options)
 
 
 def _shrink_for_tiny(layout):
@@ -499,10 +489,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     layout = Layout.load(args.layout)
     profile = load_profile(args.profile, _parse_overrides(args.overrides) or None)
     models = models_for(stage1=args.stage1, sam2=args.sam, depth_estimator=args.depth_from_photo)
-    if args.stage1_size <= 0 or args.stage1_size % 8:
-        raise UserError(f"--stage1-size {args.stage1_size} must be a positive multiple of 8 (e.g. 512)")
     result = plan(profile, layout.width, layout.height, len(layout.instances), chunk=args.chunk, models=models,
-                  stage1_size=(args.stage1_size, args.stage1_size))
+                  stage1_size=args.stage1_size)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

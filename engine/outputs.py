@@ -43,7 +43,7 @@ __all__ = [
 
 METADATA_KEY = "threedis"
 _REPORT_KINDS = {"json": "report", "text": "report_text"}  # Report.save's keys -> ours
-_RENDER_KEYS = ("steps", "guidance", "chunk", "append_instances", "permute_tokens")
+_OPTION_KEYS = ("chunk", "append_instances", "permute_tokens")  # settings -> RenderOptions
 
 
 def metadata_for(result: Any) -> dict:
@@ -52,9 +52,9 @@ def metadata_for(result: Any) -> dict:
     return {"layout": result.layout.to_dict(), "seed": result.seed, **settings}
 
 
-def _stage(result: Any, folder: Path) -> dict[str, Path]:
+def _stage(result: Any, folder: Path, pictures: bool) -> dict[str, Path]:
     """Write every output into `folder` under its plain name; returns kind -> path."""
-    from threedis.engine.pictures import draw_layout
+    from threedis.engine.pictures import draw_layout, save_rule_pictures
 
     started = time.perf_counter()
     info = PngInfo()
@@ -71,6 +71,8 @@ def _stage(result: Any, folder: Path) -> dict[str, Path]:
         if mask is not None:
             paths[f"mask-{i}"] = folder / f"mask-{i}.png"
             mask.convert("L").save(paths[f"mask-{i}"])
+    if pictures:  # what the attention rule saw: regions.png, attention*.png
+        paths.update(save_rule_pictures(result, paths["image"]))
     report_dir = folder / "report"
     report_dir.mkdir()
     # the written report also times the writing of the pictures above ("save")
@@ -89,6 +91,19 @@ def _with_suffix(name: str, suffix: str) -> str:
     return f"{stem}{suffix}{dot}{ext}"
 
 
+def _final_name(name: str, prefix: str | None, suffix: str) -> str:
+    """image.png -> image-1.png; with prefix "seed-3": image.png -> seed-3-1.png, depth.png -> seed-3-depth-1.png."""
+    if prefix is None:
+        return _with_suffix(name, suffix)
+    stem, dot, ext = name.partition(".")
+    return f"{prefix}{'' if stem == 'image' else '-' + stem}{suffix}{dot}{ext}"
+
+
+def _check_prefix(prefix: str | None) -> None:
+    if prefix is not None and (not prefix or prefix.startswith(".") or any(c in prefix for c in "/\\\0")):
+        raise UserError(f"output name prefix {prefix!r} must be a plain file name (no folders)")
+
+
 def _place_exclusive(src: Path, dst: Path) -> None:
     """Put src at dst, failing with FileExistsError instead of replacing a file that appeared meanwhile."""
     try:
@@ -100,21 +115,24 @@ def _place_exclusive(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout)
 
 
-def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
-    """Write image.png (with metadata), depth.png, layout.png and the profiler report files.
+def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False, pictures: bool = True,
+                prefix: str | None = None) -> dict[str, Path]:
+    """Write image.png (with metadata), depth.png, layout.png, masks, rule pictures and the report files.
 
     Returns kind -> final path. Without overwrite, a name clash moves the whole set
-    to the first free numbered suffix rather than replacing anything.
+    to the first free numbered suffix rather than replacing anything. prefix: see
+    RenderResult.save.
     """
+    _check_prefix(prefix)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".threedis-") as tmp:
-        staged = _stage(result, Path(tmp))
+        staged = _stage(result, Path(tmp), pictures)
         for n in range(100_000):
             suffix = f"-{n}" if n else ""
-            targets = {kind: out / _with_suffix(path.name, suffix) for kind, path in staged.items()}
+            targets = {kind: out / _final_name(path.name, prefix, suffix) for kind, path in staged.items()}
             if overwrite:
                 for kind, path in staged.items():
                     os.replace(path, targets[kind])
@@ -191,22 +209,22 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
     from threedis.engine.layout import Layout
     from threedis.kernels.rule import Schedule
 
+    from threedis.engine.api import RenderOptions
+    from threedis.engine.stages import Stage1Options
+
     try:
-        kwargs = {key: meta[key] for key in _RENDER_KEYS}
+        kwargs = {key: meta[key] for key in ("steps", "guidance")}
         kwargs.update(layout=Layout.from_dict(meta["layout"]), seed=int(meta["seed"]),
-                      schedule=Schedule(**meta["schedule"]))
+                      schedule=Schedule(**meta["schedule"]),
+                      options=RenderOptions(**{key: meta[key] for key in _OPTION_KEYS}))
     except KeyError as exc:
         raise UserError(f"threedis metadata lacks {exc.args[0]!r}; it was written by another version") from None
     if (meta.get("sam") or {}).get("ran"):
         kwargs["sam"] = True
     stage1 = meta.get("depth") or {}
-    if stage1.get("source") == "stage1":
-        kwargs.update({f"stage1_{k}": stage1[k] for k in ("steps", "guidance", "seed") if k in stage1})
-        kwargs.update({k: stage1[k] for k in ("migc_steps", "phase_augment") if k in stage1})
-        if "size" in stage1:
-            kwargs["stage1_size"] = tuple(stage1["size"])
-        if stage1.get("negative_prompt") is not None:
-            kwargs["stage1_negative_prompt"] = stage1["negative_prompt"]
+    if stage1.get("source") == "stage1" and depth is None:
+        fields = ("steps", "guidance", "seed", "migc_steps", "phase_augment", "size", "negative_prompt")
+        kwargs["stage1"] = Stage1Options(**{k: stage1[k] for k in fields if stage1.get(k) is not None})
     if depth is not None:
         kwargs["depth"] = depth
     return kwargs
@@ -215,8 +233,9 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
 def _sibling(image_path: Path, name: str) -> Path:
     """The file of the same saved set: image-3.png -> depth-3.png (save_result's shared suffix)."""
     stem = image_path.name.partition(".")[0]
-    suffix = stem[len("image"):] if stem.startswith("image") else ""
-    return image_path.with_name(_with_suffix(name, suffix))
+    if not stem.startswith("image"):  # a named set: seed-3.png -> seed-3-depth.png
+        return image_path.with_name(_final_name(name, stem, ""))
+    return image_path.with_name(_with_suffix(name, stem[len("image"):]))
 
 
 @dataclass
@@ -270,10 +289,8 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None) -> Rerende
         if origin == "user" and item.get("mask") and not Path(item["mask"]).is_file() and saved.is_file():
             item["mask"] = str(saved)
     layout["instances"] = instances
+    # with the saved depth, stage 1 (and its settings) is not needed again
     render = render_kwargs_from_metadata({**meta, "layout": layout}, depth=depth)
-    if depth is not None:  # the saved depth is the one used: stage 1 (and its settings) is not needed again
-        render = {k: v for k, v in render.items() if not k.startswith("stage1_")
-                  and k not in ("migc_steps", "phase_augment")}
     # "auto": the recorded profile may not fit (or exist on) this machine; the overrides pin its numerics
     engine = {"path_or_id": meta.get("model"), "profile": "auto",
               "overrides": _reproducing_overrides(meta), "backend": meta.get("backend") or "auto"}

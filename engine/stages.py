@@ -25,6 +25,7 @@ from PIL import Image
 from threedis.engine.denoise import RenderCancelled
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import Placement, Profile
+from threedis.engine.sizes import parse_size
 
 __all__ = [
     "AUX_KINDS",
@@ -59,17 +60,6 @@ def _whole(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _size(value: Any) -> tuple[int, int]:
-    """512 -> (512, 512); (w, h) kept; both multiples of 8 (the LDM3D VAE factor)."""
-    pair = (value, value) if isinstance(value, int) else value
-    ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 8 and v % 8 == 0 for v in pair)
-    if isinstance(value, bool) or not ok:
-        raise UserError(f"stage1_size must be a multiple of 8 (e.g. 512) or a (width, height) pair of them, "
-                        f"got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
 @dataclass(frozen=True)
 class Stage1Options:
     """Stage 1's settings for one render (defaults: the authors' demos, SPEC section 6)."""
@@ -79,7 +69,7 @@ class Stage1Options:
     migc_steps: int = 16
     phase_augment: bool = True
     size: tuple[int, int] = (512, 512)  # (width, height) of the generated depth, before resizing to the layout
-    seed: int = 0
+    seed: int | None = None  # None: the render's seed
     negative_prompt: str | None = None  # None: the demos' (stage1.pipeline.DEFAULT_NEGATIVE)
 
     def __post_init__(self) -> None:
@@ -87,8 +77,9 @@ class Stage1Options:
             raise UserError(f"stage1_negative_prompt must be text, got {self.negative_prompt!r}")
         _whole("stage1_steps", self.steps, 1)
         _whole("migc_steps", self.migc_steps, 0)
-        _whole("stage1_seed", self.seed, 0)
-        object.__setattr__(self, "size", _size(self.size))
+        if self.seed is not None:
+            _whole("stage1_seed", self.seed, 0)
+        object.__setattr__(self, "size", parse_size(self.size))
         object.__setattr__(self, "guidance", float(self.guidance))
         object.__setattr__(self, "phase_augment", bool(self.phase_augment))
 

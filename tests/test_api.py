@@ -18,6 +18,7 @@ from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.outputs import read_metadata, render_kwargs_from_metadata, save_result
 from threedis.kernels.rule import Schedule
+from threedis.engine.api import RenderOptions
 
 LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.attn.to_k")
 # Comparisons with models handed in as fp32 need fp32 weights and no step cache; the default
@@ -97,8 +98,8 @@ def test_from_components_with_text_encoders_in_memory(tiny_flux_dir, engine, dep
     parts = loading.load_components(tiny_flux_dir, dtype=torch.float32, device="cpu", text_encoders=True)
     parts.source = None  # as if built in memory: nothing to reload from, no disk cache
     other = Engine.from_components(parts, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
-    a = other.render(layout(), depth=depth_image_64, steps=2, seed=4, chunk=16)
-    b = engine.render(layout(), depth=depth_image_64, steps=2, seed=4, chunk=16)
+    a = other.render(layout(), depth=depth_image_64, steps=2, seed=4, options=RenderOptions(chunk=16))
+    b = engine.render(layout(), depth=depth_image_64, steps=2, seed=4, options=RenderOptions(chunk=16))
     assert np.array_equal(pixels(a.image), pixels(b.image))
     assert not list(tmp_path.rglob("*.safetensors"))
 
@@ -116,7 +117,7 @@ def test_size_not_multiple_of_16_is_refused(engine, depth_image_64):
 def test_metadata_round_trip_rerenders_the_same_image(engine, depth_image_64, tmp_path):
     schedule = Schedule(steps=3, hard=2, i2i=1, i2t=3, t2i=2, t2t=3)
     result = engine.render(layout(), depth=depth_image_64.resize((40, 30)), seed=12, steps=3, guidance=7.5,
-                           schedule=schedule, chunk=12, append_instances=False)
+                           schedule=schedule, options=RenderOptions(chunk=12, append_instances=False))
     paths = save_result(result, tmp_path / "out")
     meta = read_metadata(paths["image"])
     assert meta["seed"] == 12 and meta["schedule"]["hard"] == 2 and meta["chunk"] == 12
@@ -129,7 +130,7 @@ def test_metadata_round_trip_rerenders_the_same_image(engine, depth_image_64, tm
 def test_saved_report_times_the_save(engine, depth_image_64, tmp_path):
     import json
 
-    result = engine.render(layout(), depth=depth_image_64, steps=1, chunk=8)
+    result = engine.render(layout(), depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
     paths = save_result(result, tmp_path)
     names = [s["name"] for s in json.loads(paths["report"].read_text())["stages"]]
     assert names[-1] == "save" and "step" in names
@@ -137,7 +138,7 @@ def test_saved_report_times_the_save(engine, depth_image_64, tmp_path):
 
 
 def test_save_never_overwrites_silently(engine, depth_image_64, tmp_path):
-    result = engine.render(layout(), depth=depth_image_64, steps=1, chunk=8)
+    result = engine.render(layout(), depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
     first = save_result(result, tmp_path)
     assert {"image", "depth", "layout", "report"} <= set(first)
     before = {kind: path.read_bytes() for kind, path in first.items()}
@@ -182,7 +183,7 @@ def test_lora_matches_merged_weights_and_scale_zero_is_a_no_op(tiny_flux_dir, de
     from threedis.engine.lora import set_lora_scale
 
     base_engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
-    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    render = dict(depth=depth_image_64, steps=2, seed=3, options=RenderOptions(chunk=16))
     with decoder_input(base_engine.components.vae) as seen:
         base_engine.render(layout(), **render)
     base = seen[-1]
@@ -220,7 +221,7 @@ def test_lora_survives_a_transformer_freed_between_renders(tiny_flux_dir, depth_
 
     from threedis.engine.profiles import apply_overrides, load_profile
 
-    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    render = dict(depth=depth_image_64, steps=2, seed=3, options=RenderOptions(chunk=16))
     resident = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, **EXACT)
     write_lora(tmp_path / "tiny_lora.safetensors", resident.components.transformer)
     resident.load_lora(tmp_path / "tiny_lora.safetensors", scale=0.7)
@@ -244,7 +245,7 @@ def test_lora_on_fp8_storage(tiny_flux_dir, depth_image_64, tmp_path):
     """fp8 layerwise casting upcasts only base layers: LoRA matrices must not stay in fp8."""
     from threedis.engine.lora import set_lora_scale
 
-    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    render = dict(depth=depth_image_64, steps=2, seed=3, options=RenderOptions(chunk=16))
     engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path, profile="cpu",
                                     overrides={"transformer.weights": "fp8", "step_cache": "none"})
     base = engine.render(layout(), **render).image
@@ -278,10 +279,10 @@ def test_two_engines_alternate_without_interference(tiny_flux_dir, depth_image_6
     write_lora(tmp_path / "b_lora.safetensors", b.components.transformer, seed=1)
     b.load_lora(tmp_path / "b_lora.safetensors")
     other = Layout("a city street", 64, 64, (Instance("a yellow taxi", (0.2, 0.5, 0.8, 0.95)),))
-    a1 = a.render(layout(), depth=depth_image_64, steps=2, seed=1, chunk=16)
-    b1 = b.render(other, depth=depth_image_64, steps=3, seed=2, chunk=8, permute_tokens=True)
-    a2 = a.render(layout(), depth=depth_image_64, steps=2, seed=1, chunk=16)
-    b2 = b.render(other, depth=depth_image_64, steps=3, seed=2, chunk=8, permute_tokens=True)
+    a1 = a.render(layout(), depth=depth_image_64, steps=2, seed=1, options=RenderOptions(chunk=16))
+    b1 = b.render(other, depth=depth_image_64, steps=3, seed=2, options=RenderOptions(chunk=8, permute_tokens=True))
+    a2 = a.render(layout(), depth=depth_image_64, steps=2, seed=1, options=RenderOptions(chunk=16))
+    b2 = b.render(other, depth=depth_image_64, steps=3, seed=2, options=RenderOptions(chunk=8, permute_tokens=True))
     assert np.array_equal(pixels(a1.image), pixels(a2.image))
     assert np.array_equal(pixels(b1.image), pixels(b2.image))
     assert a1.settings["loras"] == [] and len(b1.settings["loras"]) == 1
@@ -327,8 +328,8 @@ def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_pa
     engine.load_lora(tmp_path / "lora.safetensors", scale=0.6)
     schedule = Schedule(steps=2, hard=1, i2i=1, i2t=2, t2i=2, t2t=2)
     out = tmp_path / "out"
-    save_result(engine.render(scene, depth=depth_image_64, seed=1, steps=2, chunk=8), out)  # image.png, depth.png
-    wanted = engine.render(scene, depth=depth_image_64.transpose(0), seed=9, steps=2, chunk=12, schedule=schedule)
+    save_result(engine.render(scene, depth=depth_image_64, seed=1, steps=2, options=RenderOptions(chunk=8)), out)  # image.png, depth.png
+    wanted = engine.render(scene, depth=depth_image_64.transpose(0), seed=9, steps=2, options=RenderOptions(chunk=12), schedule=schedule)
     image = save_result(wanted, out)["image"]
     assert image.name == "image-1.png"
     (tmp_path / "mask.png").unlink()  # moved away since: mask-0-1.png beside the image stands in
@@ -346,7 +347,7 @@ def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_on_a_streamed_transformer_runs_on_cuda(tiny_flux_dir, depth_image_64, tmp_path):
     """16gb streams fp8 blocks with diffusers' group offloading; LoRA matrices added later must reach the GPU."""
-    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    render = dict(depth=depth_image_64, steps=2, seed=3, options=RenderOptions(chunk=16))
     engine = Engine.from_pretrained(tiny_flux_dir, device="cuda", cache_dir=tmp_path, profile="16gb",
                                     overrides={"step_cache": "none"})
     base = engine.render(layout(), **render).image
@@ -355,3 +356,30 @@ def test_lora_on_a_streamed_transformer_runs_on_cuda(tiny_flux_dir, depth_image_
     devices = {p.device.type for n, p in engine.components.transformer.named_parameters() if ".lora_" in n}
     assert devices == {"cuda"}
     assert np.abs(pixels(engine.render(layout(), **render).image) - pixels(base)).max() > 0
+
+
+# ------------------------------------------------------------------ RenderResult.save
+
+
+def test_result_save_writes_one_set_with_pictures_and_names(engine, depth_image_64, tmp_path):
+    result = engine.render(layout(), depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
+    first = result.save(tmp_path)
+    assert {"image", "depth", "layout", "regions", "attention", "report", "report_text"} <= set(first)
+    assert all(path.parent == tmp_path and path.is_file() for path in first.values())
+    again = result.save(tmp_path)  # never replaces: the whole set moves to the next suffix
+    assert again["image"].name == "image-1.png" and again["regions"].name == "regions-1.png"
+    assert {p.name.partition(".")[0].endswith("-1") for p in again.values()} == {True}
+    named = result.save(tmp_path / "named", prefix="seed-3", pictures=False)
+    assert named["image"].name == "seed-3.png" and named["depth"].name == "seed-3-depth.png"
+    assert "regions" not in named and not list((tmp_path / "named").glob(".threedis-*"))
+    assert read_metadata(named["image"])["seed"] == result.seed
+    for bad in ("../up", "a/b", "", ".hidden"):
+        with pytest.raises(UserError, match="prefix"):
+            result.save(tmp_path, prefix=bad)
+
+
+def test_render_options_are_checked():
+    with pytest.raises(UserError, match="chunk"):
+        RenderOptions(chunk=0)
+    with pytest.raises(UserError, match="permute_tokens"):
+        RenderOptions(permute_tokens="yes")

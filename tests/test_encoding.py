@@ -12,6 +12,7 @@ from threedis.engine.api import Engine
 from threedis.engine.encoding import PromptEncoder
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
+from threedis.engine.api import RenderOptions
 
 PROMPTS = ["a sunny garden, a red bird, a blue jay on a branch", "a red bird", "a blue jay on a branch"]
 
@@ -124,7 +125,7 @@ def test_truncated_prompts_and_bad_chunk(tiny_flux_dir, tmp_path):
 def test_engine_cache_hit_skips_text_encoders(tiny_flux_dir, tmp_path, monkeypatch, depth_image_64):
     layout = Layout("a sunny garden", 64, 64, (Instance("a red bird", (0.1, 0.2, 0.5, 0.8)),))
     first = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path)
-    base = first.render(layout, depth=depth_image_64, steps=2, seed=1, chunk=16)
+    base = first.render(layout, depth=depth_image_64, steps=2, seed=1, options=RenderOptions(chunk=16))
     assert first.prompts.loads == {"clip": 1, "t5": 1}
 
     def refuse(*args, **kwargs):
@@ -134,8 +135,8 @@ def test_engine_cache_hit_skips_text_encoders(tiny_flux_dir, tmp_path, monkeypat
     monkeypatch.setattr(loading, "load_clip", refuse)
     second = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path)
     moved = Layout("a sunny garden", 64, 64, (Instance("a red bird", (0.4, 0.1, 0.9, 0.6)),))
-    second.render(moved, depth=depth_image_64, steps=2, seed=2, chunk=16)  # new seed, new box
-    same = second.render(layout, depth=depth_image_64, steps=2, seed=1, chunk=16)
+    second.render(moved, depth=depth_image_64, steps=2, seed=2, options=RenderOptions(chunk=16))  # new seed, new box
+    same = second.render(layout, depth=depth_image_64, steps=2, seed=1, options=RenderOptions(chunk=16))
     assert second.prompts.loads == {"clip": 0, "t5": 0}
     assert same.report.info["text encoders loaded"] == {"clip": 0, "t5": 0}
     assert np.array_equal(np.asarray(same.image), np.asarray(base.image))
@@ -147,6 +148,6 @@ def test_append_instances_flag_reaches_the_encoder(tiny_flux_dir, tmp_path, dept
     original = engine.prompts.encode
     engine.prompts.encode = lambda prompts, chunk: (seen.append(list(prompts)), original(prompts, chunk))[1]
     layout = Layout("a garden", 64, 64, (Instance("a red bird", (0.1, 0.2, 0.5, 0.8)),))
-    engine.render(layout, depth=depth_image_64, steps=1, chunk=8)
-    engine.render(layout, depth=depth_image_64, steps=1, chunk=8, append_instances=False)
+    engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
+    engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=8, append_instances=False))
     assert seen == [["a garden, a red bird", "a red bird"], ["a garden", "a red bird"]]

@@ -21,9 +21,11 @@ from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.outputs import read_metadata, render_kwargs_from_metadata, save_result
 from threedis.engine.sam_masks import boxes_to_pixels
+from threedis.engine.api import RenderOptions, Stage1Options
 
 CHUNK = 16
-FAST = dict(steps=2, chunk=CHUNK, stage1_steps=2, stage1_size=64, migc_steps=1)
+FAST_STAGE1 = dict(steps=2, size=64, migc_steps=1)
+FAST = dict(steps=2, options=RenderOptions(chunk=CHUNK), stage1=Stage1Options(**FAST_STAGE1))
 BOXES = [(0.1, 0.2, 0.5, 0.8), (0.5, 0.25, 1.0, 0.75)]
 
 
@@ -123,17 +125,18 @@ def test_render_without_depth_runs_every_stage(engine, aux_paths, tmp_path):
 
 
 def test_metadata_without_depth_reruns_stage1_to_the_same_image(engine, tmp_path):
-    first = engine.render(scene(), seed=2, stage1_negative_prompt="blurry, dark", **FAST)
+    first = engine.render(scene(), seed=2, **{**FAST, "stage1": Stage1Options(negative_prompt="blurry, dark",
+                                                                              **FAST_STAGE1)})
     meta = read_metadata(save_result(first, tmp_path)["image"])
     kwargs = render_kwargs_from_metadata(meta)  # no depth: stage 1 runs again with the saved settings
-    assert "depth" not in kwargs and kwargs["stage1_size"] == (64, 64)
-    assert kwargs["stage1_negative_prompt"] == "blurry, dark"
+    assert "depth" not in kwargs and kwargs["stage1"].size == (64, 64)
+    assert kwargs["stage1"].negative_prompt == "blurry, dark"
     again = engine.render(**kwargs)
     assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
 
 
 def test_user_depth_skips_stage1_and_records_it(engine, depth_image_64):
-    result = engine.render(scene(), depth=depth_image_64, steps=1, chunk=CHUNK)
+    result = engine.render(scene(), depth=depth_image_64, steps=1, options=RenderOptions(chunk=CHUNK))
     assert result.stage1_rgb is None and result.masks == [None, None]
     assert result.settings["depth"] == {"source": "user"} and result.settings["sam"]["ran"] is False
     assert "stage1" not in [s.name for s in result.report.stages]
@@ -145,11 +148,20 @@ def test_no_stage1_model_and_no_depth_says_what_to_do(tiny_flux_dir, tmp_path):
         plain.render(scene(), steps=1)
 
 
-@pytest.mark.parametrize("bad", [dict(stage1_size=60), dict(stage1_steps=0), dict(migc_steps=-1)])
-def test_bad_stage1_settings_fail_before_loading(engine, bad, monkeypatch):
+@pytest.mark.parametrize("bad, message", [(dict(size=60), "stage1_size"), (dict(steps=0), "stage1_steps"),
+                                          (dict(migc_steps=-1), "migc_steps"), (dict(size="64x9"), "stage1_size")])
+def test_bad_stage1_settings_fail_before_loading(engine, bad, message, monkeypatch):
     monkeypatch.setitem(engine.aux.loaders, "stage1", lambda spec: pytest.fail("stage 1 loaded"))
-    with pytest.raises(UserError, match=next(iter(bad))):
-        engine.render(scene(), steps=1, **bad)
+    with pytest.raises(UserError, match=message):
+        engine.render(scene(), steps=1, stage1=Stage1Options(**bad))
+
+
+def test_stage1_size_reads_the_same_in_the_api_and_the_cli():
+    from threedis.engine.cli import build_parser
+
+    args = build_parser().parse_args(["render", "x.json", "--stage1-size", "96x64"])
+    assert args.stage1_size == Stage1Options(size="96x64").size == Stage1Options(size=(96, 64)).size == (96, 64)
+    assert Stage1Options(size=64).size == Stage1Options(size="64").size == (64, 64)
 
 
 # ------------------------------------------------------------------ masks
@@ -163,7 +175,7 @@ def test_user_masks_bypass_sam(engine, depth_image_64, tmp_path, monkeypatch):
     monkeypatch.setitem(engine.aux.loaders, "sam", lambda spec: loads.append(spec) or LeftHalfMasker())
 
     both = scene(masks=(str(tmp_path / "m.png"), str(tmp_path / "m.png")))
-    result = engine.render(both, depth=depth_image_64, sam=True, steps=1, chunk=CHUNK)
+    result = engine.render(both, depth=depth_image_64, sam=True, steps=1, options=RenderOptions(chunk=CHUNK))
     assert loads == []  # every instance has a user mask: SAM is not even loaded
     assert result.settings["masks"] == ["user", "user"] and result.settings["sam"]["ran"] is False
     assert np.array_equal(np.asarray(result.masks[0]), mask)
@@ -172,7 +184,7 @@ def test_user_masks_bypass_sam(engine, depth_image_64, tmp_path, monkeypatch):
     stub = LeftHalfMasker()
     monkeypatch.setitem(engine.aux.loaders, "sam", lambda spec: loads.append(spec) or stub)
     one = scene(masks=(str(tmp_path / "m.png"), None))
-    result = engine.render(one, depth=depth_image_64, sam=True, steps=1, chunk=CHUNK)
+    result = engine.render(one, depth=depth_image_64, sam=True, steps=1, options=RenderOptions(chunk=CHUNK))
     assert len(loads) == 1 and loads[0] == str(engine.aux.specs["sam"])
     assert stub.calls == [((64, 64), boxes_to_pixels([BOXES[1]], 64, 64))]  # only the instance without a mask
     assert result.settings["masks"] == ["user", "sam"]
@@ -185,7 +197,7 @@ def test_sam_masks_become_the_token_regions(engine, monkeypatch):
                                           Instance("a blue jay", (0.5, 0.0, 1.0, 0.5))))
     seen, handle = capture_tokens(engine.components.transformer)
     try:
-        result = engine.render(layout, depth=depth, sam=True, steps=1, chunk=CHUNK)
+        result = engine.render(layout, depth=depth, sam=True, steps=1, options=RenderOptions(chunk=CHUNK))
     finally:
         handle.remove()
     assert result.settings["masks"] == ["sam", "sam"]
@@ -230,7 +242,7 @@ def test_cancel_inside_stage1_frees_it(engine, monkeypatch):
 
     with pytest.raises(RenderCancelled, match="stage 1 cancelled before step 2") as caught:
         engine.render(scene(), cancel=cancel, on_stage1_step=on_stage1_step,
-                      on_step=lambda *a: denoised.append(1), **{**FAST, "stage1_steps": 3})
+                      on_step=lambda *a: denoised.append(1), **{**FAST, "stage1": Stage1Options(**{**FAST_STAGE1, "steps": 3})})
     gc.collect()
     assert caught.value.__traceback__ is not None  # the error (and its traceback) is still held here...
     assert len(refs) == 1 and refs[0]() is None  # ...yet the stage-1 model is gone

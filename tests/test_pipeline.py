@@ -20,6 +20,7 @@ from threedis.engine.api import Engine, RenderCancelled
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
 from threedis.kernels.rule import Schedule, TokenLayout, box_regions, dense_allowed
+from threedis.engine.api import RenderOptions
 
 CHUNK = 16  # small T5 chunks keep the tiny renders fast; the method is the same at 200
 # Equality with diffusers' fp32 pipeline needs fp32 weights and no step cache; the default (auto ->
@@ -92,9 +93,10 @@ def diffusers_decoder_input(pipe, text_embeds, pooled, depth, size, steps, seed,
     return seen[-1]
 
 
-def engine_decoder_input(engine, layout, depth, **kwargs):
+def engine_decoder_input(engine, layout, depth, permute_tokens=False, **kwargs):
     with decoder_inputs(engine.components.vae) as seen:
-        result = engine.render(layout, depth=depth, chunk=CHUNK, **kwargs)
+        result = engine.render(layout, depth=depth, options=RenderOptions(chunk=CHUNK, permute_tokens=permute_tokens),
+                               **kwargs)
     return seen[-1], result
 
 
@@ -150,7 +152,7 @@ def test_hard_window_cuts_text_at_step_hard(engine, depth_image_64):
     layout = two_birds()
     schedule = Schedule(steps=4, hard=2, i2i=1, i2t=4, t2i=4, t2t=4)
     with transformer_calls(engine.components.transformer) as calls:
-        engine.render(layout, depth=depth_image_64, steps=4, seed=0, schedule=schedule, chunk=CHUNK)
+        engine.render(layout, depth=depth_image_64, steps=4, seed=0, schedule=schedule, options=RenderOptions(chunk=CHUNK))
     full = CHUNK * 3
     assert [c["text_len"] for c in calls] == [full, full, CHUNK, CHUNK]
     assert [c["txt_ids"] for c in calls] == [full, full, CHUNK, CHUNK]
@@ -163,7 +165,7 @@ def test_hard_window_cuts_text_at_step_hard(engine, depth_image_64):
 def test_phases_object_reused_while_unchanged(engine, depth_image_64):
     schedule = Schedule(steps=3, hard=3, i2i=1, i2t=3, t2i=3, t2t=3)
     with transformer_calls(engine.components.transformer) as calls:
-        engine.render(two_birds(), depth=depth_image_64, steps=3, seed=0, schedule=schedule, chunk=CHUNK)
+        engine.render(two_birds(), depth=depth_image_64, steps=3, seed=0, schedule=schedule, options=RenderOptions(chunk=CHUNK))
     assert calls[1]["call"] is calls[2]["call"]  # same phases at steps 1 and 2: same object
     assert calls[0]["call"].phases != calls[1]["call"].phases
 
@@ -191,23 +193,23 @@ def test_cancel_mid_run_then_engine_still_works(engine, depth_image_64):
             cancel.set()
 
     with pytest.raises(RenderCancelled, match="cancelled"):
-        engine.render(two_birds(), depth=depth_image_64, steps=4, seed=0, chunk=CHUNK, on_step=on_step, cancel=cancel)
+        engine.render(two_birds(), depth=depth_image_64, steps=4, seed=0, options=RenderOptions(chunk=CHUNK), on_step=on_step, cancel=cancel)
     assert done == [1]
     assert isinstance(RenderCancelled("x"), UserError)
-    result = engine.render(two_birds(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    result = engine.render(two_birds(), depth=depth_image_64, steps=2, seed=0, options=RenderOptions(chunk=CHUNK))
     assert result.image.size == (64, 64)
 
 
 def test_progress_reports_every_step_with_preview(engine, depth_image_64):
     seen: list[tuple] = []
-    engine.render(two_birds(), depth=depth_image_64, steps=3, seed=0, chunk=CHUNK, preview=True,
+    engine.render(two_birds(), depth=depth_image_64, steps=3, seed=0, options=RenderOptions(chunk=CHUNK, preview=True),
                   on_step=lambda step, total, preview: seen.append((step, total, preview)))
     assert [(s, t) for s, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
     assert all(isinstance(p, Image.Image) and p.size == (8, 8) for _, _, p in seen)
 
 
 def test_profiler_stages(engine, depth_image_64):
-    result = engine.render(two_birds(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    result = engine.render(two_birds(), depth=depth_image_64, steps=2, seed=0, options=RenderOptions(chunk=CHUNK))
     # models load lazily at first use: "load <model>" stages appear in whichever render comes first
     names = [stage.name for stage in result.report.stages if not stage.name.startswith("load ")]
     assert names == ["encode", "control latents", "step", "step", "decode"]
@@ -222,7 +224,7 @@ def test_step_stages_report_density_and_tile_fraction(tiny_flux_dir, depth_image
     eng = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend=backend, cache_dir=tmp_path, **EXACT)
     layout = two_birds(128, 128)
     schedule = Schedule(steps=3, hard=2, i2i=1, i2t=2, t2i=2, t2t=2)
-    result = eng.render(layout, depth=depth_image_64, steps=3, seed=0, schedule=schedule, chunk=CHUNK)
+    result = eng.render(layout, depth=depth_image_64, steps=3, seed=0, schedule=schedule, options=RenderOptions(chunk=CHUNK))
     steps = result.report.find("step")
     tokens = TokenLayout.build(box_regions(layout.boxes, 8, 8), chunk=CHUNK)
     for s in steps[:2]:
@@ -288,7 +290,7 @@ def test_mask_instances_use_mask_regions(engine, depth_image_64, tmp_path):
         Instance("a blue jay", (0.75, 0.75, 1.0, 1.0)),
     ))
     with transformer_calls(engine.components.transformer) as calls:
-        engine.render(layout, depth=depth_image_64, steps=1, chunk=CHUNK)
+        engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=CHUNK))
     tokens = calls[0]["call"].tokens
     image_member = tokens.member[tokens.text_len:].reshape(4, 4)
     expected = torch.zeros(4, 4, dtype=torch.int64)
@@ -366,7 +368,7 @@ def test_cancel_frees_the_render_tensors_while_the_error_is_alive(engine, depth_
     cancel = threading.Event()
     try:
         with pytest.raises(RenderCancelled) as caught:
-            engine.render(two_birds(), depth=depth_image_64, steps=4, seed=0, chunk=CHUNK, cancel=cancel,
+            engine.render(two_birds(), depth=depth_image_64, steps=4, seed=0, options=RenderOptions(chunk=CHUNK), cancel=cancel,
                           on_step=lambda step, total, preview: cancel.set() if step == 2 else None)
     finally:
         handle.remove()

@@ -20,6 +20,7 @@ from threedis.engine.layout import Instance, Layout
 from threedis.engine.offload import BlockOffloader
 from threedis.engine.profiles import GIB, apply_overrides, load_profile
 from threedis.engine.runtime import ModelManager
+from threedis.engine.api import RenderOptions
 
 CHUNK = 16
 MODELS = ("transformer", "t5", "clip", "vae")
@@ -45,7 +46,7 @@ def test_auto_on_cpu_picks_cpu_and_says_why(tiny_flux_dir, tmp_path, depth_image
     engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path)
     assert engine.profile.name == "cpu"
     assert engine.profile.origin.startswith("auto: picked cpu")
-    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, options=RenderOptions(chunk=CHUNK))
     assert result.settings["profile"] == "cpu" and "picked cpu" in result.settings["profile_origin"]
     assert "picked cpu" in result.report.info["profile origin"]
     # the cpu profile's own formats and tiling, not the loader's fp32 default
@@ -73,7 +74,7 @@ def test_residency_follows_the_profile(tiny_flux_dir, tmp_path, depth_image_64):
     models.on_load("t5", lambda m: t5_refs.append(weakref.ref(m)))
     models.on_load("transformer", lambda m: t5_state_when_transformer_loads.append(models.placement()["t5"]["state"]))
 
-    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, options=RenderOptions(chunk=CHUNK))
     gc.collect()
     placement = result.settings["placement"]
     print({k: (v["device"], v["offload"], v["state"]) for k, v in placement.items()})
@@ -92,14 +93,14 @@ def test_residency_follows_the_profile(tiny_flux_dir, tmp_path, depth_image_64):
                for p in models.loaded(k).parameters())
 
     # a new prompt needs T5 again: loaded a second time, freed again
-    engine.render(Layout("a dark forest", 64, 64), depth=depth_image_64, steps=1, seed=0, chunk=CHUNK)
+    engine.render(Layout("a dark forest", 64, 64), depth=depth_image_64, steps=1, seed=0, options=RenderOptions(chunk=CHUNK))
     gc.collect()
     assert models.placement()["t5"]["loads"] == 2 and t5_refs[1]() is None
 
 
 def test_text_encoders_are_not_loaded_on_a_prompt_cache_hit(tiny_flux_dir, tmp_path, depth_image_64, monkeypatch):
     Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path).render(
-        bird(), depth=depth_image_64, steps=1, seed=0, chunk=CHUNK)
+        bird(), depth=depth_image_64, steps=1, seed=0, options=RenderOptions(chunk=CHUNK))
 
     def refuse(*args, **kwargs):
         raise AssertionError("text encoder loaded despite a warm prompt cache")
@@ -108,7 +109,7 @@ def test_text_encoders_are_not_loaded_on_a_prompt_cache_hit(tiny_flux_dir, tmp_p
         monkeypatch.setattr(loading, name, refuse)
     second = Engine.from_pretrained(tiny_flux_dir, profile=gpu_style_profile(), device="cpu", backend="sdpa",
                                     cache_dir=tmp_path)
-    result = second.render(bird(0.5), depth=depth_image_64, steps=1, seed=3, chunk=CHUNK)
+    result = second.render(bird(0.5), depth=depth_image_64, steps=1, seed=3, options=RenderOptions(chunk=CHUNK))
     assert not {"load t5", "load clip"} & set(stage_names(result))
     assert result.settings["placement"]["t5"]["state"] == "not loaded"
     assert result.report.info["text encoders loaded"] == {"clip": 0, "t5": 0}
@@ -119,7 +120,7 @@ def test_quantized_transformer_through_the_engine_hits_the_cache(tiny_flux_dir, 
     overrides = {"transformer.weights": "quanto-int8", "step_cache": "none"}
     first = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path,
                                    overrides=overrides)
-    a = first.render(bird(), depth=depth_image_64, steps=2, seed=5, chunk=CHUNK)
+    a = first.render(bird(), depth=depth_image_64, steps=2, seed=5, options=RenderOptions(chunk=CHUNK))
     names = stage_names(a)
     assert {"load transformer", "read transformer", "quantize transformer"} <= set(names)
     assert a.report.info["quantized cache transformer"] == "miss (quanto-int8)"
@@ -128,7 +129,7 @@ def test_quantized_transformer_through_the_engine_hits_the_cache(tiny_flux_dir, 
 
     second = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path,
                                     overrides=overrides)
-    b = second.render(bird(), depth=depth_image_64, steps=2, seed=5, chunk=CHUNK)
+    b = second.render(bird(), depth=depth_image_64, steps=2, seed=5, options=RenderOptions(chunk=CHUNK))
     names = stage_names(b)
     assert "load transformer" in names and "quantize transformer" not in names and "read transformer" not in names
     assert b.report.info["quantized cache transformer"] == "hit (quanto-int8)"
@@ -196,7 +197,7 @@ def test_cpu_models_stay_off_the_gpu_and_int8_moves_whole(tiny_flux_dir, tmp_pat
     profile = apply_overrides(load_profile("12gb"), {"clip.device": "cpu", "t5.weights": "bf16"})
     engine = Engine.from_pretrained(tiny_flux_dir, profile=profile, device="cuda", backend="sdpa",
                                     cache_dir=tmp_path)
-    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, chunk=CHUNK)
+    result = engine.render(bird(), depth=depth_image_64, steps=2, seed=0, options=RenderOptions(chunk=CHUNK))
     placement = result.settings["placement"]
     assert placement["clip"]["on"] == "cpu"
     assert all(p.device.type == "cpu" for p in engine.models.loaded("clip").parameters())

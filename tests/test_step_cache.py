@@ -19,6 +19,7 @@ from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.step_cache import StepCacheRunner
 from threedis.kernels.rule import Schedule
+from threedis.engine.api import RenderOptions
 
 STEPS = 20
 CHUNK = 16
@@ -68,7 +69,7 @@ def cache_dir(tmp_path_factory):
 def plain(tiny_flux_dir, cache_dir, depth_image_64):
     engine = engine_with(tiny_flux_dir, cache_dir)
     with block_calls(engine.components.transformer) as calls:
-        result = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, chunk=CHUNK)
+        result = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, options=RenderOptions(chunk=CHUNK))
     return result, list(calls)
 
 
@@ -81,7 +82,7 @@ def test_first_block_cache_skips_blocks_deterministically_with_bounded_change(ti
     assert len(base_calls) == STEPS * blocks  # without a cache every block runs every step
 
     with block_calls(transformer) as calls:
-        first = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, chunk=CHUNK)
+        first = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, options=RenderOptions(chunk=CHUNK))
     info = first.settings["step_cache"]
     computed, reused = info["computed_steps"], info["reused_steps"]
     print(f"first-block 0.2: computed {computed}, reused {reused}; block calls {len(calls)} vs {len(base_calls)}")
@@ -90,7 +91,7 @@ def test_first_block_cache_skips_blocks_deterministically_with_bounded_change(ti
     assert len(calls) == blocks * len(computed) + len(reused)
     assert calls.count("transformer_blocks.0") == STEPS
 
-    again = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, chunk=CHUNK)
+    again = engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, options=RenderOptions(chunk=CHUNK))
     assert np.array_equal(pixels(again), pixels(first))  # hook state is reset per render
     assert again.settings["step_cache"]["reused_steps"] == reused
 
@@ -111,7 +112,7 @@ def test_cache_passes_our_attention_rule_through(tiny_flux_dir, cache_dir, depth
 
     monkeypatch.setattr(MaskedFluxAttnProcessor, "__call__", spy)
     engine = engine_with(tiny_flux_dir, cache_dir, **FIRST_BLOCK)
-    engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, chunk=CHUNK)
+    engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=1, options=RenderOptions(chunk=CHUNK))
     assert seen and all(seen)  # every attention call that ran got the masked rule
 
 
@@ -121,7 +122,7 @@ def test_each_kind_survives_text_and_rule_changes(tiny_flux_dir, cache_dir, dept
     turns plain. A residual cached before must not be reused after: step 10 always computes."""
     schedule = Schedule(steps=STEPS, hard=10, i2i=3, i2t=STEPS, t2i=STEPS, t2t=STEPS)
     engine = engine_with(tiny_flux_dir, cache_dir, step_cache=kind, step_cache_threshold=threshold)
-    runs = [engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=2, chunk=CHUNK, schedule=schedule)
+    runs = [engine.render(birds(), depth=depth_image_64, steps=STEPS, seed=2, options=RenderOptions(chunk=CHUNK), schedule=schedule)
             for _ in range(2)]
     info = runs[0].settings["step_cache"]
     print(kind, info)

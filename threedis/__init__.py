@@ -16,6 +16,10 @@ _LAZY = {
     "LayoutError": "threedis.engine.layout",
     "Engine": "threedis.engine.api",
     "RenderResult": "threedis.engine.api",
+    "RenderOptions": "threedis.engine.api",
+    "Stage1Options": "threedis.engine.api",
+    "RenderCancelled": "threedis.engine.api",
+    "UserError": "threedis.engine.errors",
 }
 
 __all__ = ["__version__", *_LAZY]
