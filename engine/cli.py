@@ -7,13 +7,14 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from threedis.engine.errors import UserError
 
@@ -132,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_png", type=Path, default=None, metavar="IMAGE.png",
                    help="render again an image written by threedis: layout, seed, settings, model and LoRAs come "
                         "from its metadata, the depth map from the depth file saved beside it (or --depth); "
-                        "--model / --depth / --device / --profile / --set / --backend still apply")
+                        "--model / --depth / --device / --profile / --set / --backend / --lora still apply; "
+                        "the models it names are loaded offline unless --allow-downloads")
+    p.add_argument("--allow-downloads", action="store_true",
+                   help="with --from: let the model, stage-1 and SAM ids in the image's metadata be downloaded")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="FLUX.1-Depth-dev: local diffusers folder or hub id (or $THREEDIS_MODEL)")
     p.add_argument("--out", type=Path, default=Path("threedis-out"), help="output folder (default threedis-out)")
@@ -266,8 +270,10 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
             stage1_options: Any) -> int:
     """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
     from threedis.engine.api import Engine, RenderOptions
+    from threedis.engine.outputs import check_output_folder
 
     _check_depth_inputs(args)
+    check_output_folder(args.out)  # a full or read-only folder is found now, not after the render
     overrides = _parse_overrides(args.overrides)
     engine = Engine.from_pretrained(
         model, profile=args.profile, overrides=overrides or None, device=args.device,
@@ -319,13 +325,14 @@ def _save_and_report(result: Any, out: Path, heading: str) -> None:
 
 # With --from, these may still be given: where things are and how to run, not what to render.
 _FROM_ALLOWED = {"command", "layout", "from_png", "model", "out", "depth", "device", "local_files_only", "profile",
+                 "allow_downloads", "lora", "lora_scale",
                  "overrides", "backend"}
 
 
 def _rerender(args: argparse.Namespace) -> int:
     """`render --from IMAGE.png`: the same render again from the image's metadata and the files beside it."""
     from threedis.engine.api import Engine
-    from threedis.engine.outputs import rerender_from_png
+    from threedis.engine.outputs import check_output_folder, rerender_from_png
 
     if args.layout is not None:
         raise UserError("give either a layout file or --from IMAGE.png, not both")
@@ -335,7 +342,8 @@ def _rerender(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise UserError(f"--from takes the render settings from the image; drop {flags} (or render the layout)")
     _check_depth_inputs(args)
-    plan = rerender_from_png(args.from_png, depth=args.depth)
+    check_output_folder(args.out)
+    plan = rerender_from_png(args.from_png, depth=args.depth, replace_loras=bool(args.lora))
     engine_kwargs = dict(plan.engine)
     recorded = engine_kwargs.pop("path_or_id")
     model = args.model if args.model != defaults["model"] or recorded in (None, "in-memory") else recorded
@@ -346,14 +354,29 @@ def _rerender(args: argparse.Namespace) -> int:
     engine_kwargs["overrides"] = {**engine_kwargs["overrides"], **_parse_overrides(args.overrides)}
     if args.backend != "auto":
         engine_kwargs["backend"] = args.backend
-    engine = Engine.from_pretrained(model, device=args.device, local_files_only=args.local_files_only,
-                                    **engine_kwargs)
-    for path, scale in plan.loras:
-        engine.load_lora(path, scale=scale)
-    result = _render_with_progress(engine, **plan.render)
+    # The model, stage-1 and SAM ids come from a file that may not be the user's: offline unless allowed.
+    offline = args.local_files_only or not args.allow_downloads
+    with _offline_hint(offline):
+        engine = Engine.from_pretrained(model, device=args.device, local_files_only=offline, **engine_kwargs)
+        loras = [(str(args.lora), args.lora_scale)] if args.lora else plan.loras
+        for path, scale in loras:
+            engine.load_lora(path, scale=scale)
+        result = _render_with_progress(engine, **plan.render)
     result.settings["rerendered_from"] = str(args.from_png.resolve())
     _save_and_report(result, args.out, f"rendered {args.from_png} again; wrote to {args.out}:")
     return 0
+
+
+@contextlib.contextmanager
+def _offline_hint(offline: bool) -> Iterator[None]:
+    """A model missing locally during `render --from`: say how to allow the download."""
+    try:
+        yield
+    except UserError as err:
+        if not offline or "--allow-downloads" in str(err):
+            raise
+        raise UserError(f"{err} (render --from loads the models named in the image offline; pass "
+                        f"--allow-downloads to let it download them)") from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -532,13 +555,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes warns at import (pulled in by diffusers) that an optional CPU kernel package is
     # missing; it is noise for every command and would make a user error two lines.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from threedis.engine.interrupts import Terminated, terminate_like_interrupt
+
     try:
-        return COMMANDS[args.command](args)
+        with terminate_like_interrupt():  # SIGTERM cleans up as Ctrl-C does: no partial outputs, no temp folders
+            return COMMANDS[args.command](args)
     except _user_errors() as err:
         print(f"threedis: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated:
+        print("threedis: terminated (SIGTERM); nothing partial was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("threedis: interrupted", file=sys.stderr)
+        print("threedis: interrupted; nothing partial was written", file=sys.stderr)
         return 130
 
 

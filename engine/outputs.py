@@ -38,6 +38,8 @@ __all__ = [
     "rerender_from_png",
     "render_kwargs_from_metadata",
     "save_image_new",
+    "check_output_folder",
+    "remove_stale_temp",
     "save_result",
 ]
 
@@ -115,39 +117,134 @@ def _place_exclusive(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout)
 
 
+_TEMP_PREFIX = ".threedis-"
+STALE_AFTER_S = 24 * 3600  # a temp folder whose writer cannot be identified is removed after this long
+
+
+def _writer_alive(name: str) -> bool | None:
+    """.threedis-<pid>-xxxx -> whether that process still runs (None: the name carries no pid)."""
+    pid_text = name[len(_TEMP_PREFIX):].partition("-")[0]
+    if not pid_text.isdigit():
+        return None
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's process) or cannot tell: leave it
+    return True
+
+
+def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that interrupted or killed writers left in `folder`; returns them.
+
+    A folder is stale when the process named in it is gone, or (older layouts without a pid)
+    when it has not changed for STALE_AFTER_S. A live writer's folder is never touched.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).glob(_TEMP_PREFIX + "*"))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                continue
+            alive = _writer_alive(entry.name)
+            if alive or (alive is None and now - entry.stat().st_mtime < STALE_AFTER_S):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue
+    return removed
+
+
+def check_output_folder(out_dir: str | os.PathLike, need_bytes: int = 64 << 20) -> Path:
+    """Fail now, before any model loads, if the outputs could not be written to `out_dir`.
+
+    Creates the folder, proves it writable with a real file, and checks the free space
+    (a render's files are a few MB at 1024^2; need_bytes leaves room for the temp copy).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=f"{_TEMP_PREFIX}{os.getpid()}-probe-")
+        try:
+            os.write(fd, b"threedis")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(out).free
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {out}: {exc.strerror or exc}; choose another --out") \
+            from None
+    if free < need_bytes:
+        raise UserError(f"the output folder {out} has {free / 1e6:.0f} MB free; a render needs about "
+                        f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
+    return out
+
+
+def _place_set(staged: dict[str, Path], targets: dict[str, Path], overwrite: bool) -> None:
+    """Move a staged set to its final names, all or nothing (an interrupt waits until it is done)."""
+    from threedis.engine.interrupts import uninterruptible
+
+    placed: list[Path] = []
+    with uninterruptible():
+        try:
+            for kind, path in staged.items():
+                if overwrite:
+                    os.replace(path, targets[kind])
+                else:
+                    _place_exclusive(path, targets[kind])
+                placed.append(targets[kind])
+        except BaseException:  # a clash, a full disk: take back what was placed, keep no half set
+            if not overwrite:
+                for target in placed:
+                    target.unlink(missing_ok=True)
+            raise
+
+
 def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False, pictures: bool = True,
                 prefix: str | None = None) -> dict[str, Path]:
     """Write image.png (with metadata), depth.png, layout.png, masks, rule pictures and the report files.
 
-    Returns kind -> final path. Without overwrite, a name clash moves the whole set
-    to the first free numbered suffix rather than replacing anything. prefix: see
-    RenderResult.save.
+    Returns kind -> final path. The set is written into a temporary folder beside the
+    outputs and then moved in at once: it appears whole or not at all, also when the
+    process is interrupted (the temporary folder is removed, or by the next save when the
+    process was killed). Without overwrite, a name clash moves the whole set to the first
+    free numbered suffix rather than replacing anything. prefix: see RenderResult.save.
     """
     _check_prefix(prefix)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".threedis-") as tmp:
-        staged = _stage(result, Path(tmp), pictures)
+    out = check_output_folder(out_dir, need_bytes=0)
+    remove_stale_temp(out)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f"{_TEMP_PREFIX}{os.getpid()}-"))
+    try:
+        try:
+            staged = _stage(result, tmp, pictures)
+        except OSError as exc:
+            raise UserError(f"cannot write the outputs to {out}: {exc.strerror or exc}; free some space or choose "
+                            f"another folder") from None
         for n in range(100_000):
             suffix = f"-{n}" if n else ""
             targets = {kind: out / _final_name(path.name, prefix, suffix) for kind, path in staged.items()}
-            if overwrite:
-                for kind, path in staged.items():
-                    os.replace(path, targets[kind])
-                return targets
-            if any(t.exists() for t in targets.values()):
+            if not overwrite and any(t.exists() for t in targets.values()):
                 continue
-            placed: list[Path] = []
             try:
-                for kind, path in staged.items():
-                    _place_exclusive(path, targets[kind])
-                    placed.append(targets[kind])
+                _place_set(staged, targets, overwrite)
                 return targets
-            except FileExistsError:  # another writer took a name meanwhile: undo ours, try the next suffix
-                for path in placed:
-                    path.unlink(missing_ok=True)
+            except FileExistsError:  # another writer took a name meanwhile: try the next suffix
+                continue
+            except OSError as exc:
+                raise UserError(f"cannot write the outputs to {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     raise UserError(f"no free output name in {out}; choose another folder")  # pragma: no cover
 
 
@@ -163,7 +260,9 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; choose another name or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".threedis-", suffix=target.suffix or ".png")
+    remove_stale_temp(target.parent)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{_TEMP_PREFIX}{os.getpid()}-",
+                               suffix=target.suffix or ".png")
     os.close(fd)
     try:
         try:
@@ -183,42 +282,44 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
 
 
 def read_metadata(png_path: str | os.PathLike) -> dict:
-    """The settings stored in an image written by save_result."""
+    """The settings stored in an image written by save_result, checked key by key (threedis.engine.metadata)."""
+    from threedis.engine.metadata import parse_metadata_text
+
     path = Path(png_path)
     try:
         with Image.open(path) as image:
             image.load()
             text = dict(getattr(image, "text", {}) or {}).get(METADATA_KEY)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if text is None:
         raise UserError(f"{path} has no threedis metadata; was it written by threedis (save_result)?")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: threedis metadata is not valid JSON ({exc.msg})") from None
+    return parse_metadata_text(text)
 
 
-def render_kwargs_from_metadata(meta: dict, depth: Any = None) -> dict:
+def render_kwargs_from_metadata(meta: dict, depth: Any = None, base_dir: str | os.PathLike | None = None) -> dict:
     """Keyword arguments for Engine.render that reproduce the image the metadata came from.
 
     The depth map is not inside the PNG: pass the depth.png saved beside it (stage 1's
     settings are returned too, so without it the engine's stage 1 makes the depth again).
     SAM2 masks are remade from the depth when SAM ran (the engine needs its SAM2 model).
+    The layout goes through the layout parser with its limits; relative mask paths in it
+    resolve against base_dir (the image's folder).
     """
-    from threedis.engine.layout import Layout
-    from threedis.kernels.rule import Schedule
-
     from threedis.engine.api import RenderOptions
+    from threedis.engine.layout import Layout
+    from threedis.engine.metadata import parse_metadata
     from threedis.engine.stages import Stage1Options
+    from threedis.kernels.rule import RuleError, Schedule
 
+    meta = parse_metadata(meta)
     try:
-        kwargs = {key: meta[key] for key in ("steps", "guidance")}
-        kwargs.update(layout=Layout.from_dict(meta["layout"]), seed=int(meta["seed"]),
-                      schedule=Schedule(**meta["schedule"]),
-                      options=RenderOptions(**{key: meta[key] for key in _OPTION_KEYS}))
-    except KeyError as exc:
-        raise UserError(f"threedis metadata lacks {exc.args[0]!r}; it was written by another version") from None
+        schedule = Schedule(**meta["schedule"])
+    except (RuleError, TypeError) as exc:
+        raise UserError(f"threedis metadata: schedule is not valid ({exc})") from None
+    kwargs = {key: meta[key] for key in ("steps", "guidance")}
+    kwargs.update(layout=Layout.from_dict(meta["layout"], base_dir=base_dir), seed=meta["seed"], schedule=schedule,
+                  options=RenderOptions(**{key: meta[key] for key in _OPTION_KEYS}))
     if (meta.get("sam") or {}).get("ran"):
         kwargs["sam"] = True
     stage1 = meta.get("depth") or {}
@@ -265,16 +366,28 @@ def _reproducing_overrides(meta: dict) -> dict[str, str]:
     return out
 
 
-def rerender_from_png(png_path: str | os.PathLike, depth: Any = None) -> Rerender:
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether `path` (after following links) is inside `folder`: metadata may not point elsewhere."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def rerender_from_png(png_path: str | os.PathLike, depth: Any = None, replace_loras: bool = False) -> Rerender:
     """Everything needed to render the image at `png_path` again, from its metadata and the files beside it.
 
     The depth map is the depth file saved beside the image (same suffix) unless `depth`
     is given; without either, a depth made by stage 1 is made again from the recorded
-    stage-1 settings. A user mask whose file has moved is taken from the mask file saved
-    beside the image. The weight formats and step cache are pinned from the metadata, so
-    the profile "auto" picks on this machine does not change the picture.
+    stage-1 settings. User masks are the mask files saved beside the image; a path in the
+    metadata is never opened (it could name any image on the machine). LoRA files must be
+    inside the image's folder, unless replace_loras (the caller gives the LoRAs again). The weight formats and
+    step cache are pinned from the metadata, so the profile "auto" picks on this machine
+    does not change the picture. Model, stage-1 and SAM ids come from the metadata: the
+    caller decides whether they may be downloaded (the CLI: only with --allow-downloads).
     """
     path = Path(png_path)
+    folder = path.resolve().parent
     meta = read_metadata(path)
     source = (meta.get("depth") or {}).get("source")
     if depth is None and _sibling(path, "depth.png").is_file():
@@ -282,15 +395,23 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None) -> Rerende
     if depth is None and source != "stage1":
         raise UserError(f"{path}: the depth map it was rendered from ({_sibling(path, 'depth.png').name}, saved "
                         f"beside it) is missing; pass it (--depth FILE, or depth=...)")
-    layout = dict(meta.get("layout") or {})
-    instances = [dict(item) for item in layout.get("instances") or []]
-    for i, (item, origin) in enumerate(zip(instances, meta.get("masks") or [])):
-        saved = _sibling(path, f"mask-{i}.png")
-        if origin == "user" and item.get("mask") and not Path(item["mask"]).is_file() and saved.is_file():
-            item["mask"] = str(saved)
-    layout["instances"] = instances
+    layout = dict(meta["layout"])
+    instances = layout.get("instances")
+    if isinstance(instances, list):
+        instances = [dict(item) if isinstance(item, dict) else item for item in instances]
+        origins = meta.get("masks") or []
+        for i, item in enumerate(instances):
+            if not isinstance(item, dict) or "mask" not in item:
+                continue
+            saved = _sibling(path, f"mask-{i}.png")
+            if i < len(origins) and origins[i] == "user" and saved.is_file() and _inside(folder, saved):
+                item["mask"] = str(saved.resolve())
+            else:
+                raise UserError(f"{path}: instance {i} was rendered with a user mask, and {saved.name} is not "
+                                f"beside the image; masks named in the metadata are never opened")
+        layout["instances"] = instances
     # with the saved depth, stage 1 (and its settings) is not needed again
-    render = render_kwargs_from_metadata({**meta, "layout": layout}, depth=depth)
+    render = render_kwargs_from_metadata({**meta, "layout": layout}, depth=depth, base_dir=folder)
     # "auto": the recorded profile may not fit (or exist on) this machine; the overrides pin its numerics
     engine = {"path_or_id": meta.get("model"), "profile": "auto",
               "overrides": _reproducing_overrides(meta), "backend": meta.get("backend") or "auto"}
@@ -298,5 +419,12 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None) -> Rerende
         engine["stage1"] = meta["depth"].get("model")
     if render.get("sam"):
         engine["sam"] = (meta.get("sam") or {}).get("model")
-    loras = [(str(item["path"]), float(item.get("scale", 1.0))) for item in meta.get("loras") or []]
+    loras = []
+    for item in [] if replace_loras else meta.get("loras") or []:
+        lora = Path(item["path"])
+        lora = lora if lora.is_absolute() else folder / lora
+        if not _inside(folder, lora):
+            raise UserError(f"{path} was rendered with the LoRA {item['path']}, outside the image's folder; copy it "
+                            f"beside the image, or give it again (--lora FILE --lora-scale {item.get('scale', 1.0)})")
+        loras.append((str(lora), float(item.get("scale", 1.0))))
     return Rerender(engine=engine, loras=loras, render=render)

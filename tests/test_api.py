@@ -324,10 +324,11 @@ def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_pa
         Instance("a blue jay", (0.5, 0.1, 0.9, 0.7)),
     ))
     engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path / "c", **EXACT)
-    write_lora(tmp_path / "lora.safetensors", engine.components.transformer)
-    engine.load_lora(tmp_path / "lora.safetensors", scale=0.6)
-    schedule = Schedule(steps=2, hard=1, i2i=1, i2t=2, t2i=2, t2t=2)
     out = tmp_path / "out"
+    out.mkdir()
+    write_lora(out / "lora.safetensors", engine.components.transformer)  # beside the images: --from may read it
+    engine.load_lora(out / "lora.safetensors", scale=0.6)
+    schedule = Schedule(steps=2, hard=1, i2i=1, i2t=2, t2i=2, t2t=2)
     save_result(engine.render(scene, depth=depth_image_64, seed=1, steps=2, options=RenderOptions(chunk=8)), out)  # image.png, depth.png
     wanted = engine.render(scene, depth=depth_image_64.transpose(0), seed=9, steps=2, options=RenderOptions(chunk=12), schedule=schedule)
     image = save_result(wanted, out)["image"]
