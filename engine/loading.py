@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from threedis.engine.errors import UserError
+from threedis.engine.tiny import tiny_hint
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -103,8 +104,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
     return (
         f"download it with `huggingface-cli download {repo} --local-dir {target}` "
-        f"(accept the model licence on huggingface.co first), or write a tiny test checkpoint with "
-        f"`threedis make-tiny {target}`"
+        f"(accept the model licence on huggingface.co first); {tiny_hint('flux')}"
     )
 
 
