@@ -56,7 +56,6 @@ _PARTS: dict[str, dict[str, Any]] = {
     "tokenizer_2": {"any_of": [["tokenizer.json"], ["spiece.model"]]},
     "scheduler": {"files": ["scheduler_config.json"]},
 }
-CORE_PARTS = ("transformer", "vae", "scheduler")
 # Runtime model key -> checkpoint subfolder (the quantized-weight cache and the planner read them).
 SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 CLIP_PARTS = ("text_encoder", "tokenizer")
