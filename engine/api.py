@@ -315,6 +315,15 @@ class Engine:
         self.loras.append({"path": str(Path(path).expanduser().resolve()), "scale": float(scale), "name": name})
         return name
 
+    def unload_loras(self) -> None:
+        """Remove every LoRA loaded with `load_lora` (a desktop app's reset): later renders are the plain model's."""
+        from threedis.engine.lora import unload_loras
+
+        transformer = self.models.loaded("transformer")  # a freed transformer reloads without them
+        if transformer is not None:
+            unload_loras(transformer)
+        self.loras.clear()
+
     def _reapply_loras(self, transformer: Any) -> None:
         """Load this engine's LoRAs into a freshly loaded transformer (profiles that free it between renders)."""
         from threedis.engine.lora import load_lora

@@ -39,7 +39,7 @@ examples:
   threedis render layout.json --depth depth.png --model /models/FLUX.1-Depth-dev --out out/
   threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
-  threedis make-tiny /tmp/tiny-flux
+  threedis make-tiny all /tmp/tiny                # random-weight test checkpoints
 """
 
 
@@ -176,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .ckpt file, or a folder holding the authors' unet_0901.ckpt and layout_adapter.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace existing .safetensors copies")
 
-    p = sub.add_parser("make-tiny", help="write a tiny random-weight FLUX-depth checkpoint (diffusers layout)")
-    p.add_argument("path", type=Path, help="folder to write (must not exist or be empty)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (flux, ldm3d, sam2, depth or all)",
+                       description="Write a tiny random-weight checkpoint in the real model's on-disk layout, for "
+                                   "tests and trying the commands without the real weights: flux (FLUX.1-Depth-dev, "
+                                   "for --model), ldm3d (stage 1, for --stage1), sam2 (for --sam), depth (Depth "
+                                   "Anything V2, for --depth-model), or all (one subfolder each). "
+                                   "`threedis make-tiny PATH` alone writes flux.",
+                       epilog="example: threedis make-tiny ldm3d ~/tiny/ldm3d, then "
+                              "threedis render layout.json --model ... --stage1 ~/tiny/ldm3d")
+    p.add_argument("kind_or_path", metavar="KIND", help="flux, ldm3d, sam2, depth or all (default flux)")
+    p.add_argument("path", type=Path, nargs="?", metavar="PATH",
+                   help="folder to write: new or empty, not a system folder, not named like the real model")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
 
     p = sub.add_parser("validate", help="check layout files and explain any problem")
     p.add_argument("layouts", type=Path, nargs="*", help="layout JSON files")
@@ -407,9 +416,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stage1 = args.stage1 or "auto"
         stage1_options = _stage1_options(args, steps=30, migc_steps=16, size=512)
     else:
-        from threedis.engine.stage1.tiny import tiny_ldm3d_path
-        from threedis.engine.tiny import tiny_flux_path
-        from threedis.engine.tiny_aux import tiny_sam2_path
+        from threedis.engine.tiny.flux import tiny_flux_path
+        from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
+        from threedis.engine.tiny.sam2 import tiny_sam2_path
 
         model, steps = str(tiny_flux_path()), args.steps or _TINY_STEPS
         layout = _shrink_for_tiny(layout)
@@ -419,7 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stage1 = str(tiny_ldm3d_path())
             print(f"stage 1: tiny random-weight LDM3D checkpoint at {stage1}")
         if args.depth_from_photo is not None and args.depth_model is None:
-            from threedis.engine.tiny_aux import tiny_depth_anything_path
+            from threedis.engine.tiny.depth import tiny_depth_anything_path
 
             args.depth_model = str(tiny_depth_anything_path())
             print(f"depth estimator: tiny random-weight Depth Anything at {args.depth_model}")
@@ -469,12 +478,19 @@ def cmd_convert_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from threedis.engine.tiny import write_tiny_flux
+    from threedis.engine.tiny import KINDS, write_tiny
 
-    if args.path.exists() and any(args.path.iterdir()):
-        raise UserError(f"{args.path} exists and is not empty: choose a new folder")
-    path = write_tiny_flux(args.path, seed=args.seed)
-    print(f"wrote tiny FLUX-depth checkpoint to {path}")
+    kinds = (*KINDS, "all")
+    if args.path is None:  # `threedis make-tiny PATH`: flux, as before kinds existed
+        if args.kind_or_path in kinds:
+            raise UserError(f"give the folder to write: threedis make-tiny {args.kind_or_path} PATH")
+        kind, path = "flux", Path(args.kind_or_path)
+    else:
+        kind, path = args.kind_or_path, args.path
+        if kind not in kinds:
+            raise UserError(f"unknown tiny checkpoint kind {kind!r}: use one of {', '.join(kinds)}")
+    for name, folder in write_tiny(kind, path, seed=args.seed):
+        print(f"wrote tiny {KINDS[name].what} checkpoint to {folder} (pass it as {KINDS[name].option} {folder})")
     return 0
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from threedis.engine.errors import UserError
 from threedis.engine.loading import default_device, default_dtype
+from threedis.engine.tiny import tiny_hint
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
 
@@ -132,7 +133,7 @@ class DepthEstimator:
 
         folder = resolve_hf_model(
             path_or_id, "depth model", DEFAULT_DEPTH_MODEL, local_files_only,
-            tiny_hint=" (tests: threedis.engine.tiny_aux.write_tiny_depth_anything(DIR) writes a tiny one)")
+            tiny_hint=f"; {tiny_hint('depth')}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)

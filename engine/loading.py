@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from threedis.engine.errors import UserError
+from threedis.engine.tiny import tiny_hint
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -55,7 +56,6 @@ _PARTS: dict[str, dict[str, Any]] = {
     "tokenizer_2": {"any_of": [["tokenizer.json"], ["spiece.model"]]},
     "scheduler": {"files": ["scheduler_config.json"]},
 }
-CORE_PARTS = ("transformer", "vae", "scheduler")
 # Runtime model key -> checkpoint subfolder (the quantized-weight cache and the planner read them).
 SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 CLIP_PARTS = ("text_encoder", "tokenizer")
@@ -103,8 +103,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
     return (
         f"download it with `huggingface-cli download {repo} --local-dir {target}` "
-        f"(accept the model licence on huggingface.co first), or write a tiny test checkpoint with "
-        f"`threedis make-tiny {target}`"
+        f"(accept the model licence on huggingface.co first); {tiny_hint('flux')}"
     )
 
 

@@ -21,13 +21,12 @@ bookkeeping (which group is on the compute device when) runs the same way.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BlockOffloader", "apply_group_offload", "has_quantized_tensors", "move_model", "on_device"]
+__all__ = ["BlockOffloader", "apply_group_offload", "has_quantized_tensors", "move_model"]
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # FLUX, in execution order
 
@@ -177,16 +176,3 @@ def apply_group_offload(model: nn.Module, onload: torch.device | str, blocks_per
                            offload_type="block_level", num_blocks_per_group=max(1, int(blocks_per_group)),
                            use_stream=bool(use_streams) and onload.type == "cuda")
     return None
-
-
-@contextlib.contextmanager
-def on_device(model: nn.Module, device: torch.device, home: torch.device) -> Iterator[nn.Module]:
-    """Whole-model offload for one stage: on `device` inside, back on `home` after."""
-    moved = device != home
-    if moved:
-        move_model(model, device)
-    try:
-        yield model
-    finally:
-        if moved:
-            move_model(model, home)

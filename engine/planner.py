@@ -127,10 +127,6 @@ class ModelSize:
     buffer_bytes: int
     leaves: tuple[_Leaf, ...] = field(repr=False)
 
-    @property
-    def total_params(self) -> int:
-        return self.params + self.extra_params
-
     def weight_bytes(self, fmt: Weights) -> int:
         extra = self.extra_params * _float_bytes(fmt)
         return sum(_leaf_bytes(leaf, fmt) for leaf in self.leaves) + self.buffer_bytes + extra
@@ -601,11 +597,6 @@ def check_fits(plan_: Plan, available_gpu_bytes: int, available_host_bytes: int 
     if worst.stage in ("vae_decode", "vae_encode", "ldm3d_decode") and not plan_.profile.vae_tiling:
         msg += ", or set vae_tiling=true"
     raise UserError(msg)
-
-
-def count_parameters(config: str | Path) -> int:
-    """Exact parameter count of a bundled config name or config.json path."""
-    return measure_model("transformer", config).params
 
 
 def models_for(stage1: bool = False, sam2: bool = False, depth_estimator: bool = False) -> tuple[str, ...]:

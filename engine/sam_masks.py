@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from threedis.engine.depth_estimation import open_image, resolve_hf_model
 from threedis.engine.errors import UserError
 from threedis.engine.loading import default_device, default_dtype
+from threedis.engine.tiny import tiny_hint
 
 __all__ = [
     "DEFAULT_SAM_MODEL",
@@ -130,7 +131,7 @@ class SamMasker:
 
         folder = resolve_hf_model(
             path_or_id, "SAM2 model", DEFAULT_SAM_MODEL, local_files_only,
-            tiny_hint=" (tests: threedis.engine.tiny_aux.write_tiny_sam2(DIR) writes a tiny one)")
+            tiny_hint=f"; {tiny_hint('sam2')}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         prep = SamPreprocess.from_file(folder / "preprocessor_config.json")

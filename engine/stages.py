@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 AUX_KINDS = ("stage1", "sam", "depth")
-_WHAT = {"stage1": "stage-1 model", "sam": "SAM2 model", "depth": "depth estimator"}
 # The profile entries (profiles/*.toml) that govern each auxiliary model.
 PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam": ("sam2",), "depth": ("depth_estimator",)}

@@ -9,7 +9,9 @@ where every pair is allowed (no mask arithmetic at all).
 
 Layers, as in Triton's fused-attention tutorial: `_attn_fwd_inner` (loop over
 one query block's key blocks), `_masked_attn_fwd` (kernel), `launch`
-(launcher over raw tensors), `attention` (public, backend-registry contract).
+(launcher over raw tensors, registered as the custom op
+`torch.ops.threedis.masked_attention` with the same parameters), `attention`
+(public, backend-registry contract).
 Online softmax in base 2 with fp32 accumulation; fp16/bf16/fp32 inputs.
 With phases None the same kernel runs over a dense all-visited table (plain
 attention), so the kernel is one code path.
@@ -17,8 +19,10 @@ attention), so the kernel is one code path.
 The module imports without triton; `available()` then says why it cannot run.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -232,7 +236,6 @@ def launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
     member: torch.Tensor,
     kind: torch.Tensor,
     kv_index: torch.Tensor,
@@ -242,14 +245,17 @@ def launch(
     text_bits: int,
     block_m: int,
     block_n: int,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int,
+    num_stages: int,
+    *,
+    out: torch.Tensor | None = None,
     sm_scale: float | None = None,
 ) -> torch.Tensor:
-    """Run the kernel into `out` over raw tensors (what the custom op wraps).
+    """Run the kernel over raw tensors; its positional parameters are the custom op's (one definition).
 
-    q, k, v, out: [B, L, H, D], any strides (diffusers' views need no copy);
-    member int64[L], kind int8[L]; the table tensors as in `BlockTable`.
+    q, k, v: [B, L, H, D], any strides (diffusers' views need no copy); member int64[L],
+    kind int8[L]; the table tensors as in `BlockTable`. Returns `out` (a new contiguous
+    [B, L, H, D] when None; tests pass a NaN-filled one to catch unwritten elements).
     """
     if triton is None:
         raise RuleError(f"the Triton attention backend cannot run: {_MISSING}")
@@ -263,6 +269,8 @@ def launch(
             f"rule tensors / block table do not fit L={length}, block_m={block_m}: member {tuple(member.shape)}, "
             f"kind {tuple(kind.shape)}, table {tuple(kv_index.shape)}"
         )
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     tensors = (q, k, v, out)
     span = max(abs(t.stride(1)) for t in tensors) * length + max(abs(t.stride(3)) for t in tensors) * head_dim
     if span >= 2**31:  # in-slice offsets are int32 in the kernel
@@ -279,6 +287,32 @@ def launch(
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def _op_signature() -> inspect.Signature:
+    """`launch`'s positional parameters: the op takes exactly those (tensors and plain numbers only)."""
+    signature = inspect.signature(launch)
+    kept = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    return signature.replace(parameters=kept)
+
+
+def _op_body(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return launch(*args, **kwargs)
+
+
+# The kernel as a PyTorch custom op, `torch.ops.threedis.masked_attention`. Why an op: torch.compile
+# then sees one opaque node with a fake (shape-only) implementation instead of a Python launcher it
+# cannot trace, so there is no graph break, and the block table is an ordinary tensor input: a new
+# table (phase change) is new data, not a recompile. `torch.library.custom_op` (not `triton_op`) so
+# the op also runs under Triton's CPU interpreter, where kernels are not `JITFunction`s and
+# `wrap_triton` refuses them; the kernel stays opaque to Inductor either way.
+_op_body.__signature__ = _op_signature()
+masked_attention = torch.library.custom_op("threedis::masked_attention", _op_body, mutates_args=())
+
+
+@masked_attention.register_fake
+def _masked_attention_fake(q: torch.Tensor, *rest: Any) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, L, H, D], contiguous like launch's
 
 
 def _rule_tensors(tokens: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,9 +411,7 @@ def attention(
         table = block_table(tokens, phases, config.block_m, config.block_n, q.device)
         member, kind = _rule_tensors(tokens, q.device)
         image_bits, text_bits = phases.restricted_kinds()
-    from threedis.kernels import triton_op  # registers torch.ops.threedis.masked_attention
-
-    return triton_op.masked_attention(
+    return masked_attention(
         q, k, v, member, kind, table.kv_index, table.kv_count, table.kv_full,
         image_bits, text_bits, config.block_m, config.block_n, config.num_warps, config.num_stages,
     )  # [B, L, H, D]

@@ -7,11 +7,11 @@ from the float64 result than a plain PyTorch implementation at the input precisi
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
 
+from attention_helpers import assert_close_to_reference, make_qkv, reference
 from threedis.kernels import flex_backend, rule, sdpa_backend
 from threedis.kernels.attention import BACKENDS, masked_joint_attention, select_backend
 from threedis.kernels.rule import Phases, RuleError, TokenLayout
@@ -45,31 +45,6 @@ def make_layout(n: int, h: int, w: int, chunk: int, order: str | None, seed: int
     elif order == "random":
         perm = torch.randperm(h * w, generator=g)
     return TokenLayout.build(regions, chunk=chunk, order=perm)
-
-
-def make_qkv(batch: int, length: int, heads: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Non-contiguous q, k, v views of one fused [B, L, 3, H, D] tensor, like a fused projection."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, length, 3, heads, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-
-def reference(q, k, v, allowed: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d), masked) V at `dtype`; q, k, v: [B, L, H, D], allowed: [L, L]."""
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
-
-
-def assert_close_to_reference(out, q, k, v, allowed, label=""):
-    ref = reference(q, k, v, allowed)
-    torch_err = (reference(q, k, v, allowed, dtype=q.dtype).double() - ref).abs().max().item()
-    err = (out.double() - ref).abs().max().item()
-    print(f"{label}: backend error {err:.3e}, plain PyTorch error {torch_err:.3e}")
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert err <= 2 * torch_err + 1e-6, f"{label}: error {err:.3e} vs PyTorch's own {torch_err:.3e}"
 
 
 def require(backend: str, device: str, dtype: torch.dtype) -> None:

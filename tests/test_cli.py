@@ -123,7 +123,7 @@ def test_make_tiny_refuses_a_non_empty_folder(tmp_path, capsys):
 
 
 def test_depth_writes_once_and_never_overwrites_silently(photo, tmp_path, capsys):
-    from threedis.engine.tiny_aux import tiny_depth_anything_path
+    from threedis.engine.tiny.depth import tiny_depth_anything_path
 
     model = str(tiny_depth_anything_path())
     out = tmp_path / "maps" / "depth.png"
@@ -149,8 +149,8 @@ def test_depth_writes_once_and_never_overwrites_silently(photo, tmp_path, capsys
 
 
 def test_render_without_depth_runs_stage1_and_sam(layout_file, tiny_flux_dir, tmp_path, capsys):
-    from threedis.engine.stage1.tiny import tiny_ldm3d_path
-    from threedis.engine.tiny_aux import tiny_sam2_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
+    from threedis.engine.tiny.sam2 import tiny_sam2_path
 
     out = tmp_path / "out"
     code = main(["render", str(layout_file), "--model", str(tiny_flux_dir), "--out", str(out),
@@ -167,7 +167,7 @@ def test_render_without_depth_runs_stage1_and_sam(layout_file, tiny_flux_dir, tm
 
 
 def test_stage1_model_from_the_environment(layout_file, tiny_flux_dir, tmp_path, monkeypatch, capsys):
-    from threedis.engine.stage1.tiny import tiny_ldm3d_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
 
     monkeypatch.setenv("THREEDIS_STAGE1", str(tiny_ldm3d_path()))
     out = tmp_path / "env"
@@ -178,7 +178,7 @@ def test_stage1_model_from_the_environment(layout_file, tiny_flux_dir, tmp_path,
 
 
 def test_render_depth_from_photo(layout_file, tiny_flux_dir, photo, tmp_path, capsys):
-    from threedis.engine.tiny_aux import tiny_depth_anything_path
+    from threedis.engine.tiny.depth import tiny_depth_anything_path
 
     out = tmp_path / "photo-out"
     assert main(["render", str(layout_file), "--model", str(tiny_flux_dir), "--out", str(out),

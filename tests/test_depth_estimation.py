@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from threedis.engine.depth_estimation import DepthEstimator, normalize_depth
 from threedis.engine.errors import UserError
-from threedis.engine.tiny_aux import tiny_depth_anything_path, write_tiny_depth_anything
+from threedis.engine.tiny.depth import tiny_depth_anything_path, write_tiny_depth_anything
 
 
 @pytest.fixture(scope="module")

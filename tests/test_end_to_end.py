@@ -36,8 +36,9 @@ def scene(width: int = 64, height: int = 64, masks: tuple[str | None, ...] = (No
 
 @pytest.fixture(scope="module")
 def aux_paths() -> dict[str, Any]:
-    from threedis.engine.stage1.tiny import tiny_ldm3d_path
-    from threedis.engine.tiny_aux import tiny_depth_anything_path, tiny_sam2_path
+    from threedis.engine.tiny.depth import tiny_depth_anything_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
+    from threedis.engine.tiny.sam2 import tiny_sam2_path
 
     return {"stage1": tiny_ldm3d_path(), "sam": tiny_sam2_path(), "depth_estimator": tiny_depth_anything_path()}
 

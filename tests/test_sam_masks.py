@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.sam_masks import SamMasker, boxes_to_pixels, enhance_regions, token_regions
-from threedis.engine.tiny_aux import TINY_SAM2, tiny_sam2_path, write_tiny_sam2
+from threedis.engine.tiny.sam2 import TINY_SAM2, tiny_sam2_path, write_tiny_sam2
 from threedis.kernels.rule import box_regions, mask_regions
 
 _MODEL_SIZE = TINY_SAM2["preprocessor"]["size"]["height"]

@@ -52,7 +52,7 @@ def released_state(widths: dict[str, int], d: int, seed: int = 0) -> dict[str, t
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from threedis.engine.stage1.tiny import TINY_LDM3D
+    from threedis.engine.tiny.ldm3d import TINY_LDM3D
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**TINY_LDM3D["unet"]).eval()

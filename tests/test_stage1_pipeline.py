@@ -20,7 +20,7 @@ FAST = dict(width=64, height=64, steps=3)
 
 @pytest.fixture(scope="module")
 def tiny_dir():
-    from threedis.engine.stage1.tiny import tiny_ldm3d_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
 
     return tiny_ldm3d_path()
 
@@ -39,7 +39,7 @@ def _inside(boxes, h, w):
 
 def test_tiny_writer_is_deterministic(tmp_path, tiny_dir):
     from threedis.engine.stage1.checkpoint import read_pickle_state
-    from threedis.engine.stage1.tiny import write_tiny_ldm3d
+    from threedis.engine.tiny.ldm3d import write_tiny_ldm3d
 
     before = torch.random.get_rng_state()
     other = write_tiny_ldm3d(tmp_path / "again")
@@ -185,7 +185,8 @@ def test_profile_entries_set_each_part_and_model(tiny_dir):
     """The engine's profile (ldm3d_* / sam2 / depth_estimator) decides formats and devices."""
     from threedis.engine.profiles import load_profile
     from threedis.engine.stages import AuxModels
-    from threedis.engine.tiny_aux import tiny_depth_anything_path, tiny_sam2_path
+    from threedis.engine.tiny.depth import tiny_depth_anything_path
+    from threedis.engine.tiny.sam2 import tiny_sam2_path
 
     profile = load_profile("cpu", {"ldm3d_vae.weights": "bf16", "ldm3d_text.weights": "bf16",
                                    "sam2.weights": "bf16", "depth_estimator.weights": "fp32"})

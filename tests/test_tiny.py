@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from threedis.engine import tiny
+from threedis.engine.tiny import flux
 from threedis.engine.tiny import is_tiny_checkpoint, tiny_flux_path, write_tiny_flux
 
 SENTENCE = "A watercolor of a happy dog sitting under a tree next to 3 red apples, at sunset."
@@ -177,7 +177,7 @@ def test_cache_builds_once_and_rebuilds_when_incomplete(tmp_path: Path, monkeypa
     assert tiny_flux_path(tmp_path) == path
     assert (path / "stray.txt").exists()  # complete: reused as is
 
-    (path / tiny.MARKER).unlink()
+    (path / flux.MARKER).unlink()
     assert not is_tiny_checkpoint(path)
     assert tiny_flux_path(tmp_path) == path
     assert is_tiny_checkpoint(path) and not (path / "stray.txt").exists()  # rebuilt
@@ -188,7 +188,7 @@ def test_crash_during_build_leaves_nothing_that_looks_complete(tmp_path: Path, m
     def boom(path: Path, seed: int) -> None:
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(tiny, "_write_models", boom)
+    monkeypatch.setattr(flux, "_write_models", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         tiny_flux_path(tmp_path)
     assert list(tmp_path.iterdir()) == []

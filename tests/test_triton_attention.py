@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # before anything imports triton (torch._dyna
 triton = pytest.importorskip("triton")
 import torch._dynamo.testing  # noqa: E402
 
+from attention_helpers import assert_close_to_reference, make_qkv, reference  # noqa: E402
 from threedis.kernels import triton_attention as ta  # noqa: E402
 from threedis.kernels.block_table import block_table, dense_table  # noqa: E402
 from threedis.kernels.rule import (  # noqa: E402
@@ -38,39 +39,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if ta.available(DEVICE, torch.float32) is not None:  # fail loudly rather than skip every kernel test
     pytest.fail(f"the Triton kernel cannot run here: {ta.available(DEVICE, torch.float32)}", pytrace=False)
 
-ATOL = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
-
-def reference(q, k, v, allowed, dtype=torch.float64):
-    """Masked softmax attention in plain PyTorch at `dtype`; q, k, v: [B, L, H, D] -> [B, L, H, D]."""
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~allowed.to(q.device), float("-inf"))
-    return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v)
-
-
-def assert_close_to_reference(out, q, k, v, allowed, label=""):
-    """Kernel error vs float64 must be within 2x PyTorch's own error at the input precision, plus atol."""
-    ref = reference(q, k, v, allowed)
-    torch_err = (reference(q, k, v, allowed, dtype=q.dtype).double() - ref).abs().max().item()
-    diff = (out.double() - ref).abs()
-    err = diff.max().item()
-    bound = 2 * torch_err + ATOL[q.dtype]
-    where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
-    print(f"{label}: kernel err {err:.3g} at {where}, torch err {torch_err:.3g}, bound {bound:.3g}")
-    assert not torch.isnan(out).any(), f"{label}: {int(torch.isnan(out).sum())} output elements never written"
-    assert err <= bound, f"{label}: kernel error {err:.3g} exceeds {bound:.3g} (worst at {where})"
-
-
-def make_qkv(gen, batch, length, heads, dim, dtype, packed: bool):
-    """Fresh random q, k, v: either contiguous, or strided views into one packed buffer as diffusers passes."""
-    if packed:  # one [B, L, 3, H, D] buffer; q, k, v are non-contiguous [B, L, H, D] views of it
-        qkv = torch.randn(batch, length, 3, heads, dim, generator=gen).to(DEVICE, dtype)
-        return qkv.unbind(2)
-    # [B, H, L, D] storage seen as [B, L, H, D]: head-major strides
-    return tuple(torch.randn(batch, heads, length, dim, generator=gen).to(DEVICE, dtype).transpose(1, 2) for _ in "qkv")
-
-
 def run_poisoned(q, k, v, tokens, phases, config):
     """Launch directly into a NaN-filled output so unwritten elements are caught."""
     length = q.shape[1]
@@ -84,8 +52,8 @@ def run_poisoned(q, k, v, tokens, phases, config):
         table = block_table(tokens, phases, config.block_m, config.block_n, DEVICE)
         member, kind = tokens.member.to(DEVICE), tokens.kind.to(DEVICE)
         bits = phases.restricted_kinds()
-    return ta.launch(q, k, v, out, member, kind, table.kv_index, table.kv_count, table.kv_full, *bits,
-                     config.block_m, config.block_n, config.num_warps, config.num_stages)
+    return ta.launch(q, k, v, member, kind, table.kv_index, table.kv_count, table.kv_full, *bits,
+                     config.block_m, config.block_n, config.num_warps, config.num_stages, out=out)
 
 
 def layout(name: str) -> TokenLayout:
@@ -134,8 +102,7 @@ def case_id(case) -> str:
 def test_kernel_matches_float64_reference(index):
     name, phases, dtype, batch, heads, dim, (bm, bn), packed = CASES[index]
     tokens = layout(name)
-    gen = torch.Generator().manual_seed(100 + index)
-    q, k, v = make_qkv(gen, batch, tokens.length, heads, dim, dtype, packed)
+    q, k, v = make_qkv(batch, tokens.length, heads, dim, dtype, DEVICE, seed=100 + index, packed=packed)
     config = ta.KernelConfig(bm, bn, 4, 2)
     out = run_poisoned(q, k, v, tokens, phases, config)
     assert_close_to_reference(out, q, k, v, dense_allowed(tokens, phases), label=case_id(CASES[index]))
@@ -143,8 +110,7 @@ def test_kernel_matches_float64_reference(index):
 
 def test_public_attention_uses_the_op_and_matches_reference():
     tokens = layout("sparse_permuted")
-    gen = torch.Generator().manual_seed(11)
-    q, k, v = make_qkv(gen, 1, tokens.length, 2, 32, torch.float16, packed=True)
+    q, k, v = make_qkv(1, tokens.length, 2, 32, torch.float16, DEVICE, seed=11, packed=True)
     out = ta.attention(q, k, v, tokens, ON)
     assert out.shape == q.shape and out.is_contiguous()
     assert_close_to_reference(out, q, k, v, dense_allowed(tokens, ON), label="public")
@@ -155,8 +121,7 @@ def test_public_attention_uses_the_op_and_matches_reference():
 def test_full_flags_off_gives_the_same_result():
     """Masking a tile that is all-allowed must change nothing: the two kernel paths agree."""
     tokens = layout("sparse_permuted")
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = make_qkv(gen, 1, tokens.length, 2, 16, torch.float32, packed=False)
+    q, k, v = make_qkv(1, tokens.length, 2, 16, torch.float32, DEVICE, seed=3, packed=False)
     table = block_table(tokens, ON, 32, 32, DEVICE)
     assert 0 < table.full_fraction < table.tile_fraction < 1, "layout should have skipped and mask-free tiles"
     member, kind = tokens.member.to(DEVICE), tokens.kind.to(DEVICE)
@@ -174,8 +139,7 @@ def test_skipped_tiles_are_never_loaded():
     tokens = layout("sparse")  # raster order: skipped tiles scattered over many query blocks
     config = ta.KernelConfig(32, 32, 1, 1)
     table = block_table(tokens, ON, config.block_m, config.block_n, DEVICE)
-    gen = torch.Generator().manual_seed(21)
-    q, k, v = make_qkv(gen, 1, tokens.length, 1, 16, torch.float32, packed=False)
+    q, k, v = make_qkv(1, tokens.length, 1, 16, torch.float32, DEVICE, seed=21, packed=False)
     expected = reference(q, k, v, dense_allowed(tokens, ON))
     checked = 0
     for block in range(table.num_q_blocks):
@@ -197,8 +161,7 @@ def test_skipped_tiles_are_never_loaded():
 def test_custom_op_opcheck_and_compile_without_graph_breaks():
     """opcheck (schema, fake impl, autograd registration, AOT dispatch); compile(fullgraph): no break, no recompile."""
     tokens = layout("tiny")
-    gen = torch.Generator().manual_seed(4)
-    q, k, v = make_qkv(gen, 1, tokens.length, 1, 16, torch.float32, packed=False)
+    q, k, v = make_qkv(1, tokens.length, 1, 16, torch.float32, DEVICE, seed=4, packed=False)
     table = block_table(tokens, ON, 16, 16, DEVICE)
     member, kind = tokens.member.to(DEVICE), tokens.kind.to(DEVICE)
     args = [q, k, v, member, kind, table.kv_index, table.kv_count, table.kv_full, *ON.restricted_kinds(), 16, 16, 1, 1]
@@ -346,7 +309,7 @@ def test_module_imports_without_triton():
     script = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from threedis.kernels import triton_attention as ta, triton_op\n"
+        "from threedis.kernels import triton_attention as ta\n"
         "print(ta.available('cuda', torch.float16))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -360,8 +323,7 @@ def test_gpu_bf16_eager_and_compiled_against_float64():
     """Default GPU tiles, bf16, FLUX head dim; the op under torch.compile(fullgraph) with Inductor."""
     regions = box_regions([(0.0, 0.0, 0.5, 0.5), (0.4, 0.3, 1.0, 0.9), (0.1, 0.6, 0.6, 1.0)], 40, 36)
     tokens = TokenLayout.build(regions, chunk=64, order=membership_order(regions))  # L = 256 + 1440
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = make_qkv(gen, 2, tokens.length, 4, 128, torch.bfloat16, packed=True)
+    q, k, v = make_qkv(2, tokens.length, 4, 128, torch.bfloat16, DEVICE, seed=0, packed=True)
     config = ta.choose_config(DEVICE, torch.bfloat16, 128)
     op = torch.compile(lambda *args: torch.ops.threedis.masked_attention(*args), fullgraph=True)
     for phases in (ON, Phases(False, True, True, True), None):

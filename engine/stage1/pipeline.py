@@ -34,6 +34,7 @@ from threedis.engine.stage1.checkpoint import (
 )
 from threedis.engine.stage1.masks import BoxMasks, to_xxyy
 from threedis.engine.stage1.processors import RenderState, Stage1Call, install_processors, make_adapters
+from threedis.engine.tiny import tiny_hint
 
 __all__ = [
     "DEFAULT_BASE_ID",
@@ -94,7 +95,8 @@ def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, un
         return path.resolve()
     if path.exists() or not is_hub_id(text):
         raise UserError(f"stage-1 base model folder not found: {text}; give an LDM3D-4c folder in diffusers "
-                        f"layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or the hub id {DEFAULT_BASE_ID}")
+                        f"layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or the hub id {DEFAULT_BASE_ID}; "
+                        f"{tiny_hint('ldm3d')}")
     from huggingface_hub import snapshot_download
 
     parts = [p for p in _PARTS if p != "unet"]
@@ -109,7 +111,7 @@ def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, un
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"cannot get the stage-1 base model {text!r}: {type(exc).__name__}: {first[:200]}; "
                         f"without internet, run `huggingface-cli download {DEFAULT_BASE_ID} --local-dir DIR` "
-                        f"on a connected machine and pass DIR") from None
+                        f"on a connected machine and pass DIR; {tiny_hint('ldm3d')}") from None
 
 
 def _check_base(base: Path) -> None:

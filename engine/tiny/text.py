@@ -1,101 +1,29 @@
-"""A tiny random-weight FLUX.1-Depth-dev checkpoint, written offline in seconds.
+"""Tokenizers for the tiny checkpoints, trained here on a small built-in English corpus.
 
-Why: every test of the engine (loading, offload, quantization, attention masks, the
-zero-instance equality with diffusers) needs a real diffusers checkpoint, and the
-real one is 30+ GB behind a gated hub. This writes one with the exact on-disk
-layout of `black-forest-labs/FLUX.1-Depth-dev` (model_index.json naming
-FluxControlPipeline, one folder per component, safetensors weights, CLIP BPE and
-T5 sentencepiece tokenizers) but with a few hundred thousand random weights.
-
-The tokenizers are trained here on a small built-in English corpus so prompts
-split into many distinct tokens, as the real ones do; the text models' vocabularies
-match them exactly.
+Why train them: prompts must split into many distinct tokens, as with the real CLIP
+BPE and T5 sentencepiece tokenizers, so that chunking, truncation and the per-instance
+token cells are exercised; the tiny text models' vocabularies match these exactly.
+Shared by the tiny FLUX (CLIP + T5) and LDM3D (CLIP) writers.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
-import json
-import os
 import random
-import shutil
 import string
-import tempfile
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Mapping
 
-import torch
-
-TINY_VERSION = 1
-MARKER = "threedis_tiny.json"  # written last: its presence means the checkpoint is complete
-_DIR_NAME = f"tiny-flux-v{TINY_VERSION}"
+from threedis.engine.tiny.store import write_json
 
 _CLIP_MERGES = 510  # 256 bytes + 256 end-of-word bytes + merges + 2 specials = 1024
-_CLIP_VOCAB = 2 * 256 + _CLIP_MERGES + 2
+CLIP_VOCAB = 2 * 256 + _CLIP_MERGES + 2
+CLIP_MAX_LENGTH = 77
 _T5_PIECES = 512  # sentencepiece pieces (pad, eos, unk included)
-_T5_EXTRA_IDS = 100  # T5 sentinels, appended after the pieces as in the real tokenizer
-_T5_VOCAB = _T5_PIECES + _T5_EXTRA_IDS
-
-_ro = MappingProxyType
-
-# Per-component constructor kwargs. Shapes follow FLUX.1-Depth-dev scaled down:
-# 16 latent channels packed 2x2 -> 64; noisy + control latents -> 128 in, 64 out;
-# 2 heads x 16 with rope axes 4 + 6 + 6 = 16; 4 VAE levels -> vae scale factor 8.
-TINY_FLUX: Mapping[str, Mapping[str, Any]] = _ro({
-    "transformer": _ro({
-        "patch_size": 1, "in_channels": 128, "out_channels": 64,
-        "num_layers": 2, "num_single_layers": 2,
-        "attention_head_dim": 16, "num_attention_heads": 2,
-        "joint_attention_dim": 32, "pooled_projection_dim": 32,
-        "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),
-    }),
-    "vae": _ro({
-        "in_channels": 3, "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
-        "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 4,
-        "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
-        "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False,
-        "mid_block_add_attention": True,
-    }),
-    "text_encoder": _ro({
-        "vocab_size": _CLIP_VOCAB, "hidden_size": 32, "intermediate_size": 64,
-        "projection_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-        "bos_token_id": _CLIP_VOCAB - 2, "eos_token_id": _CLIP_VOCAB - 1,
-        "pad_token_id": _CLIP_VOCAB - 1,
-    }),
-    "text_encoder_2": _ro({
-        "vocab_size": _T5_VOCAB, "d_model": 32, "d_kv": 16, "d_ff": 64,
-        "num_layers": 2, "num_heads": 2, "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
-        "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
-        "decoder_start_token_id": 0,
-    }),
-    "scheduler": _ro({
-        "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-        "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-    }),
-    "tokenizer": _ro({"vocab_size": _CLIP_VOCAB, "model_max_length": 77}),
-    "tokenizer_2": _ro({"vocab_size": _T5_VOCAB, "model_max_length": 512,
-                        "extra_ids": _T5_EXTRA_IDS}),
-})
-
-_MODEL_INDEX = {
-    "_class_name": "FluxControlPipeline",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+T5_EXTRA_IDS = 100  # T5 sentinels, appended after the pieces as in the real tokenizer
+T5_VOCAB = _T5_PIECES + T5_EXTRA_IDS
+T5_MAX_LENGTH = 512
 
 # -- built-in corpus ------------------------------------------------------------------
 
@@ -236,7 +164,7 @@ def _train_bpe(words: Mapping[str, int], num_merges: int) -> list[tuple[str, str
     return merges
 
 
-def write_clip_tokenizer(out: Path, lines: list[str]) -> None:
+def write_clip_tokenizer(out: Path, lines: list[str], max_length: int = CLIP_MAX_LENGTH) -> None:
     """vocab.json + merges.txt in CLIP's order: bytes, bytes</w>, merges, specials."""
     from transformers import CLIPTokenizer
 
@@ -252,8 +180,8 @@ def write_clip_tokenizer(out: Path, lines: list[str]) -> None:
     tokens = base + [c + "</w>" for c in base] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    if len(vocab) != _CLIP_VOCAB:
-        raise RuntimeError(f"tiny CLIP vocabulary has {len(vocab)} entries, expected {_CLIP_VOCAB}")
+    if len(vocab) != CLIP_VOCAB:
+        raise RuntimeError(f"tiny CLIP vocabulary has {len(vocab)} entries, expected {CLIP_VOCAB}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "vocab.json", vocab, indent=None)
     (out / "merges.txt").write_text(
@@ -262,7 +190,7 @@ def write_clip_tokenizer(out: Path, lines: list[str]) -> None:
                 "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
     write_json(out / "special_tokens_map.json", specials)
     write_json(out / "tokenizer_config.json", {
-        **specials, "model_max_length": TINY_FLUX["tokenizer"]["model_max_length"],
+        **specials, "model_max_length": max_length,
         "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
 
 
@@ -283,7 +211,7 @@ def _train_sentencepiece(lines: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def _write_t5_tokenizer(out: Path, lines: list[str]) -> None:
+def write_t5_tokenizer(out: Path, lines: list[str], max_length: int = T5_MAX_LENGTH) -> None:
     """spiece.model plus the tokenizers-backed files T5TokenizerFast loads first."""
     import sentencepiece as spm
     from transformers import T5Tokenizer
@@ -291,133 +219,12 @@ def _write_t5_tokenizer(out: Path, lines: list[str]) -> None:
     model = _train_sentencepiece(lines)
     sp = spm.SentencePieceProcessor(model_proto=model)
     pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(_T5_EXTRA_IDS))]
-    tok = T5Tokenizer(vocab=pieces, extra_ids=_T5_EXTRA_IDS,
-                      model_max_length=TINY_FLUX["tokenizer_2"]["model_max_length"])
-    if len(tok) != _T5_VOCAB:
-        raise RuntimeError(f"tiny T5 tokenizer has {len(tok)} entries, expected {_T5_VOCAB}")
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=T5_EXTRA_IDS,
+                      model_max_length=max_length)
+    if len(tok) != T5_VOCAB:
+        raise RuntimeError(f"tiny T5 tokenizer has {len(tok)} entries, expected {T5_VOCAB}")
     tok.save_pretrained(out)
     (out / "spiece.model").write_bytes(model)
     write_json(out / "special_tokens_map.json",
                 {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-
-
-# -- models ---------------------------------------------------------------------------
-
-def seeded(seed: int, offset: int) -> None:
-    """Each component gets its own stream so adding one never shifts another's weights."""
-    torch.manual_seed(seed * 1000 + offset)
-
-
-def _write_models(path: Path, seed: int) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    seeded(seed, 1)
-    FluxTransformer2DModel(**TINY_FLUX["transformer"]).save_pretrained(
-        path / "transformer", safe_serialization=True)
-    seeded(seed, 2)
-    AutoencoderKL(**TINY_FLUX["vae"]).save_pretrained(path / "vae", safe_serialization=True)
-    seeded(seed, 3)
-    CLIPTextModel(CLIPTextConfig(**TINY_FLUX["text_encoder"])).save_pretrained(
-        path / "text_encoder", safe_serialization=True)
-    seeded(seed, 4)
-    T5EncoderModel(T5Config(**TINY_FLUX["text_encoder_2"])).save_pretrained(
-        path / "text_encoder_2", safe_serialization=True)
-    FlowMatchEulerDiscreteScheduler(**TINY_FLUX["scheduler"]).save_pretrained(path / "scheduler")
-
-
-@contextlib.contextmanager
-def quiet_saves() -> Iterator[None]:
-    """Hide transformers' per-shard progress bar while saving, restoring it afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def write_json(file: Path, obj: Any, indent: int | None = 2) -> None:
-    file.write_text(json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
-
-
-# -- public -------------------------------------------------------------------------------
-
-def write_tiny_flux(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write the tiny checkpoint into `path` (created if needed) and return it.
-
-    The same seed gives byte-identical weights. The caller's torch RNG state is
-    restored afterwards, so writing never perturbs a test's own randomness.
-    """
-    import diffusers
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).unlink(missing_ok=True)
-    lines = corpus()
-    write_clip_tokenizer(path / "tokenizer", lines)
-    _write_t5_tokenizer(path / "tokenizer_2", lines)
-    with torch.random.fork_rng(devices=[]), quiet_saves():
-        _write_models(path, seed)
-    write_json(path / "model_index.json", {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
-    write_json(path / MARKER, {"version": TINY_VERSION, "seed": seed})  # last: marks completeness
-    return path
-
-
-def is_tiny_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True if `path` holds a complete checkpoint written by `write_tiny_flux`."""
-    return (Path(path) / MARKER).is_file()
-
-
-def cache_root() -> Path:
-    env = os.environ.get("THREEDIS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "threedis"
-
-
-def marker_version(path: Path, marker: str = MARKER) -> int | None:
-    try:
-        return json.loads((path / marker).read_text(encoding="utf-8")).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: int,
-                 writer: Callable[[Path], Any], marker: str = MARKER) -> Path:
-    """`root/dir_name` holding a complete checkpoint of `version`, built by `writer(folder)` if needed.
-
-    Built in a temporary sibling folder and renamed into place, so a crash or a
-    concurrent builder never leaves a half-written folder that looks complete.
-    Shared by every tiny-checkpoint writer of the project.
-    """
-    base = Path(root) if root is not None else cache_root()
-    target = base / dir_name
-    if marker_version(target, marker) == version:
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=base))
-    try:
-        writer(tmp)
-        if target.exists() and marker_version(target, marker) != version:
-            shutil.rmtree(target)  # incomplete or stale: replace it
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if marker_version(target, marker) != version:  # not a concurrent builder's result
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def tiny_flux_path(root: str | os.PathLike[str] | None = None) -> Path:
-    """The cached tiny FLUX checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis)."""
-    return cached_build(root, _DIR_NAME, TINY_VERSION, write_tiny_flux)
-
-
-__all__ = ["MARKER", "TINY_FLUX", "TINY_VERSION", "is_tiny_checkpoint", "tiny_flux_path", "write_tiny_flux"]

@@ -1,4 +1,4 @@
-"""A tiny random-weight LDM3D-4c checkpoint plus stand-ins for the authors' stage-1 files.
+"""A tiny random-weight LDM3D-4c checkpoint plus stand-ins for the authors' stage-1 files (`threedis make-tiny ldm3d`).
 
 Why: stage-1 tests need the real on-disk shapes of things (a diffusers folder
 naming StableDiffusionLDM3DPipeline, a UNet whose block layout has the 7 adapter
@@ -19,9 +19,13 @@ from typing import Any, Mapping
 
 import torch
 
-from threedis.engine import tiny as _flux_tiny
+from threedis.engine.tiny.flux import TINY_FLUX
+from threedis.engine.tiny.store import cached_build, mark_complete, quiet_saves, seeded, start_folder, write_json
+from threedis.engine.tiny.text import corpus, write_clip_tokenizer
 
-__all__ = ["TINY_LDM3D", "TINY_LDM3D_VERSION", "tiny_ldm3d_path", "write_tiny_ldm3d"]
+__all__ = ["STANDS_IN_FOR", "TINY_LDM3D", "TINY_LDM3D_VERSION", "tiny_ldm3d_path", "write_tiny_ldm3d"]
+
+STANDS_IN_FOR = "Intel/ldm3d-4c"
 
 TINY_LDM3D_VERSION = 1
 MARKER = "threedis_tiny_ldm3d.json"  # written last: its presence means the folder is complete
@@ -45,7 +49,7 @@ TINY_LDM3D: Mapping[str, Mapping[str, Any]] = _ro({
         "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1,
         "act_fn": "silu", "norm_num_groups": 4, "sample_size": 64, "scaling_factor": 0.18215,
     }),
-    "text_encoder": _flux_tiny.TINY_FLUX["text_encoder"],  # CLIP, hidden 32, same BPE vocabulary
+    "text_encoder": TINY_FLUX["text_encoder"],  # CLIP, hidden 32, same BPE vocabulary
     "scheduler": _ro({
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
         "beta_schedule": "scaled_linear", "skip_prk_steps": True, "set_alpha_to_one": False,
@@ -74,22 +78,22 @@ def _write_models(path: Path, seed: int) -> None:
     from threedis.engine.stage1.checkpoint import ADAPTER_FILENAME, UNET_FILENAME
     from threedis.engine.stage1.processors import install_processors, make_adapters
 
-    _flux_tiny.seeded(seed, 11)
+    seeded(seed, 11)
     UNet2DConditionModel(**TINY_LDM3D["unet"]).save_pretrained(path / "unet", safe_serialization=True)
-    _flux_tiny.seeded(seed, 12)
+    seeded(seed, 12)
     AutoencoderKL(**TINY_LDM3D["vae"]).save_pretrained(path / "vae", safe_serialization=True)
-    _flux_tiny.seeded(seed, 13)
+    seeded(seed, 13)
     CLIPTextModel(CLIPTextConfig(**TINY_LDM3D["text_encoder"])).save_pretrained(
         path / "text_encoder", safe_serialization=True)
     PNDMScheduler(**TINY_LDM3D["scheduler"]).save_pretrained(path / "scheduler")
 
     # Stand-in for the fine-tuned UNet: same config, other weights, a plain pickled state dict.
-    _flux_tiny.seeded(seed, 14)
+    seeded(seed, 14)
     finetuned = UNet2DConditionModel(**TINY_LDM3D["unet"])
     torch.save(finetuned.state_dict(), path / UNET_FILENAME)
     # Stand-in for the adapter: the release's keys, default init, gamma made non-zero
     # (zero, the init value, would switch the adapter's contribution off).
-    _flux_tiny.seeded(seed, 15)
+    seeded(seed, 15)
     adapters = make_adapters(finetuned)
     for adapter in adapters.values():
         adapter.gamma.data = 0.5 + torch.rand(1)
@@ -105,18 +109,14 @@ def write_tiny_ldm3d(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """
     import diffusers
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).unlink(missing_ok=True)
-    _flux_tiny.write_clip_tokenizer(path / "tokenizer", _flux_tiny.corpus())
-    with torch.random.fork_rng(devices=[]), _flux_tiny.quiet_saves():
+    path = start_folder(path, MARKER)
+    write_clip_tokenizer(path / "tokenizer", corpus())
+    with torch.random.fork_rng(devices=[]), quiet_saves():
         _write_models(path, seed)
-    _flux_tiny.write_json(path / "model_index.json",
-                           {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
-    _flux_tiny.write_json(path / MARKER, {"version": TINY_LDM3D_VERSION, "seed": seed})
-    return path
+    write_json(path / "model_index.json", {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__})
+    return mark_complete(path, MARKER, TINY_LDM3D_VERSION, seed)
 
 
 def tiny_ldm3d_path(root: str | os.PathLike[str] | None = None) -> Path:
     """The cached tiny LDM3D checkpoint under `root` (default $THREEDIS_CACHE or ~/.cache/threedis)."""
-    return _flux_tiny.cached_build(root, _DIR_NAME, TINY_LDM3D_VERSION, write_tiny_ldm3d, marker=MARKER)
+    return cached_build(root, _DIR_NAME, TINY_LDM3D_VERSION, write_tiny_ldm3d, marker=MARKER)

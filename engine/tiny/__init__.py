@@ -1,0 +1,74 @@
+"""Tiny random-weight checkpoints in the real on-disk layouts, written offline in seconds.
+
+Why: tests, `threedis demo` and a newcomer without 30+ GB of gated weights need real
+checkpoints (same files, same loader classes) that run in milliseconds on a CPU. One
+module per model: `flux` (FLUX.1-Depth-dev), `ldm3d` (stage 1: LDM3D-4c plus the
+authors' two release files), `sam2` (SAM 2.1), `depth` (Depth Anything V2); `text`
+trains their tokenizers, `store` holds what they share (cache, markers, permissions,
+where writing is refused). `threedis make-tiny KIND PATH` writes any of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from threedis.engine.tiny import depth, flux, ldm3d, sam2
+from threedis.engine.tiny.flux import (
+    MARKER, TINY_FLUX, TINY_VERSION, is_tiny_checkpoint, tiny_flux_path, write_tiny_flux,
+)
+from threedis.engine.tiny.store import cache_root, check_new_folder
+
+__all__ = ["KINDS", "MARKER", "TINY_FLUX", "TINY_VERSION", "TinyKind", "is_tiny_checkpoint", "tiny_flux_path",
+           "tiny_hint", "write_tiny", "write_tiny_flux"]
+
+
+@dataclass(frozen=True)
+class TinyKind:
+    """One kind of tiny checkpoint: how to write it, its cached copy, and the option that takes its folder."""
+
+    what: str  # for messages
+    write: Callable[..., Path]  # write(path, seed=0) -> path
+    cached: Callable[[], Path]  # the copy `threedis demo` builds in the cache
+    stands_in_for: str  # the real model's hub id
+    option: str  # where the folder goes on the command line
+
+
+KINDS: dict[str, TinyKind] = {
+    "flux": TinyKind("FLUX.1-Depth-dev", flux.write_tiny_flux, flux.tiny_flux_path, flux.STANDS_IN_FOR, "--model"),
+    "ldm3d": TinyKind("stage-1 LDM3D-4c + adapter", ldm3d.write_tiny_ldm3d, ldm3d.tiny_ldm3d_path,
+                      ldm3d.STANDS_IN_FOR, "--stage1"),
+    "sam2": TinyKind("SAM2", sam2.write_tiny_sam2, sam2.tiny_sam2_path, sam2.STANDS_IN_FOR, "--sam"),
+    "depth": TinyKind("Depth Anything V2", depth.write_tiny_depth_anything, depth.tiny_depth_anything_path,
+                      depth.STANDS_IN_FOR, "--depth-model"),
+}
+
+
+def suggested_folder(kind: str) -> Path:
+    """A folder where a hint may safely tell the user to write a tiny `kind`: under the cache."""
+    return cache_root() / "make-tiny" / kind
+
+
+def tiny_hint(kind: str) -> str:
+    """The clause error messages end with: how to get a tiny stand-in for `kind` from the CLI."""
+    folder = suggested_folder(kind)
+    return (f"for a test run without the real weights, `threedis make-tiny {kind} {folder}` writes a tiny "
+            f"random-weight stand-in, then pass `{KINDS[kind].option} {folder}` (`threedis demo` uses tiny "
+            f"checkpoints by itself)")
+
+
+def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[tuple[str, Path]]:
+    """Write tiny `kind` ("flux", "ldm3d", "sam2", "depth", or "all": one subfolder each) into a new folder.
+
+    Refuses (UserError) a file, a non-empty folder, a system folder and a folder
+    named like a real model; returns (kind, folder) per checkpoint written.
+    """
+    kinds = list(KINDS) if kind == "all" else [kind]
+    if any(name not in KINDS for name in kinds):
+        raise KeyError(kind)
+    root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()])
+    if kind == "all":
+        return [(name, KINDS[name].write(root / name, seed=seed)) for name in kinds]
+    return [(kind, KINDS[kind].write(root, seed=seed))]
