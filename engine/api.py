@@ -211,9 +211,9 @@ class Engine:
         self.components = EngineComponents(self.models, components.scheduler, components.source)
         self.prompts = PromptEncoder(components.source, self.device, self.dtype, cache_dir=cache_root / "prompts",
                                      models=self.models)
-        # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
-        self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
-                             local_files_only=local_files_only, profile=self.profile)
+        # Where stage 1, SAM2 and Depth Anything are; the manager loads and places each per profile.
+        self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, local_files_only=local_files_only,
+                             models=self.models)
         self._lock = threading.Lock()  # one render at a time per engine: the scheduler copy and models are shared
 
     # -- construction ----------------------------------------------------------
