@@ -216,7 +216,10 @@ class AuxModels:
 
         try:
             with self.models.use(_SLOT[kind], load=load) as model:
-                return use(model)
+                try:
+                    return use(model)
+                finally:
+                    del model  # this frame stays in a kept traceback: it must not hold the model
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)
             raise
