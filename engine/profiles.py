@@ -6,6 +6,12 @@ runtime never guesses from names. Built-in profiles live in `threedis.profiles`
 A user file may start from a built-in with `base = "12gb"` and change a few
 keys; the CLI/API may change keys with dotted overrides ("transformer.weights=nf4").
 
+A file states only its decisions: every key it leaves out takes its default
+(TOP_DEFAULTS, MODEL_DEFAULTS, defined once here); `resolved_toml` (and `threedis
+profiles --show NAME`) prints every key as the runtime reads it. Validation refuses
+what the runtime would not act on for a model (SUPPORT), so every accepted key is
+honoured by threedis.engine.runtime.ModelManager.
+
 Sizes in profiles and messages are in GB of 2**30 bytes, the unit card names
 and nvidia-smi use ("a 12 GB card").
 """
