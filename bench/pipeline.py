@@ -45,7 +45,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import statistics
@@ -202,9 +201,9 @@ def _sync(device: torch.device) -> None:
 
 def _release(device: torch.device) -> None:
     """Collect cycles (hooks keep models alive through closures) and hand cached VRAM back."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    from threedis.engine.offload import release_memory
+
+    release_memory(device)
 
 
 def random_components(profile: Profile, configs: str | None, device: torch.device) -> tuple[Any, float, float]:

@@ -248,11 +248,12 @@ class Engine:
         self.models.on_load("transformer", self._reapply_loras)  # a freed transformer comes back with its LoRAs
         self.models.on_free("transformer", self.step_cache.release)
         self.components = EngineComponents(self.models, components.scheduler, components.source)
-        self.prompts = PromptEncoder(components.source, self.device, self.dtype, cache_dir=cache_root / "prompts",
+        prompt_cache = cache_root / "prompts" if self.profile.text_encoder_cache else None  # profile decides
+        self.prompts = PromptEncoder(components.source, self.device, self.dtype, cache_dir=prompt_cache,
                                      models=self.models)
-        # Where stage 1, SAM2 and Depth Anything are; each is loaded only for its stage, then freed.
-        self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, device=self.device,
-                             local_files_only=local_files_only, profile=self.profile)
+        # Where stage 1, SAM2 and Depth Anything are; the manager loads and places each per profile.
+        self.aux = AuxModels(stage1=stage1, sam=sam, depth=depth_estimator, local_files_only=local_files_only,
+                             models=self.models)
         self._lock = threading.Lock()  # one render at a time per engine: the scheduler copy and models are shared
 
     # -- construction ----------------------------------------------------------

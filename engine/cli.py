@@ -205,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth-from-photo", action="store_true", help="include the Depth Anything estimator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sub.add_parser("profiles", help="list the built-in memory profiles")
+    p = sub.add_parser("profiles", help="list the built-in memory profiles, or show one resolved")
+    p.add_argument("--show", metavar="PROFILE", help="print every key of a profile (name or TOML file), "
+                                                     "defaults filled in")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --show: change a key first")
 
     p = sub.add_parser("bench", help="run a benchmark (attention)")
     p.add_argument("what", choices=["attention"], help="which benchmark")
@@ -538,8 +542,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from threedis.engine.profiles import list_profiles, load_profile
+    from threedis.engine.profiles import list_profiles, load_profile, resolved_toml
 
+    if args.show:
+        print(resolved_toml(load_profile(args.show, _parse_overrides(args.overrides) or None)), end="")
+        return 0
+    if args.overrides:
+        raise UserError("--set changes a profile shown with --show PROFILE; add --show")
     for name in list_profiles():
         profile = load_profile(name)
         print(f"{name:<8} {profile.description}")

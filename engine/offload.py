@@ -21,12 +21,14 @@ bookkeeping (which group is on the compute device when) runs the same way.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BlockOffloader", "apply_group_offload", "has_quantized_tensors", "move_model"]
+__all__ = ["BlockOffloader", "apply_group_offload", "has_quantized_tensors", "move_model", "move_parts",
+           "release_memory"]
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # FLUX, in execution order
 
@@ -176,3 +178,31 @@ def apply_group_offload(model: nn.Module, onload: torch.device | str, blocks_per
                            offload_type="block_level", num_blocks_per_group=max(1, int(blocks_per_group)),
                            use_stream=bool(use_streams) and onload.type == "cuda")
     return None
+
+
+def move_parts(holder: Any, device: torch.device | str) -> Any:
+    """Move a model, or every model a wrapper holds (stage 1's pipeline, SAM2's masker), to `device`.
+
+    A wrapper sends its inputs to its `device` attribute, so that follows the move too.
+    Returns the moved object (the same one).
+    """
+    device = torch.device(device)
+    if isinstance(holder, nn.Module):
+        return move_model(holder, device)
+    for value in vars(holder).values():
+        if isinstance(value, nn.Module):
+            move_model(value, device)
+    if isinstance(getattr(holder, "device", None), torch.device):
+        holder.device = device
+    return holder
+
+
+def release_memory(device: torch.device | str) -> None:
+    """Hand memory back after a model is dropped or moved away.
+
+    Collects cycles first (hooks and closures keep models alive), then returns the
+    CUDA caching allocator's free blocks so the next model (or another process) gets them.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

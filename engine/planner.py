@@ -391,6 +391,9 @@ class Plan:
                  f"{req.num_instances} instances, chunk {req.chunk} -> L = {self.seq_len} tokens, "
                  f"attention {self.attention_backend}",
                  *([f"profile {self.profile.origin}"] if self.profile.origin.startswith("auto") else []),
+                 f"profile {self.profile.name} resolved: vae_tiling {str(self.profile.vae_tiling).lower()}, "
+                 f"step_cache {self.profile.step_cache.value}, text_encoder_cache "
+                 f"{str(self.profile.text_encoder_cache).lower()} (threedis profiles --show for every key)",
                  f"{'stage':<15} {'runs':<16} {'GPU GB':>7} {'host GB':>8}  details"]
         for r in self.rows:
             lines.append(f"{r.stage:<15} {','.join(r.models):<16} {_gb(r.gpu_bytes):>7} "
@@ -493,11 +496,14 @@ def _stages(profile: Profile, req: PlanRequest, cfgs: Mapping[str, Mapping[str, 
 
 
 def _footprint(size: ModelSize, policy: ModelPolicy) -> tuple[int, int, int, str]:
-    """(GPU bytes resident all run, extra GPU bytes while its stage runs, host bytes all run, note)."""
+    """(GPU bytes resident all run, extra bytes on its run device while its stage runs, host bytes all
+    run, note)."""
     fmt = policy.weights
     full = size.weight_bytes(fmt)
     if policy.device is Placement.CPU:
         return 0, 0, full, "on CPU"
+    if policy.device is Placement.CPU_THEN_FREED:
+        return 0, full, 0, "on CPU, loaded, then freed"
     if policy.device is Placement.GPU_THEN_FREED:
         return 0, full, 0, "loaded, then freed"
     if policy.offload is Offload.NONE:
@@ -515,7 +521,7 @@ def _resolve_backend(profile: Profile) -> str:
     requested = profile.attention_backend.value
     if requested != "auto":
         return requested
-    return "triton" if profile.policy("transformer").device is not Placement.CPU else "flex"
+    return "triton" if profile.policy("transformer").device.on_gpu else "flex"
 
 
 def plan(profile: Profile | str, width: int, height: int, num_instances: int, chunk: int = 200,
@@ -546,9 +552,9 @@ def plan(profile: Profile | str, width: int, height: int, num_instances: int, ch
     host_weights = sum(f[2] for f in feet.values())
     rows = []
     for st in stages:
-        on_gpu = [m for m in st.models if prof.policy(m).device is not Placement.CPU]
+        on_gpu = [m for m in st.models if prof.policy(m).device.on_gpu]
         gpu = resident + sum(feet[m][1] for m in on_gpu)
-        host = host_weights
+        host = host_weights + sum(feet[m][1] for m in st.models if m not in on_gpu)
         transient = sum(sizes[m].transient_bytes(prof.policy(m).weights) for m in st.models)
         if on_gpu:
             gpu += st.activation_bytes + transient

@@ -6,6 +6,12 @@ runtime never guesses from names. Built-in profiles live in `threedis.profiles`
 A user file may start from a built-in with `base = "12gb"` and change a few
 keys; the CLI/API may change keys with dotted overrides ("transformer.weights=nf4").
 
+A file states only its decisions: every key it leaves out takes its default
+(TOP_DEFAULTS, MODEL_DEFAULTS, defined once here); `resolved_toml` (and `threedis
+profiles --show NAME`) prints every key as the runtime reads it. Validation refuses
+what the runtime would not act on for a model (SUPPORT), so every accepted key is
+honoured by threedis.engine.runtime.ModelManager.
+
 Sizes in profiles and messages are in GB of 2**30 bytes, the unit card names
 and nvidia-smi use ("a 12 GB card").
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import difflib
 import enum
 import importlib.resources
+import json
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -52,11 +59,24 @@ class Weights(str, enum.Enum):
 
 
 class Placement(str, enum.Enum):
-    """Where a model lives: resident on the GPU, on the CPU, or on the GPU only for its stage."""
+    """Where a model runs, and whether it stays loaded after its stage.
+
+    gpu / cpu: loaded once, kept (the GPU one may be offloaded between stages);
+    gpu-then-freed / cpu-then-freed: loaded for its stage, freed right after.
+    """
 
     GPU = "gpu"
     CPU = "cpu"
     GPU_THEN_FREED = "gpu-then-freed"
+    CPU_THEN_FREED = "cpu-then-freed"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self in (Placement.GPU, Placement.GPU_THEN_FREED)
+
+    @property
+    def freed_after_stage(self) -> bool:
+        return self in (Placement.GPU_THEN_FREED, Placement.CPU_THEN_FREED)
 
 
 class Offload(str, enum.Enum):
@@ -115,7 +135,7 @@ class Profile:
 
     @property
     def uses_gpu(self) -> bool:
-        return any(p.device is not Placement.CPU for p in self.models.values())
+        return any(p.device.on_gpu for p in self.models.values())
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "models"}
@@ -134,8 +154,59 @@ _MODEL_FIELDS: dict[str, type] = {
     "weights": Weights, "device": Placement, "offload": Offload,
     "offload_group_blocks": int, "use_streams": bool,
 }
-_TOP_REQUIRED = ("min_vram_gb", "vae_tiling", "attention_backend", "step_cache", "text_encoder_cache")
+# A profile states its decisions; everything it leaves out is one of these defaults.
+# min_vram_gb, vae_tiling and the transformer's and T5's formats and devices have none:
+# they are what a memory recipe is about.
+_TOP_REQUIRED = ("min_vram_gb", "vae_tiling")
+TOP_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "description": "", "attention_backend": "auto", "step_cache": "none", "step_cache_threshold": 0.0,
+    "text_encoder_cache": True,
+})
 _MODEL_REQUIRED = ("weights", "device")
+_POLICY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"offload": "none", "offload_group_blocks": 1, "use_streams": False})
+MODEL_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "clip": {"weights": "bf16", "device": "gpu"},            # 0.23 GB: resident in full precision
+    "vae": {"weights": "bf16", "device": "gpu"},             # 0.16 GB: resident
+    # Stage 1 (~1.1B params) runs once before FLUX: load, run, free. SD-1.x UNets were
+    # trained for fp16; SD-1.x VAEs overflow in fp16.
+    "ldm3d_unet": {"weights": "fp16", "device": "gpu-then-freed"},
+    "ldm3d_vae": {"weights": "fp32", "device": "gpu-then-freed"},
+    "ldm3d_text": {"weights": "fp16", "device": "gpu-then-freed"},
+    "sam2": {"weights": "bf16", "device": "gpu-then-freed"},  # released for bf16 autocast
+    "depth_estimator": {"weights": "bf16", "device": "gpu-then-freed"},
+})
+
+
+@dataclass(frozen=True)
+class ModelSupport:
+    """What the runtime does for one model: validation refuses every other value.
+
+    follows: a model whose device and offload this one must share (stage 1's three
+    parts load and run as one pipeline, placed by ldm3d_unet).
+    """
+
+    weights: tuple[Weights, ...] = tuple(Weights)
+    offloads: tuple[Offload, ...] = (Offload.NONE, Offload.MODEL)
+    weights_reason: str = ""
+    follows: str | None = None
+
+    @property
+    def streams_groups(self) -> bool:
+        return Offload.GROUP in self.offloads
+
+
+_FLOATS = (Weights.FP16, Weights.BF16, Weights.FP32)
+_AUX_REASON = "the stage-1, SAM2 and depth models load through diffusers/transformers in a float format"
+SUPPORT: Mapping[str, ModelSupport] = MappingProxyType({
+    "transformer": ModelSupport(offloads=tuple(Offload)),  # only FLUX has the block lists group offload streams
+    "t5": ModelSupport(), "clip": ModelSupport(), "vae": ModelSupport(),
+    "ldm3d_unet": ModelSupport(_FLOATS, weights_reason=_AUX_REASON),
+    "ldm3d_vae": ModelSupport(_FLOATS, weights_reason=_AUX_REASON, follows="ldm3d_unet"),
+    "ldm3d_text": ModelSupport(_FLOATS, weights_reason=_AUX_REASON, follows="ldm3d_unet"),
+    "sam2": ModelSupport(_FLOATS, weights_reason=_AUX_REASON),
+    "depth_estimator": ModelSupport(_FLOATS, weights_reason=_AUX_REASON),
+})
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -198,7 +269,7 @@ def _check_keys(where: str, given: Mapping[str, Any], allowed: Sequence[str]) ->
 def _model_policy(where: str, model: str, table: Mapping[str, Any], base: ModelPolicy | None) -> ModelPolicy:
     given = {f"{model}.{k}": v for k, v in table.items()}
     _check_keys(where, given, [f"{model}.{f}" for f in _MODEL_FIELDS])
-    values: dict[str, Any] = base.to_dict() if base else {}
+    values: dict[str, Any] = base.to_dict() if base else {**_POLICY_DEFAULTS, **MODEL_DEFAULTS.get(model, {})}
     values.update(table)
     for key in _MODEL_REQUIRED:
         if key not in values:
@@ -220,17 +291,54 @@ def _validate(profile: Profile, where: str) -> None:
         if p.device is Placement.CPU and p.offload is not Offload.NONE:
             raise UserError(f"{where}: {key}.offload = {p.offload.value!r} with {key}.device = 'cpu': a CPU "
                             f"model has nothing to offload; set {key}.offload = 'none' or device = 'gpu'")
-        if p.device is Placement.GPU_THEN_FREED and p.offload is not Offload.NONE:
-            raise UserError(f"{where}: {key}.device = 'gpu-then-freed' is freed after its stage; offload "
+        if p.device.freed_after_stage and p.offload is not Offload.NONE:
+            raise UserError(f"{where}: {key}.device = {p.device.value!r} is freed after its stage; offload "
                             f"needs device = 'gpu'. Set {key}.offload = 'none' or {key}.device = 'gpu'")
         if p.offload_group_blocks < 1:
             raise UserError(f"{where}: {key}.offload_group_blocks must be >= 1, got {p.offload_group_blocks}")
-        if p.device is Placement.CPU and p.weights.needs_cuda:
+        if not p.device.on_gpu and p.weights.needs_cuda:
             raise UserError(f"{where}: {key}.weights = {p.weights.value!r} (bitsandbytes) needs CUDA but "
-                            f"{key}.device = 'cpu'; use bf16, fp32, fp8 or a quanto-* format on the CPU")
+                            f"{key}.device = {p.device.value!r}; use bf16, fp32, fp8 or a quanto-* format on the CPU")
+        _check_supported(where, key, p, profile.models)
     if not profile.uses_gpu and profile.attention_backend is AttentionBackend.TRITON:
         raise UserError(f"{where}: attention_backend = 'triton' needs a GPU but every model is on the CPU; "
                         f"use 'auto', 'flex' or 'sdpa'")
+
+
+def _check_supported(where: str, key: str, p: ModelPolicy, models: Mapping[str, ModelPolicy]) -> None:
+    """Refuse what the runtime would not act on for this model (SUPPORT), naming what it would."""
+    support = SUPPORT[key]
+    if p.weights not in support.weights:
+        raise UserError(f"{where}: {key}.weights = {p.weights.value!r} is not supported for {key} "
+                        f"({support.weights_reason}); use one of {', '.join(w.value for w in support.weights)}")
+    if p.offload not in support.offloads:
+        raise UserError(f"{where}: {key}.offload = {p.offload.value!r} is not supported for {key}: only the "
+                        f"transformer streams groups of blocks; use one of "
+                        f"{', '.join(o.value for o in support.offloads)}")
+    if not support.streams_groups:
+        for field, default in (("offload_group_blocks", 1), ("use_streams", False)):
+            value = getattr(p, field)
+            if value != default:
+                raise UserError(f"{where}: {key}.{field} = {_plain_toml(value)} is not used: only the transformer "
+                                f"streams groups of blocks; leave {key}.{field} at {_plain_toml(default)}")
+    if support.follows is not None:
+        lead = models[support.follows]
+        for field in ("device", "offload"):
+            mine, theirs = getattr(p, field).value, getattr(lead, field).value
+            if mine != theirs:
+                raise UserError(f"{where}: {key}.{field} = {mine!r} differs from {support.follows}.{field} = "
+                                f"{theirs!r}: stage 1 loads and runs its UNet, VAE and text encoder as one "
+                                f"pipeline; give ldm3d_unet, ldm3d_vae and ldm3d_text the same {field}")
+
+
+def _plain_toml(value: Any) -> str:
+    """A value as a profile file writes it."""
+    value = _plain(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
 
 
 def _build(data: Mapping[str, Any], where: str, default_name: str, base: Profile | None,
@@ -241,8 +349,8 @@ def _build(data: Mapping[str, Any], where: str, default_name: str, base: Profile
     top.pop("models", None)
     top.pop("origin", None)
     top["name"] = default_name  # a file based on a built-in is its own profile, named after the file
-    top.setdefault("description", "")
-    top.setdefault("step_cache_threshold", 0.0)
+    for key, value in TOP_DEFAULTS.items():
+        top.setdefault(key, value)
     for key, value in data.items():
         if key in _TOP_FIELDS:
             top[key] = value
@@ -259,7 +367,7 @@ def _build(data: Mapping[str, Any], where: str, default_name: str, base: Profile
     for key in MODEL_KEYS:
         table = data.get(key)
         base_policy = base.models[key] if base else None
-        if table is None and base_policy is None:
+        if table is None and base_policy is None and key not in MODEL_DEFAULTS:
             raise UserError(f"{where}: missing table [{key}] (weights, device, offload, ...); add it or "
                             f"start from a built-in profile with base = \"12gb\"")
         models[key] = _model_policy(where, key, table or {}, base_policy)
@@ -360,6 +468,21 @@ def load_profile(name_or_path: str | Path, overrides: Mapping[str, Any] | None =
     return apply_overrides(profile, overrides)
 
 
+def resolved_toml(profile: Profile) -> str:
+    """Every key of `profile`, defaults filled in, as a profile file (loadable as one).
+
+    Why: a profile file states only its decisions; this is what the runtime and the
+    planner actually read, e.g. for `threedis profiles --show 12gb`.
+    """
+    lines = [f"# {profile.name}, resolved ({profile.origin or 'built from data'}): every key, defaults filled in"]
+    for key in _TOP_FIELDS:
+        lines.append(f"{key} = {_plain_toml(getattr(profile, key))}")
+    for model in MODEL_KEYS:
+        lines += ["", f"[{model}]"]
+        lines += [f"{k} = {_plain_toml(v)}" for k, v in profile.policy(model).to_dict().items()]
+    return "\n".join(lines) + "\n"
+
+
 def select_auto_profile(free_vram_bytes: int | None,
                         total_vram_bytes: int | None = None) -> tuple[Profile, str]:
     """Largest built-in GPU profile whose min_vram_gb fits the free VRAM, else cpu; with the reason."""
@@ -404,7 +527,7 @@ def resolve_profile(name_or_path: str | Path, device: Any = None,
     else:
         profile = load_profile(name_or_path)
     if dev.type != "cuda" and profile.uses_gpu:
-        gpu_models = [k for k, p in profile.models.items() if p.device is not Placement.CPU]
+        gpu_models = [k for k, p in profile.models.items() if p.device.on_gpu]
         raise UserError(f"profile {profile.name!r} puts {', '.join(gpu_models)} on the GPU but the device is "
                         f"{dev.type}; use --profile cpu (or auto)")
     return apply_overrides(profile, overrides)

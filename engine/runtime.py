@@ -5,15 +5,20 @@ place that turns a `ModelPolicy` into actions, so the pipeline asks for a model
 per stage (`with manager.use("t5") as t5:`) and never knows whether it was resident,
 parked in host RAM, streamed block by block, or loaded just now and freed after.
 
-Per model (transformer, t5, clip, vae):
-  weights  bf16/fp16/fp32: loaded in that dtype. fp8, int8, nf4, quanto-*: through
-           the quantized-weight cache (quant_cache.load_quantized): quantized once,
-           later loads read the cache; compute dtype bf16.
-  device   gpu: runs on the engine's CUDA device; cpu: stays and runs on the CPU;
-           gpu-then-freed: loaded for its stage, on the GPU during it, then deleted
-           and its memory returned (gc + torch.cuda.empty_cache).
+Every model is a slot (SLOTS): the four rendering models, and the auxiliary ones
+(stage 1, whose UNet, VAE and text encoder load as one pipeline placed by
+ldm3d_unet; SAM2; Depth Anything), which threedis.engine.stages loads from their
+folders through `use(slot, load=...)`. Every slot reads its profile entry the same way:
+  weights  bf16/fp16/fp32: loaded in that dtype. fp8, int8, nf4, quanto-* (rendering
+           models only, profiles.SUPPORT): through the quantized-weight cache
+           (quant_cache.load_quantized): quantized once, later loads read the cache;
+           compute dtype bf16.
+  device   gpu: runs on the engine's CUDA device, kept loaded; cpu: runs on the CPU,
+           kept loaded; gpu-then-freed / cpu-then-freed: loaded for its stage, then
+           deleted and its memory returned (offload.release_memory).
   offload  none; model: on the host between stages, on the GPU only inside `use`;
-           group: blocks streamed during the forward (threedis.engine.offload).
+           group (transformer only): blocks streamed during the forward
+           (threedis.engine.offload).
 On a CPU-only engine every "gpu" resolves to the CPU; the moves become no-ops but the
 bookkeeping (`placement()`) still follows the profile, so tests can check it.
 
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,13 +41,20 @@ import torch
 
 from threedis.engine import loading
 from threedis.engine.errors import UserError
-from threedis.engine.offload import apply_group_offload, move_model
-from threedis.engine.profiles import Offload, Placement, Profile, apply_overrides
+from threedis.engine.offload import apply_group_offload, move_model, move_parts, release_memory
+from threedis.engine.profiles import MODEL_KEYS, Offload, Placement, Profile, apply_overrides
+from threedis.engine.quantize import PLAIN_SCHEMES as _PLAIN  # the one weights-name -> float dtype map
 
-__all__ = ["RUNTIME_MODELS", "ModelManager", "Residency", "dtype_weights"]
+__all__ = ["AUX_SLOTS", "RUNTIME_MODELS", "SLOTS", "ModelManager", "Residency", "dtype_weights"]
 
 RUNTIME_MODELS: tuple[str, ...] = ("transformer", "t5", "clip", "vae")
-_PLAIN = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUX_SLOTS: tuple[str, ...] = ("stage1", "sam2", "depth_estimator")
+# slot -> the profile entries it reads; the first one places it (device, offload).
+SLOTS: Mapping[str, tuple[str, ...]] = {
+    **{k: (k,) for k in RUNTIME_MODELS},
+    "stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam2": ("sam2",), "depth_estimator": ("depth_estimator",),
+}
+assert sorted(k for keys in SLOTS.values() for k in keys) == sorted(MODEL_KEYS)
 QUANT_COMPUTE_DTYPE = torch.bfloat16  # compute dtype of every non-float weight format (profiles.Weights)
 
 
@@ -72,6 +83,9 @@ class _Slot:
     weights: str
     home: torch.device          # between stages
     run: torch.device           # during its stage
+    policy_key: str = ""        # the profile entry that places it
+    at: torch.device | None = None  # where the model is now
+    move: Callable[[Any, torch.device], Any] = move_model
     model: Any = None
     tokenizer: Any = None
     given: bool = False         # handed in by the caller: never freed or re-quantized, only moved
@@ -83,7 +97,7 @@ class _Slot:
 
 
 class ModelManager:
-    """Loads, places, offloads and frees the rendering models of one engine, per profile.
+    """Loads, places, offloads and frees every model of one engine, per profile.
 
     source: checkpoint folder to load from (None: only `given` models exist).
     cache_root: folder for the quantized-weight cache ("<cache_root>/quantized").
@@ -106,12 +120,12 @@ class ModelManager:
         self.profile = profile
         self.source = Path(source) if source is not None else None
         self.cache_root = Path(cache_root) if cache_root is not None else None
-        self.loads: dict[str, int] = {k: 0 for k in RUNTIME_MODELS}  # loads per model (EncoderAccess)
+        self.loads: dict[str, int] = {k: 0 for k in SLOTS}  # loads per model (EncoderAccess)
         self.profiler: Any = Profiler(enabled=False)
-        self._on_load: dict[str, list[Callable[[Any], None]]] = {k: [] for k in RUNTIME_MODELS}
-        self._on_free: dict[str, list[Callable[[], None]]] = {k: [] for k in RUNTIME_MODELS}
+        self._on_load: dict[str, list[Callable[[Any], None]]] = {k: [] for k in SLOTS}
+        self._on_free: dict[str, list[Callable[[], None]]] = {k: [] for k in SLOTS}
         self._sizes: Any = None
-        self._slots = {k: self._new_slot(k) for k in RUNTIME_MODELS}
+        self._slots = {k: self._new_slot(k) for k in SLOTS}
         for key, model in (given or {}).items():
             if model is None:
                 continue
@@ -124,21 +138,42 @@ class ModelManager:
     # -- policy -> devices ----------------------------------------------------------------------
 
     def _new_slot(self, key: str) -> _Slot:
-        policy = self.profile.policy(key)
+        policy_key = SLOTS[key][0]
+        policy = self.profile.policy(policy_key)
         cpu = torch.device("cpu")
         gpu = self.device  # "gpu" means the engine's device: the CPU on a CPU-only engine
-        if policy.device is Placement.CPU:
+        if not policy.device.on_gpu:
             home, run = cpu, cpu
         elif policy.device is Placement.GPU_THEN_FREED or policy.offload is not Offload.NONE:
             home, run = cpu, gpu
         else:
             home, run = gpu, gpu
-        return _Slot(key, policy.weights.value, home, run, dtype=_PLAIN.get(policy.weights.value, QUANT_COMPUTE_DTYPE))
+        return _Slot(key, policy.weights.value, home, run, policy_key=policy_key,
+                     move=move_model if key in RUNTIME_MODELS else move_parts,
+                     dtype=_PLAIN.get(policy.weights.value, QUANT_COMPUTE_DTYPE))
 
     def _slot(self, key: str) -> _Slot:
         if key not in self._slots:
-            raise UserError(f"unknown model {key!r}; the runtime manages {', '.join(RUNTIME_MODELS)}")
+            raise UserError(f"unknown model {key!r}; the runtime manages {', '.join(SLOTS)}")
         return self._slots[key]
+
+    def _policy(self, slot: _Slot) -> Any:
+        return self.profile.policy(slot.policy_key)
+
+    def load_device(self, key: str) -> torch.device:
+        """Where a loader should put the model: its home if the profile parks it between stages
+        (model offload), else where it runs (saves a host -> GPU copy for a freed model)."""
+        slot = self._slot(key)
+        return slot.home if self._policy(slot).offload is Offload.MODEL else slot.run
+
+    def freed_after_stage(self, key: str) -> bool:
+        """True when the profile frees this model as soon as its stage ends."""
+        slot = self._slot(key)
+        return self._policy(slot).device.freed_after_stage and not slot.given
+
+    def weights_dtype(self, profile_key: str) -> torch.dtype:
+        """The float dtype of a profile entry's weights (the auxiliary models: float formats only)."""
+        return _PLAIN[self.profile.policy(profile_key).weights.value]
 
     def run_device(self, key: str) -> torch.device:
         """Where the model computes (inputs go there)."""
@@ -174,17 +209,24 @@ class ModelManager:
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def placement(self) -> dict[str, dict[str, Any]]:
-        """Per model: format, the profile's placement, where it lives/runs, its state now."""
+        """Per profile entry: format, the profile's placement, where its slot lives/runs, its state now.
+
+        Keyed by profile key (stage 1's three entries share the "stage1" slot), so that a
+        render's settings can pin each entry's weights again (outputs.rerender_from_png).
+        """
         out = {}
-        for key, slot in self._slots.items():
-            policy = self.profile.policy(key)
+        for name, slot in self._slots.items():
             on = None
             if slot.model is not None:
-                first = next(iter(slot.model.parameters()), None)
-                on = str(first.device) if first is not None else None
-            out[key] = {"weights": slot.weights, "device": policy.device.value, "offload": policy.offload.value,
-                        "home": str(slot.home), "run": str(slot.run), "state": slot.state.value, "on": on,
-                        "loads": slot.loads, "quantized_cache": slot.cache, "given": slot.given}
+                first = next(iter(slot.model.parameters()), None) if hasattr(slot.model, "parameters") else None
+                on = str(first.device) if first is not None else (str(slot.at) if slot.at is not None else None)
+            for key in SLOTS[name]:
+                policy = self.profile.policy(key)
+                weights = slot.weights if key == slot.policy_key else policy.weights.value
+                out[key] = {"weights": weights, "device": policy.device.value, "offload": policy.offload.value,
+                            "home": str(slot.home), "run": str(slot.run), "state": slot.state.value, "on": on,
+                            "loads": slot.loads, "quantized_cache": slot.cache, "given": slot.given,
+                            "slot": name}
         return out
 
     def config(self, key: str) -> Any:
@@ -257,10 +299,13 @@ class ModelManager:
         slot.cache = "hit" if result.hit else "miss"
         return result.model
 
-    def _load(self, slot: _Slot) -> None:
+    def _load(self, slot: _Slot, load: Callable[[], Any] | None = None) -> None:
+        if slot.key not in RUNTIME_MODELS:
+            self._load_aux(slot, load)
+            return
         prof = self.profiler
-        with prof.stage(f"load {slot.key}", weights=slot.weights, device=self.profile.policy(slot.key).device.value,
-                        offload=self.profile.policy(slot.key).offload.value):
+        with prof.stage(f"load {slot.key}", weights=slot.weights, device=self._policy(slot).device.value,
+                        offload=self._policy(slot).offload.value):
             if slot.weights in _PLAIN:
                 model = self._load_float(slot.key, _PLAIN[slot.weights])
                 slot.cache = None
@@ -274,13 +319,30 @@ class ModelManager:
         if slot.cache is not None:
             prof.note(f"quantized cache {slot.key}", f"{slot.cache} ({slot.weights})")
 
+    def _load_aux(self, slot: _Slot, load: Callable[[], Any] | None) -> None:
+        """An auxiliary model: the caller's loader (it knows the folder and times the load) puts it
+        at load_device(); the manager only places it from there."""
+        if load is None:
+            raise UserError(f"the {slot.key} model is loaded by its stage (threedis.engine.stages.AuxModels), "
+                            f"not by name")
+        slot.model = load()
+        slot.at = self.load_device(slot.key)
+        slot.cache = None
+        slot.loads += 1
+        self.loads[slot.key] += 1
+        slot.state = self._between_stages(slot)
+        for fn in self._on_load[slot.key]:
+            fn(slot.model)
+
     def _configure(self, slot: _Slot) -> None:
-        """Put a freshly loaded (or given) model where its policy keeps it between stages."""
-        policy = self.profile.policy(slot.key)
+        """Put a freshly loaded (or given) rendering model where its policy keeps it between stages."""
+        policy = self._policy(slot)
         model = slot.model
         if slot.key == "vae":
             self._vae_tiling(model)
+        slot.at = slot.home
         if self._streamed(slot):
+            slot.at = slot.run
             if slot.run.type == "cuda":  # on a CPU engine there is nothing to stream: hooks would only cost
                 slot.offloader = apply_group_offload(model, slot.run, policy.offload_group_blocks,
                                                      policy.use_streams)
@@ -293,15 +355,15 @@ class ModelManager:
             fn(model)
 
     def _streamed(self, slot: _Slot) -> bool:
-        policy = self.profile.policy(slot.key)
+        policy = self._policy(slot)
         return policy.device is Placement.GPU and policy.offload is Offload.GROUP
 
     def _between_stages(self, slot: _Slot) -> Residency:
         """The state the profile asks for between stages (moves on a CPU engine are no-ops, states are not)."""
-        policy = self.profile.policy(slot.key)
+        policy = self._policy(slot)
         if self._streamed(slot):
             return Residency.STREAMED
-        if policy.device is Placement.GPU_THEN_FREED or policy.offload is Offload.MODEL:
+        if policy.device.freed_after_stage or policy.offload is Offload.MODEL:
             return Residency.PARKED
         return Residency.RESIDENT
 
@@ -320,29 +382,34 @@ class ModelManager:
     # -- stages ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, key: str) -> Iterator[Any]:
-        """The model, placed for its stage; afterwards parked, freed or left, per profile."""
+    def use(self, key: str, load: Callable[[], Any] | None = None) -> Iterator[Any]:
+        """The model, placed for its stage; afterwards parked, freed or left, per profile.
+
+        load: how to load an auxiliary model (stage1, sam2, depth_estimator) if it is not
+        in memory; it must put the model at load_device(key). Rendering models load themselves.
+        """
         slot = self._slot(key)
         if slot.model is None:
-            self._load(slot)
+            self._load(slot, load)
         streamed = self._streamed(slot)
-        if not streamed and slot.home != slot.run:
+        if not streamed and slot.at != slot.run:
             with self.profiler.stage(f"onload {key}", to=str(slot.run)):  # model offload's copy, timed
-                move_model(slot.model, slot.run)
+                slot.model = slot.move(slot.model, slot.run)
+            slot.at = slot.run
         slot.state = Residency.IN_STAGE
         try:
             yield slot.model
         finally:
-            policy = self.profile.policy(key)
-            if policy.device is Placement.GPU_THEN_FREED and not slot.given:
+            if self._policy(slot).device.freed_after_stage and not slot.given:
                 self.free(key)
-            else:
-                if not streamed and slot.home != slot.run:
+            elif slot.model is not None:
+                if not streamed and slot.at != slot.home:
                     with self.profiler.stage(f"offload {key}", to=str(slot.home)):
-                        move_model(slot.model, slot.home)
+                        slot.model = slot.move(slot.model, slot.home)
+                    slot.at = slot.home
                 slot.state = self._between_stages(slot)
                 if slot.home != slot.run:
-                    self._return_memory()
+                    release_memory(self.device)
 
     def settle_added_weights(self, key: str, is_added: Callable[[str], bool]) -> int:
         """Place parameters added to a loaded model after its placement (LoRA matrices).
@@ -371,14 +438,9 @@ class ModelManager:
             fn()
         if slot.offloader is not None:
             slot.offloader.remove()
-        slot.model = slot.offloader = None
+        slot.model = slot.offloader = slot.at = None
         slot.state = Residency.FREED
-        self._return_memory()
-
-    def _return_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(self.device)
 
     # -- memory plan ----------------------------------------------------------------------------
 

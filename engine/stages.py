@@ -1,18 +1,19 @@
 """The stages around the FLUX render: layout -> depth (stage 1), SAM2 masks, depth from a photo.
 
-Why a module of its own: each auxiliary model is needed for a moment of a render
-and never again in it. `AuxModels` remembers *where* each one is (a folder or hub
-id), loads it only when a stage asks, and frees it as soon as that stage ends, so
-stage 1 (~1B parameters) and SAM2 are gone before FLUX's transformer needs the
-memory. At most one auxiliary model is alive at a time; between stages
-`AuxModels.live` is empty and nothing else on the engine references them.
+Why a module of its own: each auxiliary model is needed for a moment of a render.
+`AuxModels` remembers *where* each one is (a folder or hub id) and how to load it;
+the engine's `ModelManager` (threedis.engine.runtime) holds it in a slot and places
+it per profile like any other model. The built-in profiles free each one as soon as
+its stage ends (gpu-then-freed / cpu-then-freed), so stage 1 (~1B parameters) and
+SAM2 are gone before FLUX's transformer needs the memory; then between stages
+`AuxModels.live` is empty and nothing else on the engine references them. A profile
+that says `gpu` or `cpu` (or offload = "model") keeps one loaded across renders.
 
 Order inside a render: stage 1 -> SAM -> stage 2 (encode, steps, decode).
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import traceback
@@ -24,7 +25,7 @@ from PIL import Image
 
 from threedis.engine.denoise import RenderCancelled
 from threedis.engine.errors import UserError
-from threedis.engine.profiles import Placement, Profile
+from threedis.engine.profiles import Profile
 from threedis.engine.sizes import parse_size
 
 __all__ = [
@@ -39,10 +40,11 @@ __all__ = [
 ]
 
 AUX_KINDS = ("stage1", "sam", "depth")
+# Each kind's slot in the engine's ModelManager (runtime.SLOTS names the profile entries).
+_SLOT = {"stage1": "stage1", "sam": "sam2", "depth": "depth_estimator"}
 # The profile entries (profiles/*.toml) that govern each auxiliary model.
 PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam": ("sam2",), "depth": ("depth_estimator",)}
-_FLOAT_WEIGHTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 T = TypeVar("T")
 
@@ -88,41 +90,43 @@ class Stage1Options:
         return out
 
 
-def _check_profile(profile: Profile) -> None:
-    """The auxiliary models are small and load through diffusers/transformers in a float format."""
-    for key in (k for keys in PROFILE_KEYS.values() for k in keys):
-        weights = profile.policy(key).weights.value
-        if weights not in _FLOAT_WEIGHTS:
-            raise UserError(f"profile {profile.name!r}: {key}.weights = {weights!r} is not supported for the "
-                            f"stage-1, SAM2 and depth models (small, loaded for one stage); use fp16, bf16 or fp32")
-
-
 class AuxModels:
-    """Where stage 1, SAM2 and the depth estimator are; loads one on demand and frees it after use.
+    """Where stage 1, SAM2 and the depth estimator are, and how each loads; the manager places them.
 
     specs: "stage1" None (no stage 1: renders need a depth map), "auto" (the authors'
     release: LDM3D-4c base + their UNet and adapter) or a base folder / hub id holding
     the release's two files; "sam" and "depth" a folder or hub id, None for the default id.
-    profile: the engine's profile; its ldm3d_unet / ldm3d_vae / ldm3d_text / sam2 /
-    depth_estimator entries set each model's float format and device ("cpu" keeps it on
-    the CPU, the GPU placements use `device`). None: each loader's default (fp16 for
-    stage 1 and bf16 for the others on CUDA, fp32 on the CPU).
-    `loaders` maps kind -> callable(spec) returning the loaded model; an instance
-    attribute, so a caller can wrap or replace one (quantized loads, test stubs).
+    models: the engine's ModelManager, whose profile (ldm3d_unet / ldm3d_vae / ldm3d_text /
+    sam2 / depth_estimator entries) sets each model's float format, device, offload and
+    lifetime. None: a manager of its own for `profile` on `device` (profile None: "auto",
+    i.e. the cpu profile on a CPU device).
+    `loaders` maps kind -> callable(spec) returning the loaded model, placed at
+    `models.load_device(slot)`; an instance attribute, so a caller can wrap or replace one
+    (test stubs).
     """
 
     def __init__(self, stage1: Any = None, sam: Any = None, depth: Any = None,
                  device: torch.device | str = "cpu", local_files_only: bool = False,
-                 profile: Profile | None = None) -> None:
+                 profile: Profile | None = None, models: Any = None) -> None:
+        from threedis.engine.profiles import resolve_profile
+        from threedis.engine.runtime import ModelManager
+
         self.specs: dict[str, Any] = {"stage1": stage1, "sam": sam, "depth": depth}
-        self.device = torch.device(device)
         self.local_files_only = bool(local_files_only)
-        if profile is not None:
-            _check_profile(profile)
-        self.profile = profile
+        if models is None:
+            profile = profile if profile is not None else resolve_profile("auto", device)
+            models = ModelManager(profile, device, None)
+        self.models = models
+        self.device = models.device
+        self.profile = models.profile
         self.loaders: dict[str, Callable[[Any], Any]] = {
             "stage1": self._load_stage1, "sam": self._load_sam, "depth": self._load_depth}
-        self.live: dict[str, Any] = {}  # kind -> model, only while its stage runs
+
+    @property
+    def live(self) -> dict[str, Any]:
+        """kind -> model, for the auxiliary models in memory now (empty between stages when freed)."""
+        loaded = {kind: self.models.loaded(slot) for kind, slot in _SLOT.items()}
+        return {kind: model for kind, model in loaded.items() if model is not None}
 
     # -- where the models are --------------------------------------------------
 
@@ -147,30 +151,22 @@ class AuxModels:
         """Specs as given (None = not set / default), for settings and reports."""
         return {k: (None if v is None else os.fspath(v)) for k, v in self.specs.items()}
 
-    def placement(self, key: str) -> tuple[torch.device, torch.dtype | None]:
-        """(device, dtype) of the profile entry `key` (e.g. "sam2"); dtype None = the loader's default."""
-        if self.profile is None:
-            return self.device, None
-        policy = self.profile.policy(key)
-        device = torch.device("cpu") if policy.device is Placement.CPU else self.device
-        return device, _FLOAT_WEIGHTS[policy.weights.value]
+    def placement(self, key: str) -> tuple[torch.device, torch.dtype]:
+        """(device a loader puts it on, dtype) of the profile entry `key` (e.g. "sam2")."""
+        slot = next(_SLOT[kind] for kind, keys in PROFILE_KEYS.items() if key in keys)
+        return self.models.load_device(slot), self.models.weights_dtype(key)
 
     def _formats(self, kind: str) -> dict[str, str]:
-        """For the report: "<profile key>": "<weights>@<device>" of each part of `kind`."""
-        if self.profile is None or kind not in PROFILE_KEYS:
-            return {}
-        out = {}
-        for key in PROFILE_KEYS[kind]:
-            device, _ = self.placement("ldm3d_unet" if kind == "stage1" else key)  # stage 1: one device
-            out[key] = f"{self.profile.policy(key).weights.value}@{device.type}"
-        return out
+        """For the report: "<profile key>": "<weights>@<run device>" of each part of `kind`."""
+        run = self.models.run_device(_SLOT[kind])  # stage 1: one device for its three parts
+        return {key: f"{self.profile.policy(key).weights.value}@{run.type}" for key in PROFILE_KEYS[kind]}
 
     # -- default loaders ---------------------------------------------------------
 
     def _load_stage1(self, spec: str) -> Any:
         from threedis.engine.stage1 import Stage1Pipeline
 
-        # One device for the whole pipeline (the UNet's entry); per-part float formats.
+        # One device for the whole pipeline (ldm3d_unet's); per-part float formats.
         device, unet_dtype = self.placement("ldm3d_unet")
         return Stage1Pipeline.from_pretrained(spec, device=device, dtype=unet_dtype,
                                               vae_dtype=self.placement("ldm3d_vae")[1],
@@ -193,22 +189,28 @@ class AuxModels:
     # -- load, use, free ----------------------------------------------------------
 
     def run(self, kind: str, use: Callable[[Any], T], profiler: Any = None) -> T:
-        """Load `kind`, return use(model), and free the model whatever happens.
+        """Return use(model) with `kind` loaded and placed; afterwards it is freed, parked or kept, per profile.
 
         On an error the traceback's finished frames are cleared, so the exception a
         caller keeps (pytest.raises, a UI's error log) does not keep the model alive.
         """
         if kind not in self.loaders:
             raise ValueError(f"unknown auxiliary model {kind!r}; expected one of {AUX_KINDS}")
-        self.free()  # one auxiliary model at a time
-        try:
+        self.free()  # the models freed after their stage: at most one alive at a time
+
+        def load() -> Any:
             spec = self.spec(kind)
-            if profiler is not None:
-                with profiler.stage(f"load {kind}", model=spec, **self._formats(kind)):
-                    self.live[kind] = self.loaders[kind](spec)
-            else:
-                self.live[kind] = self.loaders[kind](spec)
-            return use(self.live[kind])
+            if profiler is None:
+                return self.loaders[kind](spec)
+            with profiler.stage(f"load {kind}", model=spec, **self._formats(kind)):
+                return self.loaders[kind](spec)
+
+        try:
+            with self.models.use(_SLOT[kind], load=load) as model:
+                try:
+                    return use(model)
+                finally:
+                    del model  # this frame stays in a kept traceback: it must not hold the model
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)
             raise
@@ -216,13 +218,10 @@ class AuxModels:
             self.free()
 
     def free(self) -> None:
-        """Drop every loaded auxiliary model and give its memory back (CUDA cache included)."""
-        if not self.live:
-            return
-        self.live.clear()
-        gc.collect()
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Drop every loaded auxiliary model its profile frees after the stage, and give the memory back."""
+        for slot in _SLOT.values():
+            if self.models.loaded(slot) is not None and self.models.freed_after_stage(slot):
+                self.models.free(slot)
 
 
 # ---------------------------------------------------------------- the stages
