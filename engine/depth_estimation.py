@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from threedis.engine.errors import UserError
-from threedis.engine.loading import default_device, default_dtype
+from threedis.engine.config_check import read_json
+from threedis.engine.loading import default_device, default_dtype, loading_component, read_component_config
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
 
@@ -135,9 +136,12 @@ class DepthEstimator:
             tiny_hint=" (tests: threedis.engine.tiny_aux.write_tiny_depth_anything(DIR) writes a tiny one)")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForDepthEstimation.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        read_component_config("depth model", folder / "config.json", "depth_anything_v2_large")
+        read_json("depth model", folder / "preprocessor_config.json")
+        with loading_component("depth model", folder):
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForDepthEstimation.from_pretrained(
+                folder, dtype=dtype, use_safetensors=True, local_files_only=True)
         model.eval().requires_grad_(False).to(device)
         return cls(model=model, processor=processor, device=device, dtype=dtype)
 

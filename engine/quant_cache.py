@@ -36,7 +36,9 @@ from typing import Any, Callable, Literal, NamedTuple
 import torch
 from torch import nn
 
+from threedis.engine.config_check import read_json
 from threedis.engine.errors import UserError
+from threedis.engine.loading import CLASS_CONFIGS, loading_component, read_component_config
 from threedis.engine.quantize import (
     QuantConfig,
     apply_quantization,
@@ -298,14 +300,14 @@ class QuantCache:
 # ------------------------------------------------------------------ loading
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def _read_config(folder: Path, model_cls: type[nn.Module]) -> dict[str, Any]:
+    """config.json, checked against the real model's before a skeleton is built from it."""
+    file = folder / "config.json"
+    if not file.is_file():
         raise UserError(f"no config.json in {folder}; point at the model's folder "
-                        f"(e.g. the checkpoint's transformer/ or text_encoder_2/)") from None
-    except ValueError as exc:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-download the model") from None
+                        f"(e.g. the checkpoint's transformer/ or text_encoder_2/)")
+    ref = CLASS_CONFIGS.get(model_cls.__name__)
+    config = read_component_config(folder.name, file, ref) if ref else read_json(folder.name, file)
     config.pop("_name_or_path", None)
     return config
 
@@ -358,9 +360,10 @@ def load_quantized(
     folder = Path(source_path) / subfolder if subfolder else Path(source_path)
     if cfg.is_plain:
         return LoadResult(apply_quantization(_checked(loader(), model_cls), cfg), False, None)
-    model_config = _read_config(folder)
-    identity = source_identity(folder)
-    skeleton = _skeleton(model_cls, folder)
+    model_config = _read_config(folder, model_cls)
+    with loading_component(folder.name, folder):
+        identity = source_identity(folder)
+        skeleton = _skeleton(model_cls, folder)
     cfg = cfg.resolved(skeleton)
     key = cache_key(identity, model_config, cfg, model_cls.__name__)
     found = cache.read(key)
