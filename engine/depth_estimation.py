@@ -23,7 +23,13 @@ import torch.nn.functional as F
 
 from threedis.engine.errors import UserError
 from threedis.engine.config_check import read_json
-from threedis.engine.loading import default_device, default_dtype, loading_component, read_component_config
+from threedis.engine.loading import (
+    checked_from_pretrained,
+    default_device,
+    default_dtype,
+    loading_component,
+    read_component_config,
+)
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
 
@@ -140,8 +146,8 @@ class DepthEstimator:
         read_json("depth model", folder / "preprocessor_config.json")
         with loading_component("depth model", folder):
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForDepthEstimation.from_pretrained(
-                folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model = checked_from_pretrained("depth model", folder, AutoModelForDepthEstimation, folder, dtype=dtype,
+                                        use_safetensors=True, local_files_only=True)
         model.eval().requires_grad_(False).to(device)
         return cls(model=model, processor=processor, device=device, dtype=dtype)
 

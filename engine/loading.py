@@ -43,6 +43,7 @@ __all__ = [
     "load_text_encoders",
     "load_transformer",
     "load_vae",
+    "checked_from_pretrained",
     "loading_component",
     "model_class",
     "read_component_config",
@@ -148,6 +149,31 @@ def loading_component(name: str, path: str | os.PathLike[str]) -> Iterator[None]
         raise UserError(f"{name}: {where}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)}); "
                         f"the folder does not hold a working {name}: restore it from the original download") \
             from exc
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def checked_from_pretrained(name: str, folder: Path, cls: Any, *args: Any, **kwargs: Any) -> Any:
+    """cls.from_pretrained(...), refusing weights that leave tensors missing or mismatched.
+
+    Why: both libraries only log such a mismatch and fill the gaps with random
+    values, so another model's weights file would render noise with exit code 0.
+    """
+    with loading_component(name, folder):
+        model, info = cls.from_pretrained(*args, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
+                  for item in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        what = "; ".join(part for part in (missing and f"{len(missing)} tensors missing ({_listing(missing)})",
+                                           mismatched and f"{len(mismatched)} of another shape "
+                                                          f"({_listing(mismatched)})") if part)
+        raise UserError(f"{name}: {folder}: the weights do not fit its config.json: {what}; the weights file "
+                        f"belongs to another model or the config was edited")
+    return model
 
 
 def read_component_config(name: str, file: Path, ref: str) -> dict[str, Any]:
@@ -339,10 +365,9 @@ def load_transformer(root: Path, dtype: torch.dtype, device: torch.device | str 
     from diffusers import FluxTransformer2DModel
 
     check_checkpoint(root, ["transformer"])
-    with loading_component("transformer", root / "transformer"):
-        model = FluxTransformer2DModel.from_pretrained(
-            root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+    model = checked_from_pretrained("transformer", root / "transformer", FluxTransformer2DModel, root,
+                                    subfolder="transformer", torch_dtype=dtype, use_safetensors=True,
+                                    local_files_only=True)
     return _place(model, device)
 
 
@@ -350,10 +375,8 @@ def load_vae(root: Path, dtype: torch.dtype, device: torch.device | str | None =
     from diffusers import AutoencoderKL
 
     check_checkpoint(root, ["vae"])
-    with loading_component("vae", root / "vae"):
-        model = AutoencoderKL.from_pretrained(
-            root, subfolder="vae", torch_dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+    model = checked_from_pretrained("vae", root / "vae", AutoencoderKL, root, subfolder="vae", torch_dtype=dtype,
+                                    use_safetensors=True, local_files_only=True)
     return _place(model, device)
 
 
@@ -403,10 +426,8 @@ def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None 
 
     check_checkpoint(root, CLIP_PARTS)
     tokenizer = load_clip_tokenizer(root)
-    with loading_component("text_encoder", root / "text_encoder"):
-        model = CLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+    model = checked_from_pretrained("text_encoder", root / "text_encoder", CLIPTextModel, root,
+                                    subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True)
     return _place(model, device), tokenizer
 
 
@@ -415,10 +436,9 @@ def load_t5(root: Path, dtype: torch.dtype, device: torch.device | str | None = 
 
     check_checkpoint(root, T5_PARTS)
     tokenizer = load_t5_tokenizer(root)
-    with loading_component("text_encoder_2", root / "text_encoder_2"):
-        model = T5EncoderModel.from_pretrained(
-            root, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, local_files_only=True
-        )
+    model = checked_from_pretrained("text_encoder_2", root / "text_encoder_2", T5EncoderModel, root,
+                                    subfolder="text_encoder_2", dtype=dtype, use_safetensors=True,
+                                    local_files_only=True)
     return _place(model, device), tokenizer
 
 

@@ -17,7 +17,9 @@ Verification on read (QuantCache(verify=...)):
             single-byte corruptions of a large file, but not a truncated or rewritten one.
 An entry that fails any check (meta.json unreadable or for another key, hash or size
 mismatch, unreadable tensors, tensors that do not fit the skeleton) is logged,
-deleted and rebuilt, never used.
+deleted and rebuilt, never used. A cache folder that cannot be written (read-only,
+full) only costs speed: the freshly quantized model is used as is, with one
+ThreedisWarning, and LoadResult.entry is None.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import struct
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from threedis.engine.config_check import read_json
-from threedis.engine.errors import UserError
+from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.loading import CLASS_CONFIGS, loading_component, read_component_config
 from threedis.engine.quantize import (
     QuantConfig,
@@ -289,7 +292,10 @@ class QuantCache:
         if not entry.exists():
             return
         log.warning("quantized-weight cache entry %s discarded: %s", entry, reason)
-        trash = Path(tempfile.mkdtemp(prefix=f".trash-{key[:12]}-", dir=self.root))
+        try:
+            trash = Path(tempfile.mkdtemp(prefix=f".trash-{key[:12]}-", dir=self.root))
+        except OSError:  # a read-only cache: the entry stays, and read() keeps refusing it
+            return
         try:
             os.rename(entry, trash / "entry")
         except OSError:
@@ -383,7 +389,15 @@ def load_quantized(
         from optimum.quanto import quantization_map
 
         meta["quantization_map"] = quantization_map(model)
-    entry = cache.write(key, model.state_dict(), meta)
+    from safetensors import SafetensorError
+
+    try:
+        entry: Path | None = cache.write(key, model.state_dict(), meta)
+    except (OSError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"quantized-weight cache {cache.root} cannot be written ({first}); the {model_cls.__name__} "
+                      f"is quantized again at its next load, which only costs time", ThreedisWarning, stacklevel=2)
+        entry = None
     return LoadResult(model, False, entry)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from threedis.engine.depth_estimation import open_image, resolve_hf_model
 from threedis.engine.errors import UserError
 from threedis.engine.config_check import read_json
-from threedis.engine.loading import default_device, default_dtype, loading_component, read_component_config
+from threedis.engine.loading import checked_from_pretrained, default_device, default_dtype, read_component_config
 
 __all__ = [
     "DEFAULT_SAM_MODEL",
@@ -136,8 +136,8 @@ class SamMasker:
         dtype = dtype or default_dtype(device)
         read_component_config("SAM2 model", folder / "config.json", "sam2_hiera_large")
         prep = SamPreprocess.from_file(folder / "preprocessor_config.json")
-        with loading_component("SAM2 model", folder):
-            model = Sam2Model.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model = checked_from_pretrained("SAM2 model", folder, Sam2Model, folder, dtype=dtype, use_safetensors=True,
+                                        local_files_only=True)
         model.eval().requires_grad_(False).to(device)
         return cls(model=model, prep=prep, device=device, dtype=dtype)
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from threedis.engine.errors import UserError
-from threedis.engine.loading import loading_component, read_component_config
+from threedis.engine.loading import checked_from_pretrained, loading_component, read_component_config
 from threedis.engine.stage1.adapter import MAX_ADAPTER_INSTANCES
 from threedis.engine.stage1.checkpoint import (
     ADAPTER_FILENAME,
@@ -212,14 +212,13 @@ class Stage1Pipeline:
         unet_file = _weights(unet_ckpt, base, UNET_FILENAME, local_files_only)
         adapter_file = _weights(adapter_ckpt, base, ADAPTER_FILENAME, local_files_only)
 
-        with loading_component("stage 1 unet", base / "unet"):
-            if unet_file is None:
-                unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype,
-                                                            use_safetensors=True, local_files_only=True)
-            else:
-                with init_empty_weights():
-                    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
-        if unet_file is not None:
+        if unet_file is None:
+            unet = checked_from_pretrained("stage 1 unet", base / "unet", UNet2DConditionModel, base,
+                                           subfolder="unet", torch_dtype=dtype, use_safetensors=True,
+                                           local_files_only=True)
+        else:
+            with loading_component("stage 1 unet", base / "unet"), init_empty_weights():
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
             with loading_component("stage 1 unet weights", unet_file):
                 load_unet_weights(unet, load_state_file(unet_file), str(unet_file), dtype)
         adapters = make_adapters(unet) if adapter_file is not None else None
@@ -235,12 +234,12 @@ class Stage1Pipeline:
         if configs["vae"].get("out_channels", 3) != 4:
             raise UserError(f"stage 1 vae: {base / 'vae' / 'config.json'}: decodes {configs['vae'].get('out_channels', 3)} "
                             f"channels; stage 1 needs LDM3D-4c's 4 (RGB + depth)")
-        with loading_component("stage 1 vae", base / "vae"):
-            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True,
-                                                local_files_only=True).to(device).eval()
-        with loading_component("stage 1 text_encoder", base / "text_encoder"):
-            text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_encoder_dtype,
-                                                         use_safetensors=True, local_files_only=True).to(device).eval()
+        vae = checked_from_pretrained("stage 1 vae", base / "vae", AutoencoderKL, base, subfolder="vae",
+                                      torch_dtype=vae_dtype, use_safetensors=True,
+                                      local_files_only=True).to(device).eval()
+        text_encoder = checked_from_pretrained("stage 1 text_encoder", base / "text_encoder", CLIPTextModel, base,
+                                               subfolder="text_encoder", dtype=text_encoder_dtype,
+                                               use_safetensors=True, local_files_only=True).to(device).eval()
         with loading_component("stage 1 tokenizer", base / "tokenizer"):
             tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
         with loading_component("stage 1 scheduler", base / "scheduler"):
