@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from threedis.engine.errors import UserError
-from threedis.engine.loading import default_device, default_dtype
+from threedis.engine.config_check import read_json
+from threedis.engine.loading import (
+    checked_from_pretrained,
+    default_device,
+    default_dtype,
+    loading_component,
+    read_component_config,
+)
 from threedis.engine.tiny import tiny_hint
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
@@ -136,9 +143,12 @@ class DepthEstimator:
             tiny_hint=f"; {tiny_hint('depth')}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForDepthEstimation.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        read_component_config("depth model", folder / "config.json", "depth_anything_v2_large")
+        read_json("depth model", folder / "preprocessor_config.json")
+        with loading_component("depth model", folder):
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        model = checked_from_pretrained("depth model", folder, AutoModelForDepthEstimation, folder, dtype=dtype,
+                                        use_safetensors=True, local_files_only=True)
         model.eval().requires_grad_(False).to(device)
         return cls(model=model, processor=processor, device=device, dtype=dtype)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Protocol, Sequence
@@ -21,14 +23,17 @@ from typing import Any, ContextManager, Iterator, Protocol, Sequence
 import torch
 
 from threedis.engine import loading
-from threedis.engine.errors import UserError
+from threedis.engine.config_check import read_json
+from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
 # Prompts per T5 call: the memory planner prices text-encoder activations for batches of this
 # size; 64 instance prompts in one batch would need ~8 GB for T5-XXL alone.
 from threedis.engine.planner import TEXT_BATCH
 
-__all__ = ["EncodedPrompts", "EncoderAccess", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH",
+__all__ = ["EncodedPrompts", "EncoderAccess", "EntrySpec", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH",
            "TEXT_BATCH"]
+
+log = logging.getLogger(__name__)
 
 T5_MAX_LENGTH = 512  # FLUX's T5 sequence length: every prompt is padded to it before encoding
 _MEMO_LIMIT = 64  # prompts kept in memory per encoder (a few MB each at chunk 200)
@@ -95,16 +100,66 @@ class EncoderAccess(Protocol):
     def format_tag(self, key: str) -> str: ...               # weights format + device: part of the cache key
 
 
+_ENTRY_FORMAT = "2"  # bump when an entry's tensors or metadata change
+
+Entry = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """What a usable entry holds: one tensor `name` of `shape` and `dtype` (from the encoder config and the request)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _content_hash(key: str, name: str, tensor: torch.Tensor) -> str:
+    """sha256 over the entry's key, tensor name, dtype, shape and bytes: flipped bytes or a swapped file show."""
+    digest = hashlib.sha256(json.dumps([key, name, str(tensor.dtype), list(tensor.shape)]).encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _entry_problem(key: str, entry: Entry, spec: EntrySpec) -> str | None:
+    """Why a read entry must not be used (None if it may)."""
+    tensors, meta = entry
+    if meta.get("format") != _ENTRY_FORMAT or meta.get("key") != key:
+        return "written for another key or by another version"
+    if set(tensors) != {spec.name}:
+        return f"holds {sorted(tensors)}, expected [{spec.name!r}]"
+    tensor = tensors[spec.name]
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        return f"holds {str(tensor.dtype)} {tuple(tensor.shape)}, expected {str(spec.dtype)} {spec.shape}"
+    if meta.get("sha256") != _content_hash(key, spec.name, tensor):
+        return "content does not match its hash"
+    if not bool(torch.isfinite(tensor).all()):
+        return "holds non-finite values"
+    tokens = meta.get("tokens")
+    if tokens is not None and not (tokens.isdigit() and 1 <= int(tokens) <= T5_MAX_LENGTH):
+        return f"token count {tokens!r} out of range"
+    return None
+
+
 class PromptCache:
-    """One safetensors file per (encoder, prompt, chunk, dtype) key; unreadable entries are rebuilt."""
+    """One safetensors file per (encoder, prompt, chunk, format) key, each checked before use.
+
+    An entry is used only if it was written for its key (a renamed or swapped file is
+    not), its tensor has the shape and dtype the encoder config and the request call
+    for, and its bytes match the content hash stored beside them; anything else is
+    deleted and rebuilt. A cache folder that cannot be written (read-only, full) only
+    costs speed: one ThreedisWarning per cache, and prompts are encoded every time.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.write_failed: str | None = None  # why writing was given up (set once, warned once)
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
 
-    def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    def get(self, key: str, spec: EntrySpec) -> Entry | None:
+        """The entry for `key` if it exists and passes every check; a bad one is deleted (-> None)."""
         from safetensors import safe_open
 
         path = self._path(key)
@@ -114,27 +169,36 @@ class PromptCache:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            problem = _entry_problem(key, (tensors, meta), spec)
+        except Exception as exc:  # noqa: BLE001 - truncated, garbled or unreadable: encode again
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem is None:
             return tensors, meta
-        except Exception:  # truncated or garbled file: drop it and encode again
-            path.unlink(missing_ok=True)
-            return None
+        log.warning("prompt cache entry %s rebuilt: %s", path, problem)
+        with contextlib.suppress(OSError):  # a read-only cache keeps it; it is never used
+            path.unlink()
+        return None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    def put(self, key: str, name: str, tensor: torch.Tensor, meta: dict[str, str]) -> None:
+        """Store one entry atomically; a failed write warns once and leaves the cache unused for writing."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        if self.write_failed is not None:
+            return
+        tensor = tensor.detach().cpu().contiguous()
+        meta = {**meta, "format": _ENTRY_FORMAT, "key": key, "sha256": _content_hash(key, name, tensor)}
+        tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            save_file({name: tensor}, str(tmp), metadata=meta)
             os.replace(tmp, self._path(key))  # atomic: a reader never sees half a file
-        except OSError:
-            pass  # a read-only or full cache folder only costs speed
-
-
-def _has_chunk(entry: tuple[dict[str, torch.Tensor], dict[str, str]] | None, chunk: int) -> bool:
-    """A usable T5 entry: embeddings of exactly `chunk` tokens (anything else is rebuilt)."""
-    return entry is not None and "embeds" in entry[0] and entry[0]["embeds"].dim() == 2 \
-        and entry[0]["embeds"].shape[0] == chunk
+        except (OSError, SafetensorError) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.write_failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"prompt-embedding cache {self.folder} cannot be written ({self.write_failed}); "
+                          f"prompts are encoded without it, which only costs speed", ThreedisWarning, stacklevel=2)
 
 
 class PromptEncoder:
@@ -161,8 +225,9 @@ class PromptEncoder:
         self.models = models
         self.cache = PromptCache(cache_dir) if cache_dir is not None and source is not None else None
         self._loads = {"clip": 0, "t5": 0}
-        self._memo: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+        self._memo: dict[str, Entry] = {}
         self._identity: dict[str, str] = {}
+        self._widths: dict[str, int] = {}
 
     @property
     def loads(self) -> dict[str, int]:
@@ -194,24 +259,40 @@ class PromptEncoder:
         fields = [which, self._encoder_id(which), *fmt, str(chunk), prompt]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:40]
 
-    def _lookup(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        hit = self._memo.get(key)
+    def _width(self, which: str) -> int:
+        """T5's d_model or CLIP's hidden_size, from the encoder's config.json (the disk cache has a source)."""
+        if which not in self._widths:
+            part, field, default = ("text_encoder_2", "d_model", 512) if which == "t5" else \
+                ("text_encoder", "hidden_size", 512)  # the transformers config defaults
+            self._widths[which] = int(read_json(part, self.source / part / "config.json").get(field, default))
+        return self._widths[which]
+
+    def _spec(self, which: str, chunk: int) -> EntrySpec:
+        """What a disk entry for this encoder and request must hold."""
+        dtype = self.models.compute_dtype(which) if hasattr(self.models, "compute_dtype") else self.dtype
+        if which == "t5":
+            return EntrySpec("embeds", (chunk, self._width("t5")), dtype)
+        return EntrySpec("pooled", (self._width("clip"),), dtype)
+
+    def _lookup(self, key: str, which: str, chunk: int) -> Entry | None:
+        hit = self._memo.get(key)  # made in this process: trusted
         if hit is None and self.cache is not None:
-            hit = self.cache.get(key)
+            hit = self.cache.get(key, self._spec(which, chunk))
             if hit is not None:
                 self._remember(key, hit)
         return hit
 
-    def _remember(self, key: str, entry: tuple[dict[str, torch.Tensor], dict[str, str]]) -> None:
+    def _remember(self, key: str, entry: Entry) -> None:
         if len(self._memo) >= _MEMO_LIMIT:
             self._memo.pop(next(iter(self._memo)))
         self._memo[key] = entry
 
-    def _store(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-        tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-        self._remember(key, (tensors, meta))
+    def _store(self, key: str, name: str, tensor: torch.Tensor, meta: dict[str, str]) -> Entry:
+        entry = ({name: tensor.detach().cpu()}, meta)
+        self._remember(key, entry)
         if self.cache is not None:
-            self.cache.put(key, tensors, meta)
+            self.cache.put(key, name, entry[0][name], meta)
+        return entry
 
     # -- models ----------------------------------------------------------------
 
@@ -289,18 +370,16 @@ class PromptEncoder:
         if not prompts:
             raise UserError("no prompts to encode: a layout needs at least its global prompt")
         keys = [self._key("t5", p, chunk) for p in prompts]
-        entries = {key: self._lookup(key) for key in set(keys)}
-        missing = {key: p for key, p in zip(keys, prompts) if not _has_chunk(entries[key], chunk)}
+        entries = {key: self._lookup(key, "t5", chunk) for key in set(keys)}
+        missing = {key: p for key, p in zip(keys, prompts) if entries[key] is None}
         if missing:
             batch_keys = list(missing)
             for key, (emb, count) in zip(batch_keys, self._encode_t5([missing[k] for k in batch_keys], chunk)):
-                self._store(key, {"embeds": emb}, {"tokens": str(count)})
-                entries[key] = self._memo[key]
+                entries[key] = self._store(key, "embeds", emb, {"tokens": str(count)})
         clip_key = self._key("clip", prompts[0], 0)
-        clip_entry = self._lookup(clip_key)
-        if clip_entry is None or "pooled" not in clip_entry[0]:
-            self._store(clip_key, {"pooled": self._encode_clip(prompts[0])}, {})
-            clip_entry = self._memo[clip_key]
+        clip_entry = self._lookup(clip_key, "clip", 0)
+        if clip_entry is None:
+            clip_entry = self._store(clip_key, "pooled", self._encode_clip(prompts[0]), {})
 
         chunks = [entries[key][0]["embeds"] for key in keys]  # each [chunk, D]
         embeds = torch.cat(chunks, dim=0)[None].to(self.device)  # [1, (N+1)*chunk, D]

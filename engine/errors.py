@@ -8,3 +8,7 @@ class UserError(Exception):
 
     The message must say what to change; no stack trace is shown for it.
     """
+
+
+class ThreedisWarning(UserWarning):
+    """Something the user should know about a render that still succeeded."""

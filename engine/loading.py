@@ -5,20 +5,26 @@ runtime can later quantize, offload or skip one part without touching the
 others; the text encoders in particular are loaded only on a prompt-cache miss.
 A checkpoint is checked for completeness *before* anything is loaded, so a
 half-downloaded folder fails in a second with a list of what is missing rather
-than after minutes with a deep library trace.
+than after minutes with a deep library trace. Every config is then checked against
+the published model's (engine/config_check.py) and against the other parts (the
+transformer's text width is T5's), and every library load runs inside
+`loading_component`, so whatever a broken folder does ends in one line naming the
+component and the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
+from threedis.engine.config_check import check_config, read_json
 from threedis.engine.errors import UserError
 from threedis.engine.tiny import tiny_hint
 
@@ -38,7 +44,10 @@ __all__ = [
     "load_text_encoders",
     "load_transformer",
     "load_vae",
+    "checked_from_pretrained",
+    "loading_component",
     "model_class",
+    "read_component_config",
     "resolve_checkpoint",
     "SUBFOLDERS",
 ]
@@ -56,6 +65,17 @@ _PARTS: dict[str, dict[str, Any]] = {
     "tokenizer_2": {"any_of": [["tokenizer.json"], ["spiece.model"]]},
     "scheduler": {"files": ["scheduler_config.json"]},
 }
+# Subfolder -> (its config file, the bundled real config it is checked against).
+_CONFIGS = {
+    "transformer": ("config.json", "flux_depth_transformer"),
+    "vae": ("config.json", "flux_vae"),
+    "text_encoder": ("config.json", "clip_l_text"),
+    "text_encoder_2": ("config.json", "t5_xxl_encoder"),
+    "scheduler": ("scheduler_config.json", "flux_scheduler"),
+}
+# Library class -> the bundled real config its config.json is checked against (quantized-weight cache).
+CLASS_CONFIGS = {"FluxTransformer2DModel": "flux_depth_transformer", "AutoencoderKL": "flux_vae",
+                 "CLIPTextModel": "clip_l_text", "T5EncoderModel": "t5_xxl_encoder"}
 # Runtime model key -> checkpoint subfolder (the quantized-weight cache and the planner read them).
 SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 CLIP_PARTS = ("text_encoder", "tokenizer")
@@ -95,6 +115,119 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where FLUX is meant to run (CUDA), fp32 on CPU where bf16 matmuls are slow and inexact."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# ------------------------------------------------------------------ one line per broken part
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def loading_component(name: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Run one part's file reads and library loads; any failure becomes one UserError naming `name` and the file.
+
+    Why one place: a broken folder can fail in hundreds of ways inside diffusers and
+    transformers (KeyError, TypeError, OSError, a safetensors error); the user needs
+    only the part, the file and what to do. UserErrors pass through unchanged.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except PermissionError as exc:
+        where = exc.filename or path
+        raise UserError(f"{name}: {where}: permission denied; give this user read access "
+                        f"(e.g. chmod -R a+rX {path})") from exc
+    except MemoryError as exc:
+        raise UserError(f"{name}: {path}: ran out of memory while loading it; free memory or use a "
+                        f"profile that loads it in a smaller format") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the library raised, the user gets one line
+        where = getattr(exc, "filename", None) or path
+        raise UserError(f"{name}: {where}: cannot be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+                        f"the folder does not hold a working {name}: restore it from the original download") \
+            from exc
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def checked_from_pretrained(name: str, folder: Path, cls: Any, *args: Any, **kwargs: Any) -> Any:
+    """cls.from_pretrained(...), refusing weights that leave tensors missing or mismatched.
+
+    Why: both libraries only log such a mismatch and fill the gaps with random
+    values, so another model's weights file would render noise with exit code 0.
+    """
+    with loading_component(name, folder):
+        model, info = cls.from_pretrained(*args, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
+                  for item in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        what = "; ".join(part for part in (missing and f"{len(missing)} tensors missing ({_listing(missing)})",
+                                           mismatched and f"{len(mismatched)} of another shape "
+                                                          f"({_listing(mismatched)})") if part)
+        raise UserError(f"{name}: {folder}: the weights do not fit its config.json: {what}; the weights file "
+                        f"belongs to another model or the config was edited")
+    return model
+
+
+def read_component_config(name: str, file: Path, ref: str) -> dict[str, Any]:
+    """A part's config file, read and checked against the bundled real config `ref` (one UserError if not)."""
+    config = read_json(name, file)
+    check_config(name, file, config, ref)
+    return config
+
+
+def _cross_check(root: Path, configs: dict[str, dict[str, Any]]) -> None:
+    """The parts must fit each other: text widths, latent channels, rope axes."""
+    def need(part: str, key: str, default: Any = None) -> Any:
+        return configs[part].get(key, default)
+
+    def fail(part: str, message: str) -> None:
+        raise UserError(f"{part}: {root / part / _CONFIGS[part][0]}: {message}; are parts of two models mixed "
+                        f"in one folder?")
+
+    if "transformer" in configs:
+        head, axes = need("transformer", "attention_head_dim", 128), need("transformer", "axes_dims_rope", [16, 56, 56])
+        if sum(axes) != head:
+            fail("transformer", f"axes_dims_rope {axes} must add up to attention_head_dim {head}")
+    pairs = [("text_encoder_2", "d_model", 4096, "joint_attention_dim", 4096, 1),
+             ("text_encoder", "hidden_size", 768, "pooled_projection_dim", 768, 1),
+             ("vae", "latent_channels", 16, "in_channels", 64, 8)]
+    for part, key, default, tkey, tdefault, factor in pairs:
+        if "transformer" in configs and part in configs:
+            theirs, ours = need(part, key, default), need("transformer", tkey, tdefault)
+            if ours != factor * theirs:
+                times = f"{factor} x " if factor != 1 else ""
+                fail("transformer", f"{tkey} is {ours} but must be {times}{part}'s {key} ({theirs})")
+    if "transformer" in configs and "vae" in configs:
+        out = need("transformer", "out_channels") or need("transformer", "in_channels", 64)
+        if out != 4 * need("vae", "latent_channels", 16):
+            fail("transformer", f"out_channels is {out} but must be 4 x vae's latent_channels "
+                                f"({need('vae', 'latent_channels', 16)})")
+
+
+def _check_tokenizer_files(part: str, folder: Path) -> None:
+    """Tokenizer JSON files parse (a broken tokenizer otherwise fails at the first prompt-cache miss)."""
+    for file in sorted(folder.glob("*.json")):
+        read_json(part, file)
+
+
+def check_configs(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
+    """Read and check the config files of `parts`, then, among them, their fit to each other."""
+    configs = {}
+    for part in parts:
+        if part in _CONFIGS:
+            name, ref = _CONFIGS[part]
+            configs[part] = read_component_config(part, root / part / name, ref)
+        elif part.startswith("tokenizer"):
+            _check_tokenizer_files(part, root / part)
+    _cross_check(root, configs)
 
 
 # ------------------------------------------------------------------ finding the files
@@ -150,7 +283,7 @@ def _safetensors_problem(path: Path) -> str | None:
     """
     try:
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle:  # PermissionError propagates: it is not a download problem
             head = handle.read(8)
             if len(head) < 8:
                 return f"truncated: {size} bytes"
@@ -159,6 +292,8 @@ def _safetensors_problem(path: Path) -> str | None:
                 return f"truncated: {size} bytes, header alone needs {header_len + 8}"
             header = json.loads(handle.read(header_len))
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except PermissionError:
+        raise
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return "not a readable safetensors file"
     expected = 8 + header_len + max(ends, default=0)
@@ -177,7 +312,9 @@ def _missing_weights(folder: Path, stem: str) -> list[str]:
     else:
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError):
+        except PermissionError:
+            raise
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             return [f"{folder.name}/{index.name} (unreadable index)"]
     missing = []
     for name in files:
@@ -191,7 +328,8 @@ def _missing_weights(folder: Path, stem: str) -> list[str]:
 
 
 def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
-    """Raise one UserError listing every missing file of the named subfolders."""
+    """Raise one UserError listing every missing file of the named subfolders, else for a broken config."""
+    parts = list(parts)
     missing: list[str] = []
     for part in parts:
         spec = _PARTS[part]
@@ -199,17 +337,19 @@ def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
         if not folder.is_dir():
             missing.append(f"{part}/")
             continue
-        missing += [f"{part}/{name}" for name in spec.get("files", []) if not (folder / name).is_file()]
-        if "weights" in spec:
-            missing += _missing_weights(folder, spec["weights"])
-        if "any_of" in spec and not any(all((folder / n).is_file() for n in group) for group in spec["any_of"]):
-            missing.append(f"{part}/" + " or ".join("+".join(group) for group in spec["any_of"]))
+        with loading_component(part, folder):
+            missing += [f"{part}/{name}" for name in spec.get("files", []) if not (folder / name).is_file()]
+            if "weights" in spec:
+                missing += _missing_weights(folder, spec["weights"])
+            if "any_of" in spec and not any(all((folder / n).is_file() for n in group) for group in spec["any_of"]):
+                missing.append(f"{part}/" + " or ".join("+".join(group) for group in spec["any_of"]))
     if missing:
         broken = [m for m in missing if m.endswith(")")]  # present but truncated or unreadable
         absent = [m for m in missing if m not in broken]
         what = "; ".join(f"{label} {', '.join(items)}" for label, items in (("missing", absent), ("incomplete", broken))
                          if items)
         raise UserError(f"incomplete FLUX depth checkpoint at {root}: {what}; {_how_to_get(str(root))}")
+    check_configs(root, parts)
 
 
 # ------------------------------------------------------------------ one loader per model
@@ -224,9 +364,9 @@ def load_transformer(root: Path, dtype: torch.dtype, device: torch.device | str 
     from diffusers import FluxTransformer2DModel
 
     check_checkpoint(root, ["transformer"])
-    model = FluxTransformer2DModel.from_pretrained(
-        root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    model = checked_from_pretrained("transformer", root / "transformer", FluxTransformer2DModel, root,
+                                    subfolder="transformer", torch_dtype=dtype, use_safetensors=True,
+                                    local_files_only=True)
     return _place(model, device)
 
 
@@ -234,9 +374,8 @@ def load_vae(root: Path, dtype: torch.dtype, device: torch.device | str | None =
     from diffusers import AutoencoderKL
 
     check_checkpoint(root, ["vae"])
-    model = AutoencoderKL.from_pretrained(
-        root, subfolder="vae", torch_dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    model = checked_from_pretrained("vae", root / "vae", AutoencoderKL, root, subfolder="vae", torch_dtype=dtype,
+                                    use_safetensors=True, local_files_only=True)
     return _place(model, device)
 
 
@@ -244,7 +383,8 @@ def load_scheduler(root: Path) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     check_checkpoint(root, ["scheduler"])
-    return FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    with loading_component("scheduler", root / "scheduler"):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
 
 
 def model_class(key: str) -> type:
@@ -267,7 +407,8 @@ def load_clip_tokenizer(root: Path) -> Any:
     from transformers import CLIPTokenizer
 
     check_checkpoint(root, ["tokenizer"])
-    return CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    with loading_component("tokenizer", root / "tokenizer"):
+        return CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
 
 
 def load_t5_tokenizer(root: Path) -> Any:
@@ -275,7 +416,8 @@ def load_t5_tokenizer(root: Path) -> Any:
     from transformers import T5TokenizerFast
 
     check_checkpoint(root, ["tokenizer_2"])
-    return T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+    with loading_component("tokenizer_2", root / "tokenizer_2"):
+        return T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
 
 
 def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> tuple[Any, Any]:
@@ -283,9 +425,8 @@ def load_clip(root: Path, dtype: torch.dtype, device: torch.device | str | None 
 
     check_checkpoint(root, CLIP_PARTS)
     tokenizer = load_clip_tokenizer(root)
-    model = CLIPTextModel.from_pretrained(
-        root, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    model = checked_from_pretrained("text_encoder", root / "text_encoder", CLIPTextModel, root,
+                                    subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True)
     return _place(model, device), tokenizer
 
 
@@ -294,9 +435,9 @@ def load_t5(root: Path, dtype: torch.dtype, device: torch.device | str | None = 
 
     check_checkpoint(root, T5_PARTS)
     tokenizer = load_t5_tokenizer(root)
-    model = T5EncoderModel.from_pretrained(
-        root, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, local_files_only=True
-    )
+    model = checked_from_pretrained("text_encoder_2", root / "text_encoder_2", T5EncoderModel, root,
+                                    subfolder="text_encoder_2", dtype=dtype, use_safetensors=True,
+                                    local_files_only=True)
     return _place(model, device), tokenizer
 
 

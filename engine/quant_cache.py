@@ -17,7 +17,9 @@ Verification on read (QuantCache(verify=...)):
             single-byte corruptions of a large file, but not a truncated or rewritten one.
 An entry that fails any check (meta.json unreadable or for another key, hash or size
 mismatch, unreadable tensors, tensors that do not fit the skeleton) is logged,
-deleted and rebuilt, never used.
+deleted and rebuilt, never used. A cache folder that cannot be written (read-only,
+full) only costs speed: the freshly quantized model is used as is, with one
+ThreedisWarning, and LoadResult.entry is None.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ import shutil
 import struct
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from threedis.engine.errors import UserError
+from threedis.engine.config_check import read_json
+from threedis.engine.errors import ThreedisWarning, UserError
+from threedis.engine.loading import CLASS_CONFIGS, loading_component, read_component_config
 from threedis.engine.quantize import (
     QuantConfig,
     apply_quantization,
@@ -287,7 +292,10 @@ class QuantCache:
         if not entry.exists():
             return
         log.warning("quantized-weight cache entry %s discarded: %s", entry, reason)
-        trash = Path(tempfile.mkdtemp(prefix=f".trash-{key[:12]}-", dir=self.root))
+        try:
+            trash = Path(tempfile.mkdtemp(prefix=f".trash-{key[:12]}-", dir=self.root))
+        except OSError:  # a read-only cache: the entry stays, and read() keeps refusing it
+            return
         try:
             os.rename(entry, trash / "entry")
         except OSError:
@@ -298,14 +306,14 @@ class QuantCache:
 # ------------------------------------------------------------------ loading
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def _read_config(folder: Path, model_cls: type[nn.Module]) -> dict[str, Any]:
+    """config.json, checked against the real model's before a skeleton is built from it."""
+    file = folder / "config.json"
+    if not file.is_file():
         raise UserError(f"no config.json in {folder}; point at the model's folder "
-                        f"(e.g. the checkpoint's transformer/ or text_encoder_2/)") from None
-    except ValueError as exc:
-        raise UserError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-download the model") from None
+                        f"(e.g. the checkpoint's transformer/ or text_encoder_2/)")
+    ref = CLASS_CONFIGS.get(model_cls.__name__)
+    config = read_component_config(folder.name, file, ref) if ref else read_json(folder.name, file)
     config.pop("_name_or_path", None)
     return config
 
@@ -358,9 +366,10 @@ def load_quantized(
     folder = Path(source_path) / subfolder if subfolder else Path(source_path)
     if cfg.is_plain:
         return LoadResult(apply_quantization(_checked(loader(), model_cls), cfg), False, None)
-    model_config = _read_config(folder)
-    identity = source_identity(folder)
-    skeleton = _skeleton(model_cls, folder)
+    model_config = _read_config(folder, model_cls)
+    with loading_component(folder.name, folder):
+        identity = source_identity(folder)
+        skeleton = _skeleton(model_cls, folder)
     cfg = cfg.resolved(skeleton)
     key = cache_key(identity, model_config, cfg, model_cls.__name__)
     found = cache.read(key)
@@ -380,7 +389,15 @@ def load_quantized(
         from optimum.quanto import quantization_map
 
         meta["quantization_map"] = quantization_map(model)
-    entry = cache.write(key, model.state_dict(), meta)
+    from safetensors import SafetensorError
+
+    try:
+        entry: Path | None = cache.write(key, model.state_dict(), meta)
+    except (OSError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"quantized-weight cache {cache.root} cannot be written ({first}); the {model_cls.__name__} "
+                      f"is quantized again at its next load, which only costs time", ThreedisWarning, stacklevel=2)
+        entry = None
     return LoadResult(model, False, entry)
 
 

@@ -15,7 +15,6 @@ preprocessor_config.json, so the real and the tiny checkpoints behave alike.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 from threedis.engine.depth_estimation import open_image, resolve_hf_model
 from threedis.engine.errors import UserError
-from threedis.engine.loading import default_device, default_dtype
+from threedis.engine.config_check import read_json
+from threedis.engine.loading import checked_from_pretrained, default_device, default_dtype, read_component_config
 from threedis.engine.tiny import tiny_hint
 
 __all__ = [
@@ -83,8 +83,8 @@ class SamPreprocess:
 
     @classmethod
     def from_file(cls, file: Path) -> "SamPreprocess":
+        cfg = read_json("SAM2 model", file)  # unreadable or not JSON: one line saying which
         try:
-            cfg = json.loads(file.read_text(encoding="utf-8"))
             size = cfg.get("size") or {}
             return cls(
                 width=int(size.get("width", size.get("longest_edge", 1024))),
@@ -93,8 +93,9 @@ class SamPreprocess:
                 mean=tuple(float(v) for v in cfg.get("image_mean", _IMAGENET_MEAN)),
                 std=tuple(float(v) for v in cfg.get("image_std", _IMAGENET_STD)),
             )
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise UserError(f"cannot read SAM2 preprocessor config {file}: {exc}; re-download the model") from None
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"SAM2 model: {file}: bad preprocessor setting ({exc}); restore the original file") \
+                from None
 
     def pixels(self, rgb: Any) -> torch.Tensor:
         """PIL RGB -> normalised float32 [1, 3, height, width] (bilinear resize, as Sam2ImageProcessor)."""
@@ -134,8 +135,10 @@ class SamMasker:
             tiny_hint=f"; {tiny_hint('sam2')}")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
+        read_component_config("SAM2 model", folder / "config.json", "sam2_hiera_large")
         prep = SamPreprocess.from_file(folder / "preprocessor_config.json")
-        model = Sam2Model.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
+        model = checked_from_pretrained("SAM2 model", folder, Sam2Model, folder, dtype=dtype, use_safetensors=True,
+                                        local_files_only=True)
         model.eval().requires_grad_(False).to(device)
         return cls(model=model, prep=prep, device=device, dtype=dtype)
 

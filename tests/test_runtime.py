@@ -22,6 +22,8 @@ from threedis.engine.profiles import GIB, apply_overrides, load_profile
 from threedis.engine.runtime import ModelManager
 from threedis.engine.api import RenderOptions
 
+from closeness import assert_images_close, assert_same_weights
+
 CHUNK = 16
 MODELS = ("transformer", "t5", "clip", "vae")
 
@@ -134,7 +136,8 @@ def test_quantized_transformer_through_the_engine_hits_the_cache(tiny_flux_dir, 
     assert "load transformer" in names and "quantize transformer" not in names and "read transformer" not in names
     assert b.report.info["quantized cache transformer"] == "hit (quanto-int8)"
     assert b.settings["placement"]["transformer"]["quantized_cache"] == "hit"
-    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))  # the cache holds what was quantized
+    assert_same_weights(first.models.loaded("transformer"), second.models.loaded("transformer"))  # the cache holds what was quantized
+    assert_images_close(a.image, b.image)  # fresh and reloaded tensors may take other kernel paths
 
 
 def test_planner_check_names_the_stage_and_a_profile_that_fits(tiny_flux_dir):

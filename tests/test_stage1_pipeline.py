@@ -90,7 +90,9 @@ def test_adapter_off_ignores_instances(pipe):
     off = pipe.generate(PROMPT, INSTANCES, BOXES, seed=2, migc_steps=0, refine=False, append_instances=False,
                         **FAST)
     none = pipe.generate(PROMPT, [], [], seed=2, **FAST)
-    np.testing.assert_array_equal(off.depth_array, none.depth_array)
+    # Not bit-exact: the text encoder runs a batch of N + 1 prompts in one, of 1 in the other (other GEMM
+    # shapes); the tolerance is the one that diffusers' own pipeline meets below.
+    np.testing.assert_allclose(off.depth_array, none.depth_array, atol=1e-5, rtol=0)
 
 
 def test_no_instances_matches_diffusers_ldm3d(pipe, tiny_dir):

@@ -55,11 +55,30 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _torch_file_kind(path: Path) -> str | None:
+    """"zip" (torch.save since 1.6), "pickle" (older torch.save) or None (neither: a text file, an image...)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except PermissionError:
+        raise UserError(f"{path}: permission denied; give this user read access (e.g. chmod a+r {path})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if head == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle, protocol 2..5
+        return "pickle"
+    return None
+
+
 def read_pickle_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict, read with weights_only=True (memory-mapped when the format allows)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
+    if _torch_file_kind(path) is None:
+        raise UserError(f"{path} is not a torch checkpoint (neither a zip nor a pickle file); give the .ckpt file "
+                        f"as downloaded from https://huggingface.co/{WEIGHTS_REPO_ID}")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -72,9 +91,10 @@ def read_pickle_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise UserError(f"refusing to load {path}: it holds Python objects other than tensors, and only "
                         f"weights_only loading is allowed ({first[:200]}); use the authors' original file "
                         f"or a .safetensors copy") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways inside torch.load
         raise UserError(f"cannot read {path} as a torch checkpoint: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}; the file is damaged or not a checkpoint") \
+            from None
     return _unwrap(obj, path)
 
 

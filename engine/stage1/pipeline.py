@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from threedis.engine.errors import UserError
+from threedis.engine.loading import checked_from_pretrained, loading_component, read_component_config
 from threedis.engine.stage1.adapter import MAX_ADAPTER_INSTANCES
 from threedis.engine.stage1.checkpoint import (
     ADAPTER_FILENAME,
@@ -61,6 +62,14 @@ _PARTS = {
     "text_encoder": ["config.json"],
     "tokenizer": ["vocab.json", "merges.txt"],
     "scheduler": ["scheduler_config.json"],
+}
+
+# Part -> (config file, bundled real config it is checked against); names in messages say "stage 1 <part>".
+_CONFIGS = {
+    "unet": ("config.json", "ldm3d_4c_unet"),
+    "vae": ("config.json", "ldm3d_4c_vae"),
+    "text_encoder": ("config.json", "ldm3d_4c_text"),
+    "scheduler": ("scheduler_config.json", "ldm3d_4c_scheduler"),
 }
 
 StepCallback = Callable[[int, int], None]
@@ -114,10 +123,21 @@ def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, un
                         f"on a connected machine and pass DIR; {tiny_hint('ldm3d')}") from None
 
 
-def _check_base(base: Path) -> None:
+def _check_base(base: Path) -> dict[str, dict[str, Any]]:
+    """Every part present and every config sane (one UserError naming part and file); returns the configs."""
     missing = [f"{part}/{f}" for part, files in _PARTS.items() for f in files if not (base / part / f).is_file()]
     if missing:
         raise UserError(f"stage-1 base model {base} is incomplete, missing: {', '.join(missing)}")
+    configs = {part: read_component_config(f"stage 1 {part}", base / part / name, ref)
+               for part, (name, ref) in _CONFIGS.items()}
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    fits = (("cross_attention_dim", 768, "text_encoder's hidden_size", text.get("hidden_size", 768)),
+            ("in_channels", 4, "vae's latent_channels", vae.get("latent_channels", 4)))
+    for key, default, what, expected in fits:
+        if unet.get(key, default) != expected:
+            raise UserError(f"stage 1 unet: {base / 'unet' / 'config.json'}: {key} is {unet.get(key, default)} but "
+                            f"must be {what} ({expected}); are parts of two models mixed in one folder?")
+    return configs
 
 
 def _weights(spec: str | os.PathLike[str] | None, base: Path, filename: str, local_files_only: bool) -> Path | None:
@@ -190,35 +210,42 @@ class Stage1Pipeline:
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         vae_dtype, text_encoder_dtype = vae_dtype or dtype, text_encoder_dtype or dtype
         base = _resolve_base(base_path_or_id, local_files_only, unet_weights=unet_ckpt is None)
-        _check_base(base)
+        configs = _check_base(base)
         unet_file = _weights(unet_ckpt, base, UNET_FILENAME, local_files_only)
         adapter_file = _weights(adapter_ckpt, base, ADAPTER_FILENAME, local_files_only)
 
         if unet_file is None:
-            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype,
-                                                        use_safetensors=True, local_files_only=True)
+            unet = checked_from_pretrained("stage 1 unet", base / "unet", UNet2DConditionModel, base,
+                                           subfolder="unet", torch_dtype=dtype, use_safetensors=True,
+                                           local_files_only=True)
         else:
-            with init_empty_weights():
+            with loading_component("stage 1 unet", base / "unet"), init_empty_weights():
                 unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
-            load_unet_weights(unet, load_state_file(unet_file), str(unet_file), dtype)
+            with loading_component("stage 1 unet weights", unet_file):
+                load_unet_weights(unet, load_state_file(unet_file), str(unet_file), dtype)
         adapters = make_adapters(unet) if adapter_file is not None else None
         procs = install_processors(unet, adapters)
         if adapter_file is not None:
-            load_adapter_weights(procs, load_state_file(adapter_file), str(adapter_file))
+            with loading_component("stage 1 layout adapter", adapter_file):
+                load_adapter_weights(procs, load_state_file(adapter_file), str(adapter_file))
         for proc in procs.values():
             proc.to(dtype)
         # dtype is already right: diffusers' ModelMixin.to(dtype=...) would only add a warning
         unet.to(device).eval().requires_grad_(False)
 
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True,
-                                            local_files_only=True).to(device).eval()
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=text_encoder_dtype,
-                                                     use_safetensors=True, local_files_only=True).to(device).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
-        if vae.config.out_channels != 4:
-            raise UserError(f"{base}/vae decodes {vae.config.out_channels} channels; stage 1 needs LDM3D-4c's "
-                            f"4 (RGB + depth)")
-        config = dict(UniPCMultistepScheduler.load_config(base / "scheduler"))
+        if configs["vae"].get("out_channels", 3) != 4:
+            raise UserError(f"stage 1 vae: {base / 'vae' / 'config.json'}: decodes {configs['vae'].get('out_channels', 3)} "
+                            f"channels; stage 1 needs LDM3D-4c's 4 (RGB + depth)")
+        vae = checked_from_pretrained("stage 1 vae", base / "vae", AutoencoderKL, base, subfolder="vae",
+                                      torch_dtype=vae_dtype, use_safetensors=True,
+                                      local_files_only=True).to(device).eval()
+        text_encoder = checked_from_pretrained("stage 1 text_encoder", base / "text_encoder", CLIPTextModel, base,
+                                               subfolder="text_encoder", dtype=text_encoder_dtype,
+                                               use_safetensors=True, local_files_only=True).to(device).eval()
+        with loading_component("stage 1 tokenizer", base / "tokenizer"):
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", local_files_only=True)
+        with loading_component("stage 1 scheduler", base / "scheduler"):
+            config = dict(UniPCMultistepScheduler.load_config(base / "scheduler"))
         return cls(unet, vae, text_encoder, tokenizer, config, adapter_file is not None, device, dtype)
 
     @torch.inference_mode()
