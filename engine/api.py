@@ -448,11 +448,7 @@ class Engine:
     def _check_render_args(self, layout: Layout, steps: int, schedule: Schedule | None) -> None:
         if not isinstance(layout, Layout):
             raise UserError(f"layout must be a threedis Layout (Layout.load(path)), got {type(layout).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be a positive whole number, got {steps!r}")
-        if schedule is not None and schedule.steps != steps:
-            raise UserError(f"schedule.steps = {schedule.steps} but steps = {steps}; make them equal")
-        self._check_size(layout)
+        self._check_size(layout)  # steps and schedule: threedis.engine.checks
 
     def _depth_image(self, layout: Layout, depth: Any, check_aspect: bool = True) -> Image.Image:
         """Any depth input -> RGB at the layout size, resized as FLUX's control processor resizes."""

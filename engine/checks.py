@@ -103,8 +103,10 @@ def check_schedule(schedule: Any, steps: int) -> None:
     for name in ("hard", "i2i", "i2t", "t2i", "t2t"):
         value = getattr(schedule, name)
         if value > steps:
+            default = "" if value != getattr(Schedule, name) else \
+                " (Schedule's defaults are for 20 steps: give every switch, or use default_schedule(steps))"
             raise UserError(f"schedule.{name} = {value} is more than steps = {steps}; a switch is on for its "
-                            f"first N steps, so give at most {steps}")
+                            f"first N steps, so give at most {steps}{default}")
 
 
 def check_cancel(cancel: Any) -> None:
