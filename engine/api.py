@@ -23,6 +23,7 @@ from PIL import Image
 
 from threedis import __version__
 from threedis.engine import loading
+from threedis.engine.checks import check_chunk, check_render_args, parse_device
 from threedis.engine.denoise import (
     DenoiseSettings,
     RenderCancelled,
@@ -36,6 +37,7 @@ from threedis.engine.encoding import PromptEncoder
 from threedis.engine.errors import UserError
 from threedis.engine.layout import Layout
 from threedis.engine.loading import FluxComponents
+from threedis.engine.notices import records_warnings, warn
 from threedis.engine.profiles import Profile, apply_overrides, resolve_profile
 from threedis.engine.runtime import ModelManager
 from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
@@ -63,8 +65,7 @@ class RenderOptions:
     preview: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
-            raise UserError(f"chunk must be a positive whole number of tokens, got {self.chunk!r}")
+        object.__setattr__(self, "chunk", check_chunk(self.chunk))
         for name in ("append_instances", "permute_tokens", "preview"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -114,29 +115,66 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "threedis"
 
 
+def _unit_range(values: np.ndarray) -> np.ndarray:
+    """Finite float64 values -> [0, 1]: as they are when already in [0, 1], else stretched min..max."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return values
+    # halved first (exact in binary floats) so a range like -1e308..1e308 does not overflow
+    return (values / 2 - lo / 2) / (hi / 2 - lo / 2) if hi > lo else np.zeros_like(values)
+
+
 def _depth_array_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Any numeric depth array -> uint8 [H, W] or [H, W, C], keeping 'near = bright'."""
+    """Any numeric depth array -> uint8 [H, W] or [H, W, C], keeping 'near = bright'.
+
+    Integers are read as 8-bit (max <= 255) or 16-bit (max <= 65535) images; anything
+    wider (32-bit 'I' PNGs) is stretched over its real range instead of clipped.
+    Non-finite values are an error when nothing else is left, else drawn as far (0)
+    with a warning: a NaN depth map gives FLUX nothing to follow.
+    """
+    if array.size == 0:
+        raise UserError(f"depth array has shape {array.shape}: it is empty; give an [H, W] depth map")
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0  # 16-bit depth PNGs
-        return np.clip(array.astype(np.float64) / top * 255.0, 0, 255).round().astype(np.uint8)
+        lo, hi = int(array.min()), int(array.max())
+        if lo >= 0 and hi <= 65535:
+            top = 65535.0 if hi > 255 else 255.0  # 16-bit depth PNGs
+            return np.clip(array.astype(np.float64) / top * 255.0, 0, 255).round().astype(np.uint8)
+        return (_unit_range(array.astype(np.float64)) * 255.0).round().astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"depth array has dtype {array.dtype}; give numbers (uint8, uint16, int32 or float)")
     values = array.astype(np.float64)
-    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-    if lo >= 0.0 and hi <= 1.0:
-        scaled = values * 255.0
-    else:  # unnormalised floats: stretch to the full range
-        scaled = (values - lo) / max(hi - lo, 1e-12) * 255.0
-    return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+    finite = np.isfinite(values)
+    if not finite.any():
+        kind = "NaN" if np.isnan(values).all() else "NaN or infinite"
+        raise UserError(f"the depth map is all {kind}: it holds no depth; check how it was made")
+    if finite.all():
+        scaled = _unit_range(values)
+    else:
+        warn(f"the depth map has {int((~finite).sum())} NaN or infinite values of {values.size}; they are drawn "
+             f"as far (black)")
+        scaled = np.where(finite, _unit_range(np.where(finite, values, values[finite].min())), 0.0)
+    return np.clip(scaled * 255.0, 0, 255).round().astype(np.uint8)
 
 
-def as_depth_image(depth: Any, width: int, height: int, processor: Any) -> Image.Image:
+def _warn_if_stretched(size: tuple[int, int], width: int, height: int) -> None:
+    """A depth map of another shape is stretched to the layout: the scene would be distorted."""
+    w, h = size
+    if w > 0 and h > 0 and abs((w / h) / (width / height) - 1.0) > 0.01:
+        warn(f"the depth map is {w}x{h} but the layout is {width}x{height}: it is stretched to the layout's "
+             f"aspect ratio; crop it or give a depth map of the same shape")
+
+
+def as_depth_image(depth: Any, width: int, height: int, processor: Any, check_aspect: bool = True) -> Image.Image:
     """PIL image / path / numpy array / tensor of any mode or size -> RGB PIL at (width, height).
 
     Resized with the control image processor's own resampling, so handing the
     result to diffusers gives the same control latents as handing it the original.
+    check_aspect: warn when the aspect ratio differs from the layout's (off for stage 1's
+    square depth, stretched on purpose as in the authors' demos).
     """
     if depth is None:
         raise UserError("no depth map given; pass depth=... (a depth image, near = bright)")
@@ -150,12 +188,17 @@ def as_depth_image(depth: Any, width: int, height: int, processor: Any) -> Image
         except Exception as exc:
             raise UserError(f"cannot read depth map {path}: {type(exc).__name__}: {exc}") from None
     if torch.is_tensor(depth):
-        depth = depth.detach().float().cpu().numpy()
+        if depth.is_complex():
+            raise UserError(f"depth tensor has dtype {depth.dtype}; give real numbers")
+        depth = depth.detach().cpu()
+        depth = (depth.double() if depth.dtype.is_floating_point else depth).numpy()
         if depth.ndim == 4:
             depth = depth[0]
         if depth.ndim == 3 and depth.shape[0] in (1, 3, 4) and depth.shape[-1] not in (1, 3, 4):
             depth = np.moveaxis(depth, 0, -1)  # [C, H, W] -> [H, W, C]
     if isinstance(depth, Image.Image):
+        if depth.width == 0 or depth.height == 0:
+            raise UserError(f"the depth image is {depth.width}x{depth.height}: it is empty")
         if depth.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             depth = np.asarray(depth)
         else:
@@ -167,6 +210,8 @@ def as_depth_image(depth: Any, width: int, height: int, processor: Any) -> Image
         image = Image.fromarray(_depth_array_to_uint8(array)).convert("RGB")
     elif not isinstance(depth, Image.Image):
         raise UserError(f"depth must be a PIL image, a file path, a numpy array or a tensor, got {type(depth).__name__}")
+    if check_aspect:
+        _warn_if_stretched(image.size, width, height)
     return processor.resize(image, height, width)
 
 
@@ -219,7 +264,7 @@ class Engine:
         from threedis.engine.step_cache import StepCacheRunner
         from threedis.kernels.attention import select_backend
 
-        self.device = torch.device(device) if device is not None else loading.default_device()
+        self.device = parse_device(device)
         self.overrides = dict(overrides or {})
         self.profile = _profile_for(profile, self.device, self.overrides)
         self.model_id = model_id or (str(components.source) if components.source is not None else "in-memory")
@@ -288,7 +333,7 @@ class Engine:
         sam / depth_estimator: a folder or hub id; None means the default id
         (facebook/sam2.1-hiera-large, depth-anything/Depth-Anything-V2-Large-hf).
         """
-        device = torch.device(device) if device is not None else loading.default_device()
+        device = parse_device(device)
         root = loading.resolve_checkpoint(path_or_id, local_files_only)
         loading.check_checkpoint(root)
         components = FluxComponents(transformer=None, vae=None, scheduler=loading.load_scheduler(root), source=root)
@@ -359,6 +404,7 @@ class Engine:
         with self._lock:
             return self.aux.run("depth", lambda estimator: estimator.estimate(rgb, size))
 
+    @records_warnings
     def render(
         self,
         layout: Layout,
@@ -390,12 +436,14 @@ class Engine:
         """
         from threedis.engine.profiler import Profiler
 
-        self._check_render_args(layout, steps, schedule)
         options = options if options is not None else RenderOptions()
         if not isinstance(options, RenderOptions):
             raise UserError(f"options must be a threedis RenderOptions, got {type(options).__name__}")
         if stage1 is not None and not isinstance(stage1, Stage1Options):
             raise UserError(f"stage1 must be a threedis Stage1Options, got {type(stage1).__name__}")
+        check_render_args(steps=steps, seed=seed, guidance=guidance, schedule=schedule, chunk=options.chunk,
+                          cancel=cancel, on_step=on_step, on_stage1_step=on_stage1_step)
+        self._check_render_args(layout, steps, schedule)
         if depth is not None and depth_from_photo is not None:
             raise UserError("give either depth= or depth_from_photo=, not both")
         chunk, append_instances = options.chunk, options.append_instances
@@ -436,7 +484,7 @@ class Engine:
                 if stage1 is not None:
                     stage1_result = run_stage1(self.aux, layout, stage1, append_instances, prof,
                                                on_stage1_step, cancel)
-                    depth_image = self._depth_image(layout, stage1_result.depth)
+                    depth_image = self._depth_image(layout, stage1_result.depth, check_aspect=False)
                 raise_if_cancelled(cancel, "after stage 1, before the masks")
                 masks, mask_info = self._masks(layout, depth_image, sam, prof)
                 raise_if_cancelled(cancel, "before stage 2")
@@ -460,15 +508,12 @@ class Engine:
     def _check_render_args(self, layout: Layout, steps: int, schedule: Schedule | None) -> None:
         if not isinstance(layout, Layout):
             raise UserError(f"layout must be a threedis Layout (Layout.load(path)), got {type(layout).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be a positive whole number, got {steps!r}")
-        if schedule is not None and schedule.steps != steps:
-            raise UserError(f"schedule.steps = {schedule.steps} but steps = {steps}; make them equal")
-        self._check_size(layout)
+        self._check_size(layout)  # steps and schedule: threedis.engine.checks
 
-    def _depth_image(self, layout: Layout, depth: Any) -> Image.Image:
+    def _depth_image(self, layout: Layout, depth: Any, check_aspect: bool = True) -> Image.Image:
         """Any depth input -> RGB at the layout size, resized as FLUX's control processor resizes."""
-        return as_depth_image(depth, layout.width, layout.height, image_processor_for(self._vae_view()))
+        return as_depth_image(depth, layout.width, layout.height, image_processor_for(self._vae_view()),
+                              check_aspect=check_aspect)
 
     def _masks(self, layout: Layout, depth_image: Image.Image, sam: bool,
                prof: Any) -> tuple[list[Image.Image | None], dict]:

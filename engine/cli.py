@@ -13,10 +13,11 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from threedis.engine.errors import UserError
+from threedis.engine.errors import ThreedisWarning, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -59,7 +60,8 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=10.0, help="distilled guidance scale (default 10.0)")
     g.add_argument("--chunk", type=int, default=200, help="T5 tokens kept per prompt (default 200)")
     g.add_argument("--hard", type=int, default=None, help="hard-control steps: masked attention for s < HARD (default: all)")
-    g.add_argument("--i2i", type=int, default=4, help="steps with image->image restriction on (default 4)")
+    g.add_argument("--i2i", type=int, default=None,
+                   help="steps with image->image restriction on (default 4, or --steps if fewer)")
     g.add_argument("--i2t", type=int, default=None, help="steps with image->text restriction on (default: all)")
     g.add_argument("--t2i", type=int, default=None, help="steps with text->image restriction on (default: all)")
     g.add_argument("--t2t", type=int, default=None, help="steps with text->text restriction on (default: all)")
@@ -232,7 +234,8 @@ def _schedule(args: argparse.Namespace, steps: int):
     def pick(value: int | None) -> int:
         return steps if value is None else value
 
-    return Schedule(steps=steps, hard=pick(args.hard), i2i=args.i2i, i2t=pick(args.i2t),
+    i2i = min(4, steps) if args.i2i is None else args.i2i  # the demos' 4 (api.DEMO_I2I_STEPS)
+    return Schedule(steps=steps, hard=pick(args.hard), i2i=i2i, i2t=pick(args.i2t),
                     t2i=pick(args.t2i), t2t=pick(args.t2t))
 
 
@@ -283,9 +286,13 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
             stage1_options: Any) -> int:
     """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
     from threedis.engine.api import Engine, RenderOptions
+    from threedis.engine.checks import check_render_args
     from threedis.engine.outputs import check_output_folder
 
     _check_depth_inputs(args)
+    schedule = _schedule(args, steps)
+    check_render_args(steps=steps, seed=args.seed, guidance=args.guidance, schedule=schedule,
+                      chunk=args.chunk)  # before anything loads (stage 1's settings were checked when made)
     check_output_folder(args.out)  # a full or read-only folder is found now, not after the render
     overrides = _parse_overrides(args.overrides)
     engine = Engine.from_pretrained(
@@ -303,7 +310,7 @@ def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: st
                             permute_tokens=args.permute_tokens)
     result = _render_with_progress(
         engine, layout=layout, depth=args.depth, depth_from_photo=args.depth_from_photo, seed=args.seed,
-        steps=steps, guidance=args.guidance, schedule=_schedule(args, steps), sam=sam is not None,
+        steps=steps, guidance=args.guidance, schedule=schedule, sam=sam is not None,
         stage1=stage1_options, options=options,
     )
     _save_and_report(result, args.out, f"wrote to {args.out}:")
@@ -575,15 +582,39 @@ COMMANDS = {
 }
 
 
+def _print_threedis_warnings() -> Any:
+    """A warnings.showwarning that prints a ThreedisWarning as one `threedis: warning: ...` line."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, ThreedisWarning):
+            print(f"threedis: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # bitsandbytes warns at import (pulled in by diffusers) that an optional CPU kernel package is
     # missing; it is noise for every command and would make a user error two lines.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # the CLI owns its process: every threedis warning is shown, one line each
+        warnings.showwarning = _print_threedis_warnings()
+        warnings.simplefilter("always", ThreedisWarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from threedis.engine.interrupts import Terminated, terminate_like_interrupt
 
     try:
         with terminate_like_interrupt():  # SIGTERM cleans up as Ctrl-C does: no partial outputs, no temp folders
+            if getattr(args, "device", None) is not None:
+                from threedis.engine.checks import parse_device
+
+                args.device = parse_device(args.device)
             return COMMANDS[args.command](args)
     except _user_errors() as err:
         print(f"threedis: error: {err}", file=sys.stderr)

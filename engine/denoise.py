@@ -12,6 +12,7 @@ and profiler stages.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from threedis.engine.encoding import EncodedPrompts
-from threedis.engine.errors import UserError
+from threedis.engine.encoding import T5_MAX_LENGTH, EncodedPrompts
+from threedis.engine.errors import NonFiniteError, UserError
+from threedis.engine.notices import warn
 from threedis.kernels import rule
 from threedis.kernels.rule import Phases, Schedule, TokenLayout
 
@@ -134,6 +136,10 @@ def decode(vae: Any, processor: Any, latents: torch.Tensor, grid: tuple[int, int
     z = unpack_latents(latents, *grid)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
     pixels = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]  # [1, 3, H, W]
+    if not bool(torch.isfinite(pixels).all()):  # postprocess would save them as a black image
+        raise NonFiniteError("the VAE decoder produced NaN or infinite pixels from finite latents: the VAE's "
+                             "weights hold NaN/Inf (re-download the checkpoint), or its dtype overflowed (try bf16 "
+                             "or fp32 for the vae in the profile)")
     return processor.postprocess(pixels, output_type="pil")[0]
 
 
@@ -203,6 +209,36 @@ def _describe_sparsity(phases: Phases, sparsity: dict[str, Any]) -> str:
     if "tile" in sparsity:
         tiles += f" ({sparsity['tile']})"
     return f"phases {switches}: {sparsity['density']:.1%} of pairs allowed, {tiles}"
+
+
+def _first_non_finite_weight(model: Any) -> str | None:
+    """Name of the first float parameter holding NaN/Inf (quantized or meta tensors are skipped)."""
+    for name, param in model.named_parameters():
+        try:
+            if param.is_floating_point() and not param.is_meta and not bool(torch.isfinite(param).all()):
+                return name
+        except (RuntimeError, TypeError, NotImplementedError):  # packed or quantized storage: not checkable
+            continue
+    return None
+
+
+def _non_finite_cause(step: int, total: int, settings: DenoiseSettings, control: torch.Tensor,
+                      text: EncodedPrompts, transformer: Any) -> str:
+    """Why the latents stopped being finite, checked from the cheapest suspect on (only after a failure)."""
+    where = f"the latents stopped being finite (NaN/Inf) at step {step} of {total}"
+    if not math.isfinite(settings.guidance):
+        return f"{where}: guidance is {settings.guidance!r}; give a finite guidance such as 3.5 or 10"
+    if not bool(torch.isfinite(control).all()):
+        return (f"{where}: the depth map's control latents are not finite: check the depth map, or the VAE's "
+                f"weights for NaN/Inf")
+    if not (bool(torch.isfinite(text.embeds).all()) and bool(torch.isfinite(text.pooled).all())):
+        return (f"{where}: the prompt embeddings are not finite: the text encoders' weights hold NaN/Inf "
+                f"(re-download the checkpoint), or the prompt cache is corrupted (delete it)")
+    name = _first_non_finite_weight(transformer)
+    if name is not None:
+        return f"{where}: the transformer's weights hold NaN/Inf ({name}); re-download or rebuild the checkpoint"
+    return (f"{where}: the transformer overflowed in {transformer.dtype}; try a lower guidance than "
+            f"{settings.guidance:g}, or bf16/fp32 weights for the transformer")
 
 
 def denoise(
@@ -280,6 +316,11 @@ def denoise(
                 preview = latent_preview(x0, tokens.grid, tokens.order)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
             del model_in, pred
+        # One host sync per step (cheap next to a transformer pass): a NaN render stops here, not as a black PNG.
+        if not bool(torch.isfinite(latents).all()):
+            message = _non_finite_cause(i + 1, total, settings, control, text, transformer)
+            latents = control = image_ids = text = tokens = full_text = global_text = enc = current = None
+            raise NonFiniteError(message)
         if on_step is not None:
             on_step(i + 1, total, preview)
     if cancel is not None and cancel.is_set():
@@ -301,7 +342,22 @@ def regions_for(boxes: list, masks: list, grid: tuple[int, int]) -> torch.Tensor
         else:
             values = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)  # [H, W]
             out[i] = rule.mask_regions([values], h, w)[0]
+            if not out[i].any():
+                why = ("its mask is all black (no pixel inside)" if not values.any()
+                       else f"its mask is too small or thin to cover a cell of the {h}x{w} token grid")
+                warn(f"instances[{i}]: {why}, so the instance has no image region and its prompt shapes nothing; "
+                     f"fix the mask or remove it to use the box")
     return out
+
+
+def _warn_truncated(text: EncodedPrompts) -> None:
+    """Prompts longer than the kept chunk lose their tail: say which, and by how much."""
+    for i in text.truncated:
+        who = "the global prompt (as encoded)" if i == 0 else f"instances[{i - 1}].prompt"
+        count = text.token_counts[i]
+        tokens = f"at least {count}" if count >= T5_MAX_LENGTH else str(count)
+        warn(f"{who} has {tokens} T5 tokens but only the first {text.chunk} are used; shorten it or raise "
+             f"chunk (--chunk, at most {T5_MAX_LENGTH})")
 
 
 def render_image(
@@ -344,6 +400,7 @@ def render_image(
             raise UserError(f"instance regions are on a {tuple(regions.shape[1:])} grid, expected {grid}")
         if text.num_chunks != regions.shape[0] + 1:
             raise UserError(f"{text.num_chunks} text chunks for {regions.shape[0]} instances; expected N + 1")
+        _warn_truncated(text)
         processor = image_processor_for(vae)
         with profiler.stage("control latents"):
             control = control_latents(vae, processor, depth, width, height, generator)  # [1, S, 64]
@@ -371,7 +428,7 @@ def render_image(
         try:
             latents = denoise(transformer, scheduler, latents, control, image_ids, text, tokens, settings, profiler,
                               on_step, cancel, step_cache=step_cache)
-        except RenderCancelled:
+        except (RenderCancelled, NonFiniteError):
             latents = control = image_ids = text = tokens = None  # the traceback keeps this frame: empty it
             del transformer
             if device.type == "cuda":

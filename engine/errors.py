@@ -10,5 +10,13 @@ class UserError(Exception):
     """
 
 
+class NonFiniteError(UserError):
+    """A render's numbers stopped being finite (NaN/Inf); saving its black image would hide the cause.
+
+    The message names the likely cause: the guidance value, the depth map, or NaN/Inf in a
+    model's weights.
+    """
+
+
 class ThreedisWarning(UserWarning):
     """Something the user should know about a render that still succeeded."""

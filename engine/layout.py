@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+import reprlib
+import sys
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
@@ -21,9 +23,11 @@ from threedis.engine.errors import UserError
 from threedis.kernels.rule import MAX_INSTANCES
 
 __all__ = [
+    "DEFAULT_LAYOUT_LIMITS",
     "Instance",
     "Layout",
     "LayoutError",
+    "LayoutLimits",
     "MAX_INSTANCES",
     "SIZE_MULTIPLE",
     "example_path",
@@ -37,6 +41,43 @@ _LAYOUT_KEYS = ("prompt", "width", "height", "instances")
 _LAYOUT_REQUIRED = ("prompt", "width", "height")
 _INSTANCE_KEYS = ("prompt", "box", "mask")
 _INSTANCE_REQUIRED = ("prompt", "box")
+# A layout nests 4 deep (layout > instances > instance > box); anything far deeper is not a layout.
+_MAX_NESTING = 8
+# Integers in a layout are pixel sizes: 20 digits is far past any limit and far below Python's own cap.
+_MAX_INT_DIGITS = 20
+
+
+@dataclass(frozen=True)
+class LayoutLimits:
+    """How large a layout may be, so a hostile or mistyped file fails in `validate`, not in a render.
+
+    Defaults suit a desktop GPU; a service can pass its own to Layout.load / from_json /
+    from_dict. Every value is checked before the work it bounds (the file size before
+    the file is read, the pixel count before anything is allocated).
+    """
+
+    max_file_bytes: int = 1_000_000  # a 63-instance layout with long prompts is ~150 kB
+    max_side: int = 8192  # pixels per side
+    max_pixels: int = 4096 * 4096  # width * height: 65536 image tokens
+    max_instances: int = MAX_INSTANCES
+    max_prompt_chars: int = 2000  # T5 keeps 200 tokens (~800 characters) per prompt by default
+    max_path_chars: int = 4096  # a mask path (Linux PATH_MAX)
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_side", "max_pixels", "max_instances", "max_prompt_chars",
+                     "max_path_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LayoutLimits.{name} must be a positive integer, got {value!r}")
+        if self.max_instances > MAX_INSTANCES:
+            raise ValueError(f"LayoutLimits.max_instances = {self.max_instances}: the attention rule supports "
+                             f"at most {MAX_INSTANCES} instances")
+        if self.max_side < SIZE_MULTIPLE or self.max_pixels < SIZE_MULTIPLE * SIZE_MULTIPLE:
+            raise ValueError(f"LayoutLimits must allow at least one {SIZE_MULTIPLE}x{SIZE_MULTIPLE} token")
+
+
+DEFAULT_LAYOUT_LIMITS = LayoutLimits()
+_NO_LENGTH_LIMITS = LayoutLimits(max_prompt_chars=sys.maxsize, max_path_chars=sys.maxsize)
 
 
 class LayoutError(UserError, ValueError):
@@ -85,9 +126,18 @@ class _Problems:
             raise LayoutError.combine(self.found)
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 60, 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 6
+
+
 def _describe(value: Any) -> str:
-    """Short one-line rendering of a bad value for an error message."""
-    text = repr(value)
+    """Short one-line rendering of a bad value for an error message.
+
+    reprlib bounds the work: a plain repr of a huge or deeply nested value would take
+    memory or hit the recursion limit before it could be shortened.
+    """
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -97,9 +147,26 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _check_prompt(value: Any, field: str) -> str:
+def _check_text(value: str, field: str, limit: int, what: str) -> None:
+    """Length and characters every tokenizer, file system and PNG text chunk can take."""
+    if len(value) > limit:
+        raise _fail(field, f"is {len(value)} characters long, at most {limit} are allowed; shorten the {what}")
+    if "\x00" in value:
+        raise _fail(field, f"contains a NUL character (\\u0000) at position {value.index(chr(0))}; remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _fail(
+            field,
+            f"contains an invalid character {value[exc.start]!a} at position {exc.start} (a lone UTF-16 "
+            f"surrogate, not a character); remove it or write the intended character itself",
+        ) from None
+
+
+def _check_prompt(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> str:
     if not isinstance(value, str):
         raise _fail(field, f"must be a text prompt (a string), got {_type_name(value)} {_describe(value)}")
+    _check_text(value, field, limits.max_prompt_chars, "prompt")
     if not value.strip():
         raise _fail(field, "is empty; write a short description of what should appear")
     return value
@@ -136,9 +203,12 @@ def _check_box(value: Any, field: str) -> tuple[float, float, float, float]:
     return (x0, y0, x1, y1)
 
 
-def _check_size(value: Any, field: str) -> int:
+def _check_size(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _fail(field, f"must be a whole number of pixels, got {_type_name(value)} {_describe(value)}")
+    if value > limits.max_side:
+        raise _fail(field, f"{_describe(value)} pixels is more than the limit of {limits.max_side}; "
+                           f"render at most {limits.max_side} pixels per side")
     if value <= 0 or value % SIZE_MULTIPLE:
         low = (value // SIZE_MULTIPLE) * SIZE_MULTIPLE
         options = [v for v in (low, low + SIZE_MULTIPLE) if v > 0] or [SIZE_MULTIPLE]
@@ -151,13 +221,26 @@ def _check_size(value: Any, field: str) -> int:
     return value
 
 
-def _check_mask(value: Any, field: str) -> str | None:
+def _check_pixels(width: int, height: int, limits: LayoutLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise _fail("width", f"{width}x{height} is {width * height} pixels, more than the limit of "
+                             f"{limits.max_pixels} ({_megapixels(limits.max_pixels)}); choose a smaller size")
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} megapixels"
+
+
+def _check_mask(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> str | None:
     """The mask must exist and decode as an image now, not 10 minutes into a render."""
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise _fail(field, f"must be a path to a mask image (a string) or null, got {_type_name(value)} {_describe(value)}")
     text = os.fspath(value)
+    if not isinstance(text, str):
+        raise _fail(field, f"must be a path written as text, got {_type_name(text)} {_describe(text)}")
+    _check_text(text, field, limits.max_path_chars, "mask path")
     if not text.strip():
         raise _fail(field, "is an empty path; give a mask image path or remove the key")
     path = Path(text)
@@ -182,7 +265,8 @@ def _check_keys(data: Mapping[str, Any], field: str, allowed: tuple[str, ...], r
     """Every unknown and every missing key, one problem each."""
     what = field or "layout"
     problems = [
-        _fail(f"{field}.{key}" if field else str(key), f"unknown key in {what}; allowed keys are: {', '.join(allowed)}")
+        _fail(f"{field}.{_key_name(key)}" if field else _key_name(key),
+              f"unknown key in {what}; allowed keys are: {', '.join(allowed)}")
         for key in data
         if key not in allowed
     ]
@@ -193,6 +277,23 @@ def _check_keys(data: Mapping[str, Any], field: str, allowed: tuple[str, ...], r
     ]
     if problems:
         raise LayoutError.combine(problems)
+
+
+def _key_name(key: Any) -> str:
+    """A key as it appears in an error path: itself when short and printable, else its short repr."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 40 else _describe(key)
+
+
+def _check_nesting(data: Any, limit: int = _MAX_NESTING) -> None:
+    """Refuse values nested deeper than any layout, iteratively: no recursion for a nesting bomb."""
+    level = [data]
+    for depth in range(limit + 1):
+        level = [child for item in level if isinstance(item, (Mapping, list, tuple))
+                 for child in (item.values() if isinstance(item, Mapping) else item)]
+        if not level:
+            return
+    raise LayoutError(f"the layout is nested more than {limit} levels deep; a layout is an object holding a "
+                      f"list of instance objects, each with a list of 4 numbers")
 
 
 def _check_object(value: Any, field: str) -> Mapping[str, Any]:
@@ -219,25 +320,29 @@ class Instance:
         self._validate("instance")
 
     def _validate(self, field: str) -> None:
-        _check_prompt(self.prompt, f"{field}.prompt")
+        # Lengths are the layout's limits to check (a service may allow more); characters are checked here.
+        _check_prompt(self.prompt, f"{field}.prompt", _NO_LENGTH_LIMITS)
         object.__setattr__(self, "box", _check_box(self.box, f"{field}.box"))
-        object.__setattr__(self, "mask", _check_mask(self.mask, f"{field}.mask"))
+        object.__setattr__(self, "mask", _check_mask(self.mask, f"{field}.mask", _NO_LENGTH_LIMITS))
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None, field: str = "instance") -> "Instance":
+    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None, field: str = "instance",
+                  limits: LayoutLimits | None = None) -> "Instance":
         """Build from {"prompt", "box", "mask"?}; a relative mask path is resolved against base_dir."""
+        limits = limits or DEFAULT_LAYOUT_LIMITS
         data = _check_object(data, field)
         problems = _Problems()
         problems.check(_check_keys, data, field, _INSTANCE_KEYS, _INSTANCE_REQUIRED)
         prompt = box = None
         if "prompt" in data:
-            prompt = problems.check(_check_prompt, data["prompt"], f"{field}.prompt")
+            prompt = problems.check(_check_prompt, data["prompt"], f"{field}.prompt", limits)
         if "box" in data:
             box = problems.check(_check_box, data["box"], f"{field}.box")
         mask = data.get("mask")
-        if isinstance(mask, str) and mask.strip() and base_dir is not None and not Path(mask).is_absolute():
+        if (isinstance(mask, str) and mask.strip() and len(mask) <= limits.max_path_chars and base_dir is not None
+                and not Path(mask).is_absolute()):
             mask = str(Path(base_dir) / mask)
-        mask = problems.check(_check_mask, mask, f"{field}.mask")
+        mask = problems.check(_check_mask, mask, f"{field}.mask", limits)
         problems.raise_any()
         return cls(prompt=prompt, box=box, mask=mask)
 
@@ -250,43 +355,61 @@ class Instance:
 
 @dataclass(frozen=True)
 class Layout:
-    """Global prompt, output size in pixels and the instances; valid by construction."""
+    """Global prompt, output size in pixels and the instances; valid by construction.
+
+    limits: what it was checked against (DEFAULT_LAYOUT_LIMITS unless a service chose others);
+    kept so that `dataclasses.replace` checks a changed copy against the same limits.
+    """
 
     prompt: str
     width: int
     height: int
     instances: tuple[Instance, ...] = ()
+    limits: LayoutLimits = field(default=DEFAULT_LAYOUT_LIMITS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_prompt(self.prompt, "prompt")
-        _check_size(self.width, "width")
-        _check_size(self.height, "height")
+        if not isinstance(self.limits, LayoutLimits):
+            raise TypeError(f"limits must be a LayoutLimits, got {type(self.limits).__name__}")
+        _check_prompt(self.prompt, "prompt", self.limits)
+        _check_size(self.width, "width", self.limits)
+        _check_size(self.height, "height", self.limits)
+        _check_pixels(self.width, self.height, self.limits)
         items = self.instances
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise _fail("instances", f"must be a list of instances, got {_type_name(items)} {_describe(items)}")
         items = tuple(items)
-        _check_count(len(items))
+        _check_count(len(items), self.limits)
         for i, item in enumerate(items):
             if not isinstance(item, Instance):
                 raise _fail(f"instances[{i}]", f"must be an Instance, got {_type_name(item)} {_describe(item)}")
+            _check_text(item.prompt, f"instances[{i}].prompt", self.limits.max_prompt_chars, "prompt")
+            if item.mask is not None:
+                _check_text(item.mask, f"instances[{i}].mask", self.limits.max_path_chars, "mask path")
         object.__setattr__(self, "instances", items)
 
     # -- construction from data -------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None) -> "Layout":
-        """Validate a parsed JSON object; relative mask paths are resolved against base_dir.
+    def from_dict(cls, data: Any, base_dir: str | os.PathLike | None = None,
+                  limits: LayoutLimits | None = None) -> "Layout":
+        """Validate a layout object from anywhere (a JSON file, PNG metadata, an HTTP body).
 
-        Every problem is found, not just the first: the LayoutError raised names the
-        first and lists all of them in `problems`.
+        The strict entry point: unknown keys, wrong types and values over `limits`
+        (default DEFAULT_LAYOUT_LIMITS) are errors. Relative mask paths are resolved
+        against base_dir. Every problem is found, not just the first: the LayoutError
+        raised names the first and lists all of them in `problems`.
         """
+        limits = limits or DEFAULT_LAYOUT_LIMITS
+        _check_nesting(data)
         data = _check_object(data, "")
         problems = _Problems()
         problems.check(_check_keys, data, "", _LAYOUT_KEYS, _LAYOUT_REQUIRED)
         values = {}
         for key, check in (("prompt", _check_prompt), ("width", _check_size), ("height", _check_size)):
             if key in data:
-                values[key] = problems.check(check, data[key], key)
+                values[key] = problems.check(check, data[key], key, limits)
+        if values.get("width") is not None and values.get("height") is not None:
+            problems.check(_check_pixels, values["width"], values["height"], limits)
         raw = data.get("instances", [])
         instances: list[Instance | None] = []
         if not isinstance(raw, list):
@@ -294,35 +417,60 @@ class Layout:
                 _fail("instances", f"must be a list [...] of instances, got {_type_name(raw)} {_describe(raw)}")
             )
         else:
-            problems.check(_check_count, len(raw))
-            instances = [
-                problems.check(Instance.from_dict, item, base_dir, f"instances[{i}]") for i, item in enumerate(raw)
+            problems.check(_check_count, len(raw), limits)
+            instances = [  # past the limit only the count is reported: each item may open a mask image
+                problems.check(Instance.from_dict, item, base_dir, f"instances[{i}]", limits)
+                for i, item in enumerate(raw[: limits.max_instances])
             ]
         problems.raise_any()
-        return cls(instances=tuple(instances), **values)
+        return cls(instances=tuple(instances), limits=limits, **values)
 
     @classmethod
-    def from_json(cls, text: str, base_dir: str | os.PathLike | None = None, source: str = "layout JSON") -> "Layout":
+    def from_json(cls, text: str, base_dir: str | os.PathLike | None = None, source: str = "layout JSON",
+                  limits: LayoutLimits | None = None) -> "Layout":
+        """Parse JSON text strictly (no NaN/Infinity, no duplicate keys, bounded numbers), then from_dict."""
+        limits = limits or DEFAULT_LAYOUT_LIMITS
+        if len(text) > limits.max_file_bytes:
+            raise LayoutError(f"{source}: {len(text)} characters, more than the limit of {limits.max_file_bytes} "
+                              f"for a layout; is this the right file?")
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant,
+                              object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise LayoutError(
                 f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
             ) from None
-        return cls.from_dict(data, base_dir=base_dir)
+        except LayoutError as err:
+            raise LayoutError(f"{source}: {err}") from None
+        except RecursionError:
+            raise LayoutError(f"{source}: the JSON is nested too deeply to be a layout") from None
+        return cls.from_dict(data, base_dir=base_dir, limits=limits)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Layout":
-        """Read a layout file; mask paths inside it are relative to the file's folder."""
+    def load(cls, path: str | os.PathLike, limits: LayoutLimits | None = None) -> "Layout":
+        """Read a layout file; mask paths inside it are relative to the file's folder.
+
+        The size is checked before reading, and at most max_file_bytes + 1 bytes are
+        read (a file may grow, or be a pipe), so a huge file costs nothing.
+        """
+        limits = limits or DEFAULT_LAYOUT_LIMITS
         path = Path(path)
         if not path.is_file():
             hint = " (it is a folder)" if path.is_dir() else ""
             raise LayoutError(f"layout file not found: {path}{hint}; give the path to a .json layout")
+        too_big = f"{path}: the file is larger than the limit of {limits.max_file_bytes} bytes for a layout; " \
+                  f"is this the right file?"
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.stat().st_size > limits.max_file_bytes:
+                raise LayoutError(too_big)
+            with path.open("rb") as handle:
+                raw = handle.read(limits.max_file_bytes + 1)
+            if len(raw) > limits.max_file_bytes:
+                raise LayoutError(too_big)
+            text = raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors) is not an error
         except (OSError, UnicodeDecodeError) as exc:
             raise LayoutError(f"cannot read layout file {path}: {exc}") from None
-        return cls.from_json(text, base_dir=path.parent.resolve(), source=str(path))
+        return cls.from_json(text, base_dir=path.parent.resolve(), source=str(path), limits=limits)
 
     # -- output -----------------------------------------------------------------
 
@@ -392,13 +540,41 @@ class Layout:
         return [glob, *parts]
 
 
-def _check_count(n: int) -> None:
-    if n > MAX_INSTANCES:
+def _check_count(n: int, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> None:
+    if n > limits.max_instances:
+        why = (" (each token's instance membership is a 64-bit integer bitmask with the sign bit kept clear)"
+               if limits.max_instances == MAX_INSTANCES else " (this service's limit)")
         raise _fail(
             "instances",
-            f"{n} instances given, at most {MAX_INSTANCES} are supported (each token's instance membership "
-            f"is a 64-bit integer bitmask with the sign bit kept clear); merge or drop {n - MAX_INSTANCES}",
+            f"{n} instances given, at most {limits.max_instances} are supported{why}; "
+            f"merge or drop {n - limits.max_instances}",
         )
+
+
+# -- strict JSON hooks ------------------------------------------------------------
+
+
+def _bounded_int(text: str) -> int:
+    """json's parse_int: a 5000-digit number is refused here, before int() spends time on it."""
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise LayoutError(f"a number with {digits} digits is not a plausible layout value "
+                          f"(at most {_MAX_INT_DIGITS} digits)")
+    return int(text)
+
+
+def _no_constant(name: str) -> float:
+    raise LayoutError(f"{name} is not a JSON number; give a finite number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a key given twice is a mistake (json would silently keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise LayoutError(f"key {_key_name(key)!r} appears twice in one object; keep one")
+        out[key] = value
+    return out
 
 
 # -- bundled examples -----------------------------------------------------------

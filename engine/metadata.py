@@ -14,13 +14,12 @@ import json
 import math
 from typing import Any, Callable
 
+from threedis.engine.checks import CHUNK_MAX, GUIDANCE_MAX, MAX_STEPS, SEED_MAX as MAX_SEED
 from threedis.engine.errors import UserError
 
 __all__ = ["MAX_METADATA_BYTES", "MAX_STEPS", "MetadataError", "parse_metadata", "parse_metadata_text"]
 
 MAX_METADATA_BYTES = 1 << 20  # a layout of the largest allowed size is far below this
-MAX_STEPS = 1000  # FLUX renders use 20-50 steps; more is a typo or a tampered file
-MAX_SEED = 2**64 - 1
 BACKENDS = ("auto", "triton", "flex", "sdpa")
 DEPTH_SOURCES = ("stage1", "user", "photo")
 MASK_SOURCES = ("box", "user", "sam")
@@ -124,7 +123,7 @@ def _stage1_depth(key: str, value: Any) -> dict:
 
     fields: dict[str, Check] = {
         "source": _choice(DEPTH_SOURCES), "model": _text(optional=True), "photo": _text(optional=True),
-        "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, 100.0), "migc_steps": _int(0, MAX_STEPS),
+        "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, GUIDANCE_MAX), "migc_steps": _int(0, MAX_STEPS),
         "phase_augment": _bool, "size": pair, "seed": _int(0, MAX_SEED),
         "negative_prompt": _text(optional=True), "prompt": _text(20_000, optional=True),
     }
@@ -160,8 +159,8 @@ def _layout(key: str, value: Any) -> dict:
 
 
 FIELDS: dict[str, Check] = {
-    "layout": _layout, "seed": _int(0, MAX_SEED), "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, 1000.0),
-    "schedule": _schedule, "chunk": _int(1, 512), "append_instances": _bool, "permute_tokens": _bool,
+    "layout": _layout, "seed": _int(0, MAX_SEED), "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, GUIDANCE_MAX),
+    "schedule": _schedule, "chunk": _int(1, CHUNK_MAX), "append_instances": _bool, "permute_tokens": _bool,
     "backend": _choice(BACKENDS), "depth": _stage1_depth, "sam": _sam, "masks": _list_of(_choice(MASK_SOURCES), 64),
     "loras": _list_of(_lora, 16), "overrides": _str_map, "vae_tiling": _bool, "model": _text(),
     # informational: what the render ran on and said; checked for shape, not used to render

@@ -55,12 +55,6 @@ def raise_if_cancelled(cancel: threading.Event | None, where: str) -> None:
         raise RenderCancelled(f"render cancelled {where}")
 
 
-def _whole(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class Stage1Options:
     """Stage 1's settings for one render (defaults: the authors' demos, SPEC section 6)."""
@@ -76,13 +70,16 @@ class Stage1Options:
     def __post_init__(self) -> None:
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise UserError(f"stage1_negative_prompt must be text, got {self.negative_prompt!r}")
-        _whole("stage1_steps", self.steps, 1)
-        _whole("migc_steps", self.migc_steps, 0)
+        from threedis.engine.checks import check_guidance, check_seed, check_steps  # the render's own checks
+
+        check_steps(self.steps, "stage1_steps")
+        check_steps(self.migc_steps, "migc_steps", low=0)
         if self.seed is not None:
-            _whole("stage1_seed", self.seed, 0)
+            check_seed(self.seed, "stage1_seed")
         object.__setattr__(self, "size", parse_size(self.size))
-        object.__setattr__(self, "guidance", float(self.guidance))
-        object.__setattr__(self, "phase_augment", bool(self.phase_augment))
+        object.__setattr__(self, "guidance", check_guidance(self.guidance, "stage1_guidance"))
+        if not isinstance(self.phase_augment, bool):
+            raise UserError(f"phase_augment must be true or false, got {self.phase_augment!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from threedis.engine.errors import UserError
-from threedis.engine.layout import Instance, Layout, LayoutError, MAX_INSTANCES, example_path, list_examples
+from threedis.engine.layout import (
+    MAX_INSTANCES,
+    Instance,
+    Layout,
+    LayoutError,
+    LayoutLimits,
+    example_path,
+    list_examples,
+)
 from threedis.kernels import rule
 
 
@@ -347,3 +355,138 @@ def test_reading_girl_overlaps():
 def test_unknown_example():
     with pytest.raises(LayoutError, match="two_birds"):
         example_path("three_birds")
+
+
+# -- limits and strict JSON (issue 10): each of these used to pass validate or end in a traceback --
+
+
+def load_error(tmp_path: Path, text: str, **kwargs) -> LayoutError:
+    path = tmp_path / "layout.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(LayoutError) as info:
+        Layout.load(path, **kwargs)
+    return info.value
+
+
+def small(**extra) -> dict:
+    return {"prompt": "a room", "width": 64, "height": 64, **extra}
+
+
+def test_json_nesting_bomb_is_one_error(tmp_path):
+    err = load_error(tmp_path, "[" * 200_000 + "]" * 200_000)
+    assert "nested too deeply" in str(err)
+    shallow_bomb = json.dumps(small(instances=[[[[[[[[[[[]]]]]]]]]]]))  # parses, but no layout nests this deep
+    assert "nested more than" in str(load_error(tmp_path, shallow_bomb))
+
+
+def test_nesting_of_a_dict_from_elsewhere_is_checked_without_recursion():
+    data = small()
+    data["instances"] = [data]  # a cycle: only an iterative, bounded walk survives it
+    with pytest.raises(LayoutError, match="nested more than"):
+        Layout.from_dict(data)
+
+
+def test_number_with_thousands_of_digits(tmp_path):
+    err = load_error(tmp_path, '{"prompt": "a", "width": ' + "7" * 5000 + ', "height": 64}')
+    assert "5000 digits" in str(err)
+
+
+@pytest.mark.parametrize("width, words", [(10**31, "32 digits"), (100_000, "limit of 8192"),
+                                          (16 * 10**6, "limit of 8192")])
+def test_absurd_sizes_fail_validation(tmp_path, width, words):
+    assert words in str(load_error(tmp_path, json.dumps(small(width=width))))
+
+
+def test_pixel_limit_counts_both_sides():
+    with pytest.raises(LayoutError, match="67108864 pixels"):
+        Layout.from_dict(small(width=8192, height=8192))
+    with pytest.raises(LayoutError, match="pixels"):
+        Layout("a room", 8192, 8192)  # direct construction is held to the same limits
+    assert Layout.from_dict(small(width=4096, height=4096)).width == 4096
+
+
+def test_lone_surrogate_in_a_prompt(tmp_path):
+    text = '{"prompt": "a room", "width": 64, "height": 64, "instances": [{"prompt": "a \\udc00 cat", ' \
+           '"box": [0, 0, 1, 1]}]}'
+    err = load_error(tmp_path, text)
+    assert err.field == "instances[0].prompt" and "surrogate" in str(err)
+    with pytest.raises(LayoutError, match="surrogate"):
+        Instance("a \ud800", (0, 0, 1, 1))
+    with pytest.raises(LayoutError, match="NUL"):
+        Layout("a\x00room", 64, 64)
+
+
+def test_prompt_and_instance_limits():
+    with pytest.raises(LayoutError, match="2001 characters"):
+        Layout.from_dict(small(prompt="x" * 2001))
+    with pytest.raises(LayoutError, match=r"instances\[0\].prompt: is 2001 characters"):
+        Layout("a room", 64, 64, (Instance("x" * 2001, (0, 0, 1, 1)),))
+    two = small(instances=[{"prompt": "a", "box": [0, 0, 1, 1]}] * 2)
+    with pytest.raises(LayoutError, match="at most 1 are supported"):
+        Layout.from_dict(two, limits=LayoutLimits(max_instances=1))
+
+
+def test_nan_constants_and_duplicate_keys_are_not_json(tmp_path):
+    nan_box = '{"prompt": "a", "width": 64, "height": 64, "instances": [{"prompt": "b", "box": [NaN, 0, 1, 1]}]}'
+    assert "NaN is not a JSON number" in str(load_error(tmp_path, nan_box))
+    assert "Infinity" in str(load_error(tmp_path, '{"prompt": "a", "width": Infinity, "height": 64}'))
+    assert "appears twice" in str(load_error(tmp_path, '{"prompt": "a", "prompt": "b", "width": 64, "height": 64}'))
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.json"
+    with path.open("wb") as handle:  # 2 GB, sparse: costs no disk, but reading it would cost 2 GB of RAM
+        handle.truncate(2 * 1024**3)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayoutError, match="larger than the limit of 1000000 bytes"):
+            Layout.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
+
+def test_byte_limit_is_configurable_and_exact(tmp_path):
+    text = json.dumps(small())
+    path = tmp_path / "layout.json"
+    path.write_text(text)
+    assert Layout.load(path, limits=LayoutLimits(max_file_bytes=len(text))).width == 64
+    with pytest.raises(LayoutError, match="larger than the limit"):
+        Layout.load(path, limits=LayoutLimits(max_file_bytes=len(text) - 1))
+    with pytest.raises(LayoutError, match="more than the limit"):
+        Layout.from_json(text, limits=LayoutLimits(max_file_bytes=len(text) - 1))
+
+
+def test_a_service_can_allow_more_and_copies_keep_the_limits():
+    from dataclasses import replace
+
+    roomy = LayoutLimits(max_side=16384, max_pixels=16384 * 1024, max_prompt_chars=5000)
+    wide = Layout.from_dict(small(width=16384, height=1024, prompt="x" * 4000), limits=roomy)
+    assert wide.limits == roomy and replace(wide, height=512).limits == roomy
+    assert wide == Layout.from_dict(small(width=16384, height=1024, prompt="x" * 4000), limits=roomy)
+    with pytest.raises(LayoutError, match="limit of 16384"):
+        replace(wide, width=16400)
+    with pytest.raises(ValueError, match="at most 63"):
+        LayoutLimits(max_instances=64)
+    with pytest.raises(ValueError, match="positive integer"):
+        LayoutLimits(max_side=0)
+
+
+def test_long_keys_and_values_make_short_messages():
+    err_key = pytest.raises(LayoutError, Layout.from_dict, small(**{"k" * 100_000: 1})).value
+    assert len(str(err_key)) < 300
+    err_value = pytest.raises(LayoutError, Layout.from_dict, small(instances=[[list(range(10**5))]])).value
+    assert len(str(err_value)) < 300
+
+
+def test_validate_lists_limit_problems(tmp_path, capsys):
+    from threedis.engine.cli import EXIT_USER_ERROR, main
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(small(width=100_000, height=100_000, prompt="a \udc00")))
+    assert main(["validate", str(path)]) == EXIT_USER_ERROR
+    out = capsys.readouterr().out
+    assert "3 problems" in out and "limit of 8192" in out and "surrogate" in out

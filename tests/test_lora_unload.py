@@ -6,6 +6,7 @@ import torch
 
 from test_api import EXACT, decoder_input, layout, write_lora
 from threedis.engine.api import Engine
+from threedis.engine.api import RenderOptions
 
 
 def _latents(engine: Engine, **render) -> torch.Tensor:
@@ -16,7 +17,7 @@ def _latents(engine: Engine, **render) -> torch.Tensor:
 
 
 def test_unloading_loras_gives_the_no_lora_render_back(tiny_flux_dir, depth_image_64, tmp_path):
-    render = dict(depth=depth_image_64, steps=2, seed=3, chunk=16)
+    render = dict(depth=depth_image_64, steps=2, seed=3, options=RenderOptions(chunk=16))
     plain = _latents(Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa", cache_dir=tmp_path,
                                             **EXACT), **render)
 
