@@ -43,9 +43,10 @@ examples:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from threedis.kernels.rule import RuleError
-
-    return (UserError, RuleError, FileExistsError)
+    # A RuleError can only come from an imported rule module: looking it up here instead of
+    # importing it keeps `validate` free of torch.
+    rule = sys.modules.get("threedis.kernels.rule")
+    return (UserError, FileExistsError, *((rule.RuleError,) if rule is not None else ()))
 
 
 # ---------------------------------------------------------------- arguments

@@ -23,14 +23,14 @@ import torch
 from threedis.engine import loading
 from threedis.engine.errors import UserError
 from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
-# Prompts per T5 call: the memory planner prices text-encoder activations for batches of this
-# size; 64 instance prompts in one batch would need ~8 GB for T5-XXL alone.
-from threedis.engine.planner import TEXT_BATCH
 
 __all__ = ["EncodedPrompts", "EncoderAccess", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH",
            "TEXT_BATCH"]
 
 T5_MAX_LENGTH = 512  # FLUX's T5 sequence length: every prompt is padded to it before encoding
+# Prompts per T5 call: activations stay bounded however many instances a layout has (64 instance
+# prompts in one batch would need ~8 GB for T5-XXL alone). The memory planner prices this batch.
+TEXT_BATCH = 4
 _MEMO_LIMIT = 64  # prompts kept in memory per encoder (a few MB each at chunk 200)
 
 

@@ -18,7 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from threedis.engine.errors import UserError
-from threedis.kernels.rule import MAX_INSTANCES
+
+# The attention rule's limit (threedis.kernels.rule.MAX_INSTANCES), restated so that validating a
+# layout never imports torch; tests/test_cli_startup.py checks that the two agree.
+MAX_INSTANCES = 63
 
 __all__ = [
     "Instance",

@@ -45,6 +45,7 @@ __all__ = ["RUNTIME_MODELS", "ModelManager", "Residency", "dtype_weights"]
 RUNTIME_MODELS: tuple[str, ...] = ("transformer", "t5", "clip", "vae")
 _PLAIN = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANT_COMPUTE_DTYPE = torch.bfloat16  # compute dtype of every non-float weight format (profiles.Weights)
+VAE_TILE_PX = 512  # tile side (pixels) of a tiled VAE run; the memory planner prices one tile's activations
 
 
 class Residency(str, enum.Enum):
@@ -306,14 +307,11 @@ class ModelManager:
         return Residency.RESIDENT
 
     def _vae_tiling(self, vae: Any) -> None:
-        from threedis.engine.planner import VAE_TILE_PX
-
         if not self.profile.vae_tiling:
             vae.disable_tiling()
             return
         vae.enable_tiling()
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        # the tile size the planner prices decoder activations for
         vae.tile_sample_min_size = VAE_TILE_PX
         vae.tile_latent_min_size = VAE_TILE_PX // factor
 
