@@ -691,13 +691,21 @@ def plan(profile: Profile | str, width: int, height: int, num_instances: int, ch
     return Plan(prof, req, tuple(rows), MappingProxyType(dict(sizes)), seq, backend, reason, ram)
 
 
-def check_fits(plan_: Plan, available_gpu_bytes: int, available_host_bytes: int | None = None) -> None:
-    """Raise UserError naming the stage that would not fit and the built-in profile that would."""
-    gpu_bad = [r for r in plan_.rows if r.gpu_bytes > available_gpu_bytes]
+def check_fits(plan_: Plan, available_gpu_bytes: int | None, available_host_bytes: int | None = None) -> None:
+    """Raise UserError naming the stage that would not fit and what to change (a profile that fits).
+
+    available_gpu_bytes None: a CPU engine (no GPU check; every model runs from host RAM).
+    """
+    gpu_bad = [r for r in plan_.rows if available_gpu_bytes is not None and r.gpu_bytes > available_gpu_bytes]
     host_bad = [r for r in plan_.rows if available_host_bytes is not None and r.host_bytes > available_host_bytes]
     if not gpu_bad and not host_bad:
         return
     req = plan_.request
+    if available_gpu_bytes is None:
+        worst = max(host_bad, key=lambda r: r.host_bytes)
+        raise UserError(f"this CPU render needs {_gb(worst.host_bytes)} GB of RAM at stage {worst.stage!r} "
+                        f"({req.width}x{req.height}, {req.num_instances} instances) but {_gb(available_host_bytes)} "
+                        f"GB is available: use a smaller image or fewer instances, free some RAM, or render on a GPU")
     fitting: list[Plan] = []
     for name in list_profiles():
         other = plan(load_profile(name), req.width, req.height, req.num_instances, req.chunk, req.models,
@@ -731,6 +739,28 @@ def check_fits(plan_: Plan, available_gpu_bytes: int, available_host_bytes: int 
 def count_parameters(config: str | Path) -> int:
     """Exact parameter count of a bundled config name or config.json path."""
     return measure_model("transformer", config).params
+
+
+# Auxiliary model key -> (AuxModels kind, config subfolder inside that model's folder).
+AUX_FOLDERS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "ldm3d_unet": ("stage1", "unet"), "ldm3d_vae": ("stage1", "vae"), "ldm3d_text": ("stage1", "text_encoder"),
+    "sam2": ("sam", ""), "depth_estimator": ("depth", ""),
+})
+
+
+def aux_configs(keys: Iterable[str], folders: Mapping[str, str]) -> dict[str, str | Path]:
+    """Config per auxiliary model: the config.json inside its local folder when there is one (a tiny
+    or custom model is priced as it is), else the bundled config of the real model (a hub id).
+
+    folders: AuxModels kind ("stage1", "sam", "depth") -> local folder or hub id.
+    """
+    out: dict[str, str | Path] = {}
+    for key in keys:
+        kind, sub = AUX_FOLDERS[key]
+        where = folders.get(kind)
+        path = Path(where).expanduser() / sub / "config.json" if where else None
+        out[key] = path if path is not None and path.is_file() else DEFAULT_CONFIGS[key]
+    return out
 
 
 def models_for(stage1: bool = False, sam2: bool = False, depth_estimator: bool = False) -> tuple[str, ...]:
