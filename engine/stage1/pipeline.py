@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from threedis.engine.errors import UserError
+from threedis.engine.layout import global_prompt_for
 from threedis.engine.stage1.adapter import MAX_ADAPTER_INSTANCES
 from threedis.engine.stage1.checkpoint import (
     ADAPTER_FILENAME,
@@ -260,7 +261,7 @@ class Stage1Pipeline:
         if n > MAX_ADAPTER_INSTANCES and self.has_adapter and migc_steps > 0:
             raise UserError(f"the layout adapter handles at most {MAX_ADAPTER_INSTANCES} instances, got {n}; "
                             f"remove instances or pass migc_steps=0")
-        global_prompt = prompt + "".join(f",{p}" for p in instance_prompts) if append_instances else prompt
+        global_prompt = global_prompt_for(prompt, instance_prompts, append_instances)
         texts = [augment_phrase(p, n) if phase_augment else p for p in instance_prompts]
         hidden, pooled = self.encode([global_prompt, *texts])  # [N + 1, 77, D], [N + 1, D]
         cfg = guidance > 1.0
