@@ -102,7 +102,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
     return (
-        f"download it with `huggingface-cli download {repo} --local-dir {target}` "
+        f"download it with `hf download {repo} --local-dir {target}` "
         f"(accept the model licence on huggingface.co first), or write a tiny test checkpoint with "
         f"`threedis make-tiny {target}`"
     )

@@ -109,7 +109,7 @@ def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, un
     except Exception as exc:  # offline, unknown id: the same advice
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"cannot get the stage-1 base model {text!r}: {type(exc).__name__}: {first[:200]}; "
-                        f"without internet, run `huggingface-cli download {DEFAULT_BASE_ID} --local-dir DIR` "
+                        f"without internet, run `hf download {DEFAULT_BASE_ID} --local-dir DIR` "
                         f"on a connected machine and pass DIR") from None
 
 
