@@ -342,10 +342,11 @@ def _save_and_report(result: Any, out: Path, heading: str) -> None:
     """Write the render's files (never overwriting) and the rule pictures; print the profile and the paths."""
     from threedis.engine.outputs import save_result
     from threedis.engine.pictures import save_rule_pictures
+    from threedis.engine.report import Report
 
     paths = save_result(result, out)
     paths.update(save_rule_pictures(result, paths["image"]))  # regions.png, attention*.png
-    print(result.report.table())
+    print(Report.load(paths["report"]).table())  # the saved report: it has the "save" row too
     print(f"\n{heading}")
     for kind, path in paths.items():
         print(f"  {kind:<12} {path}")
