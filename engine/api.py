@@ -468,12 +468,13 @@ class Engine:
         settings = DenoiseSettings(steps=steps, guidance=float(guidance), schedule=schedule, backend=self.backend,
                                    permute_tokens=options.permute_tokens, preview=options.preview)
         with self._lock:
-            if self.device.type == "cuda":  # before anything of this render loads
-                from threedis.engine.planner import STAGE2_MODELS, models_for
+            # before anything of this render loads: VRAM on CUDA, host RAM on CPU (runtime.check_fits)
+            from threedis.engine.planner import AUX_FOLDERS, STAGE2_MODELS, aux_configs, models_for
 
-                extra = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
-                self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
-                                       stage1_size=stage1.size if stage1 is not None else (512, 512))
+            keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
+            extra = aux_configs(keys, {AUX_FOLDERS[k][0]: self.aux.spec(AUX_FOLDERS[k][0]) for k in keys})
+            self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
+                                   stage1_size=stage1.size if stage1 is not None else (512, 512))
             prof = Profiler(device=self.device)
             prof.note("profile", self.profile.name)
             prof.note("profile origin", self.profile.origin)

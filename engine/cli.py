@@ -45,9 +45,10 @@ examples:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from threedis.kernels.rule import RuleError
-
-    return (UserError, RuleError, FileExistsError)
+    # A RuleError can only come from an imported rule module: looking it up here instead of
+    # importing it keeps `validate` free of torch.
+    rule = sys.modules.get("threedis.kernels.rule")
+    return (UserError, FileExistsError, *((rule.RuleError,) if rule is not None else ()))
 
 
 # ---------------------------------------------------------------- arguments
@@ -82,6 +83,10 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
 
 
 _SAM_DEFAULT = "(default)"  # --sam without a value: the engine's default SAM2 id
+
+# The tiny checkpoints only exercise the code: sizes and step counts that keep the demo to seconds on a CPU.
+_TINY_STEPS, _TINY_STAGE1_STEPS, _TINY_MIGC_STEPS, _TINY_STAGE1_SIZE = 4, 4, 2, 64
+_TINY_MAX_SIDE = 256  # the demo layout's long side on the tiny checkpoint
 
 
 def _size_arg(text: str) -> tuple[int, int]:
@@ -120,6 +125,23 @@ def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
                         "(default model facebook/sam2.1-hiera-large)")
 
 
+def _demo_help(p: argparse.ArgumentParser) -> None:
+    """The demo's own defaults in its --help: the tiny checkpoints run at other sizes than `render`."""
+    helps = {
+        "steps": f"denoising steps (default {_TINY_STEPS} on the tiny checkpoint, 20 with --model)",
+        "stage1_steps": f"stage-1 steps (default {_TINY_STAGE1_STEPS} on the tiny checkpoint, 30 with --model)",
+        "migc_steps": f"stage-1 steps with the layout adapter on (default {_TINY_MIGC_STEPS} on the tiny "
+                      "checkpoint, 16 with --model)",
+        "stage1_size": f"stage-1 generation size, stretched to the layout size after (default "
+                       f"{_TINY_STAGE1_SIZE} on the tiny checkpoint, 512 with --model)",
+        "sam": "tighten instance regions with SAM2 masks (default: on with the tiny SAM2 checkpoint without "
+               "--model, off with --model unless given; model facebook/sam2.1-hiera-large)",
+    }
+    for action in p._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="threedis", description=DESCRIPTION, epilog=EPILOG,
@@ -147,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render_options(p)
 
     p = sub.add_parser("demo", help="render an example layout end to end (tiny checkpoint if no weights)",
-                       description="Render a shipped example layout. Without --model it uses a tiny "
-                                   "random-weight checkpoint: the picture is noise-like, but every stage runs.")
+                       description="Render a shipped example layout. Without --model it uses tiny "
+                                   "random-weight checkpoints (FLUX, stage 1, SAM2) at sizes that take seconds "
+                                   f"on a CPU: the layout shrunk to <= {_TINY_MAX_SIDE} px, {_TINY_STEPS} steps, "
+                                   f"stage 1 at {_TINY_STAGE1_SIZE}x{_TINY_STAGE1_SIZE} for {_TINY_STAGE1_STEPS} "
+                                   "steps, SAM2 on; the picture is noise-like, but every stage runs. With --model "
+                                   "it renders like `threedis render`.")
     p.add_argument("--example", default="two_birds", help="example layout name (see `threedis validate --list`)")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="real FLUX.1-Depth-dev folder or hub id (default: the tiny checkpoint)")
@@ -158,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sam", action="store_true", help="tiny demo: skip SAM2 (on by default there)")
     _add_render_options(p)
     p.set_defaults(steps=None)
+    _demo_help(p)
 
     p = sub.add_parser("depth", help="estimate a depth map from a photo (Depth Anything V2)",
                        description="Write the depth map of PHOTO (grey, near = bright), as used by --depth.")
@@ -333,8 +360,10 @@ def _render_with_progress(engine: Any, **render_kwargs: Any) -> Any:
 
 def _save_and_report(result: Any, out: Path, heading: str) -> None:
     """Write the render's files as one set (never overwriting); print the profile and the paths."""
+    from threedis.engine.report import Report
+
     paths = result.save(out, pictures=True)
-    print(result.report.table())
+    print(Report.load(paths["report"]).table())  # the saved report: it has the "save" row too
     print(f"\n{heading}")
     for kind, path in paths.items():
         print(f"  {kind:<12} {path}")
@@ -414,8 +443,6 @@ def cmd_render(args: argparse.Namespace) -> int:
                    _stage1_options(args, steps=30, migc_steps=16, size=512))
 
 
-# The tiny checkpoints only exercise the code: sizes and step counts that keep the demo to seconds on a CPU.
-_TINY_STEPS, _TINY_STAGE1_STEPS, _TINY_MIGC_STEPS, _TINY_STAGE1_SIZE = 4, 4, 2, 64
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -455,10 +482,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _shrink_for_tiny(layout):
-    """Same layout at <= 256 px on the long side (multiple of 16), so the demo runs in seconds on CPU."""
+    """Same layout at <= _TINY_MAX_SIDE px on the long side (multiple of 16), so the demo runs in seconds on CPU."""
     from dataclasses import replace
 
-    scale = min(1.0, 256 / max(layout.width, layout.height))
+    scale = min(1.0, _TINY_MAX_SIDE / max(layout.width, layout.height))
     width = max(16, int(layout.width * scale) // 16 * 16)
     height = max(16, int(layout.height * scale) // 16 * 16)
     return replace(layout, width=width, height=height)

@@ -69,7 +69,7 @@ def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: 
     (*.bin) are never fetched or accepted.
     """
     text = os.fspath(path_or_id)
-    how = (f"download it with `huggingface-cli download {default_id} --local-dir DIR` on a connected "
+    how = (f"download it with `hf download {default_id} --local-dir DIR` on a connected "
            f"machine and pass DIR{tiny_hint}")
     path = Path(text).expanduser()
     if path.is_file():

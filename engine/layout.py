@@ -16,11 +16,14 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from threedis.engine.errors import UserError
-from threedis.kernels.rule import MAX_INSTANCES
+
+# The attention rule's limit (threedis.kernels.rule.MAX_INSTANCES), restated so that validating a
+# layout never imports torch; tests/test_layout.py checks that the two agree.
+MAX_INSTANCES = 63
 
 __all__ = [
     "DEFAULT_LAYOUT_LIMITS",
@@ -31,6 +34,7 @@ __all__ = [
     "MAX_INSTANCES",
     "SIZE_MULTIPLE",
     "example_path",
+    "global_prompt_for",
     "list_examples",
 ]
 
@@ -528,16 +532,19 @@ class Layout:
         return out
 
     def prompts(self, append_instances: bool = True) -> list[str]:
-        """SPEC section 2's prompt list [global, inst_1, ..., inst_N].
+        """SPEC section 2's prompt list [global, inst_1, ..., inst_N], each as the user wrote it.
 
-        The authors append every instance description to the global prompt after a
-        comma, so the global chunk (and the pooled CLIP vector) mention all objects.
+        The global prompt comes from `global_prompt_for`, shared with stage 1.
         """
-        parts = [inst.prompt.strip() for inst in self.instances]
-        glob = self.prompt.strip()
-        if append_instances and parts:
-            glob = ", ".join([glob, *parts])
-        return [glob, *parts]
+        parts = [inst.prompt for inst in self.instances]
+        return [global_prompt_for(self.prompt, parts, append_instances), *parts]
+
+
+def global_prompt_for(prompt: str, instance_prompts: Sequence[str], append_instances: bool = True) -> str:
+    """The global prompt of both stages, as the authors build it: the user's global prompt with
+    "," + each instance description appended raw (no space added, nothing stripped), so the
+    global chunk and the pooled CLIP vector mention every object (docs/fidelity.md)."""
+    return prompt + "".join("," + p for p in instance_prompts) if append_instances else prompt
 
 
 def _check_count(n: int, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> None:

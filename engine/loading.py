@@ -235,7 +235,7 @@ def check_configs(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
 
 def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
     return (
-        f"download it with `huggingface-cli download {repo} --local-dir {target}` "
+        f"download it with `hf download {repo} --local-dir {target}` "
         f"(accept the model licence on huggingface.co first); {tiny_hint('flux')}"
     )
 

@@ -37,10 +37,10 @@ Activations (measured on CPU with real layers, see the constants):
       bf16 bias (3 L^2 bytes), flex a block mask (O((L/128)^2)), triton O(L).
   text encoders: SDPA attention (the transformers default), per prompt S*(8*d + 3*ff)
       hidden values plus the [heads, S, S] position-bias/mask tensor and one working
-      copy; prompts go through in batches of at most TEXT_BATCH (the pipeline should
-      micro-batch: one batch of 64 instance prompts would need ~8 GB for T5 alone).
+      copy; prompts go through in batches of at most TEXT_BATCH (encoding.py's micro-batch:
+      one batch of 64 instance prompts would need ~8 GB for T5 alone).
   VAE: VAE_DECODE_ELEMS_PER_PX / VAE_ENCODE_ELEMS_PER_PX values per image pixel;
-      tiled runs pay that for one VAE_TILE_PX tile plus the full image's tiles.
+      tiled runs pay that for one VAE_TILE_PX tile (the runtime's tile size) plus the full image's tiles.
   Small models (UNet, SAM2, depth estimator): measured constants below.
 GPU_RESERVE_BYTES is added to every stage that touches the GPU.
 Sizes are reported in GB of 2**30 bytes.
@@ -48,6 +48,7 @@ Sizes are reported in GB of 2**30 bytes.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import math
@@ -59,11 +60,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from threedis.engine.encoding import T5_MAX_LENGTH, TEXT_BATCH
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import (
     GIB, MODEL_KEYS, ModelPolicy, Offload, Placement, Profile, Weights, _suggest, list_profiles,
     load_profile,
 )
+from threedis.engine.runtime import QUANT_COMPUTE_DTYPE, VAE_TILE_PX
+from threedis.kernels.attention import select_backend
+from threedis.kernels.rule import MAX_INSTANCES, RuleError
 
 DEFAULT_CONFIGS: Mapping[str, str] = MappingProxyType({
     "transformer": "flux_depth_transformer",
@@ -81,12 +86,10 @@ STAGE2_MODELS: tuple[str, ...] = ("transformer", "t5", "clip", "vae")
 # -- stated constants ---------------------------------------------------------------------------
 GPU_RESERVE_BYTES = 512 * 1024**2   # CUDA context + cuBLAS workspace + allocator slack
 BLOCK_ACT_MULT = 20                 # x [L, hidden] bf16 live inside one FLUX block (measured 15-19)
-T5_TOKENS = 512                     # every prompt padded to 512 (SPEC section 2)
-TEXT_BATCH = 4                      # prompts per text-encoder call the pipeline should use
+T5_TOKENS = T5_MAX_LENGTH           # every prompt padded to 512 (SPEC section 2); batches of TEXT_BATCH
 CLIP_TOKENS = 77
 VAE_DECODE_ELEMS_PER_PX = 1100      # measured 1040 values/pixel (FLUX VAE decoder, 768^2, CPU)
 VAE_ENCODE_ELEMS_PER_PX = 700       # measured 645 values/pixel (encoder)
-VAE_TILE_PX = 512                   # tile side the runtime should set when vae_tiling is on
 UNET_ELEMS_PER_LATENT_PX = 13000    # SD-1.x UNet, per latent pixel per batch item (measured 12.9k at 64^2)
 SAM2_ACT_ELEMS = 150_000_000        # image encoder at 1024^2 + mask decoder (measured 123M values)
 DEPTH_ACT_ELEMS = 170_000_000       # DINOv2-L DPT at 518^2 (measured 158M values); scales with aspect
@@ -115,6 +118,17 @@ class _Leaf:
 
 
 @dataclass(frozen=True)
+class FormatCost:
+    """What one weight format costs one model, in bytes."""
+
+    weight_bytes: int      # every weight, buffer and extra parameter
+    outside_blocks: int    # the part outside repeated blocks (group offload keeps it on the GPU)
+    largest_block: int
+    blocks: int
+    transient: int         # bf16 copy of the largest cast/quantised layer while it runs
+
+
+@dataclass(frozen=True)
 class ModelSize:
     """Exact parameter layout of one model, priced per weight format."""
 
@@ -125,31 +139,39 @@ class ModelSize:
     extra_params: int                    # fixed numbers from the config notes (not in the class)
     published_params: int | None
     buffer_bytes: int
-    leaves: tuple[_Leaf, ...] = field(repr=False)
+    costs: Mapping[str, FormatCost] = field(repr=False)  # Weights value -> cost
 
     def weight_bytes(self, fmt: Weights) -> int:
-        extra = self.extra_params * _float_bytes(fmt)
-        return sum(_leaf_bytes(leaf, fmt) for leaf in self.leaves) + self.buffer_bytes + extra
+        return self.costs[fmt.value].weight_bytes
 
     def block_split(self, fmt: Weights) -> tuple[int, int, int]:
         """(bytes outside repeated blocks, bytes of the largest block, number of blocks)."""
-        blocks: dict[str, int] = {}
-        outside = self.buffer_bytes + self.extra_params * _float_bytes(fmt)
-        for leaf in self.leaves:
-            b = _leaf_bytes(leaf, fmt)
-            if leaf.block is None:
-                outside += b
-            else:
-                blocks[leaf.block] = blocks.get(leaf.block, 0) + b
-        return outside, max(blocks.values(), default=0), len(blocks)
+        cost = self.costs[fmt.value]
+        return cost.outside_blocks, cost.largest_block, cost.blocks
 
     def transient_bytes(self, fmt: Weights) -> int:
         """The bf16 copy of the largest cast/quantised layer while it runs."""
-        if fmt is Weights.FP8:
-            return max((2 * (l.weight + l.bias) for l in self.leaves if l.fp8_cast), default=0)
-        if fmt in _QUANTIZED:
-            return max((2 * l.weight for l in self.leaves if _quantized(l, fmt)), default=0)
-        return 0
+        return self.costs[fmt.value].transient
+
+
+def _format_cost(leaves: Sequence[_Leaf], buffer_bytes: int, extra_params: int, fmt: Weights) -> FormatCost:
+    extra = extra_params * _float_bytes(fmt)
+    blocks: dict[str, int] = {}
+    outside = buffer_bytes + extra
+    for leaf in leaves:
+        b = _leaf_bytes(leaf, fmt)
+        if leaf.block is None:
+            outside += b
+        else:
+            blocks[leaf.block] = blocks.get(leaf.block, 0) + b
+    if fmt is Weights.FP8:
+        transient = max((2 * (l.weight + l.bias) for l in leaves if l.fp8_cast), default=0)
+    elif fmt in _QUANTIZED:
+        transient = max((2 * l.weight for l in leaves if _quantized(l, fmt)), default=0)
+    else:
+        transient = 0
+    return FormatCost(weight_bytes=outside + sum(blocks.values()), outside_blocks=outside,
+                      largest_block=max(blocks.values(), default=0), blocks=len(blocks), transient=transient)
 
 
 def _float_bytes(fmt: Weights) -> int:
@@ -254,9 +276,26 @@ def _quantized(leaf: _Leaf, fmt: Weights) -> bool:
     return leaf.quantizable and (fmt is not Weights.NF4 or leaf.in_features % NF4_BLOCK == 0)
 
 
+COUNTS_FILE = "param_counts.json"  # in threedis.engine.configs: the counts of every bundled config
+_COUNTS_FORMAT = "threedis.param_counts"
+
+
 def measure_model(key: str, config: str | Path | None = None) -> ModelSize:
-    """Exact per-layer parameter counts of one model from its config."""
+    """Exact per-layer parameter counts of one model from its config.
+
+    A bundled config is read from the stored counts (COUNTS_FILE, checked against a fresh
+    meta-device count by the tests), so planning needs neither diffusers nor transformers;
+    any other config.json is counted on the meta device.
+    """
     config = config if config is not None else DEFAULT_CONFIGS[key]
+    stored = _stored_counts().get(str(config))
+    if stored is not None and stored["config_sha256"] == _config_digest(str(config)):
+        return _size_from_counts(key, str(config), stored)
+    return count_on_meta(key, config)
+
+
+def count_on_meta(key: str, config: str | Path) -> ModelSize:
+    """measure_model without the stored counts: builds the model on the meta device (seconds for FLUX)."""
     cfg = load_config(config)
     model = instantiate_meta(cfg, str(config))
     blocks = _block_prefixes(model)
@@ -286,12 +325,55 @@ def measure_model(key: str, config: str | Path | None = None) -> ModelSize:
             block=block,
         ))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    extra = cfg.get("_extra_params") or {}
+    extra = int(sum((cfg.get("_extra_params") or {}).values()))
     return ModelSize(
         key=key, config_name=str(config), class_name=type(model).__name__,
-        params=sum(l.weight + l.bias for l in leaves), extra_params=int(sum(extra.values())),
-        published_params=cfg.get("_published_params"), buffer_bytes=buffers, leaves=tuple(leaves),
+        params=sum(l.weight + l.bias for l in leaves), extra_params=extra,
+        published_params=cfg.get("_published_params"), buffer_bytes=buffers,
+        costs=MappingProxyType({fmt.value: _format_cost(leaves, buffers, extra, fmt) for fmt in Weights}),
     )
+
+
+def _config_digest(name: str) -> str:
+    text = importlib.resources.files("threedis.engine").joinpath("configs", f"{name}.json").read_bytes()
+    return hashlib.sha256(text).hexdigest()
+
+
+def _stored_counts() -> dict[str, Any]:
+    """The stored counts by bundled config name ({} when the file is missing or not ours)."""
+    resource = importlib.resources.files("threedis.engine").joinpath("configs", COUNTS_FILE)
+    if not resource.is_file():
+        return {}
+    data = json.loads(resource.read_text(encoding="utf-8"))
+    return data.get("configs", {}) if data.get("format") == _COUNTS_FORMAT else {}
+
+
+def _size_from_counts(key: str, config: str, stored: Mapping[str, Any]) -> ModelSize:
+    return ModelSize(
+        key=key, config_name=config, class_name=stored["class_name"], params=stored["params"],
+        extra_params=stored["extra_params"], published_params=stored["published_params"],
+        buffer_bytes=stored["buffer_bytes"],
+        costs=MappingProxyType({fmt: FormatCost(**cost) for fmt, cost in stored["costs"].items()}),
+    )
+
+
+def counts_record(size: ModelSize, config: str) -> dict[str, Any]:
+    """One COUNTS_FILE entry: what _size_from_counts reads back, plus the config's digest."""
+    return {"config_sha256": _config_digest(config), "class_name": size.class_name, "params": size.params,
+            "extra_params": size.extra_params, "published_params": size.published_params,
+            "buffer_bytes": size.buffer_bytes,
+            "costs": {fmt: dict(vars(cost)) for fmt, cost in size.costs.items()}}
+
+
+def write_stored_counts(path: Path) -> Path:
+    """Count every bundled config on the meta device and write COUNTS_FILE (after a config,
+    library or quantizer-rule change: `python -m threedis.engine.planner engine/configs/param_counts.json`)."""
+    configs = {name: counts_record(count_on_meta(key, name), name) for key, name in DEFAULT_CONFIGS.items()}
+    data = {"format": _COUNTS_FORMAT, "version": 1,
+            "note": "exact parameter counts per weight format of each bundled config (threedis.engine.planner)",
+            "configs": configs}
+    Path(path).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 def _model_request(models: Mapping[str, str | Path] | Sequence[str] | None) -> dict[str, str | Path]:
@@ -348,6 +430,8 @@ class Plan:
     sizes: Mapping[str, ModelSize] = field(repr=False)
     seq_len: int
     attention_backend: str
+    attention_reason: str = ""
+    machine_ram_bytes: int | None = None   # this machine's RAM (None: not known), for `warnings`
 
     @property
     def peak_gpu_bytes(self) -> int:
@@ -361,6 +445,26 @@ class Plan:
     def peak_stage(self) -> str:
         return max(self.rows, key=lambda r: r.gpu_bytes).stage
 
+    @property
+    def peak_host_stage(self) -> str:
+        return max(self.rows, key=lambda r: r.host_bytes).stage
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """One line per way this plan will not run as planned: over the profile's VRAM budget, over the RAM."""
+        out = []
+        budget = int(self.profile.min_vram_gb * GIB)
+        if self.profile.uses_gpu and self.peak_gpu_bytes > budget:
+            out.append(f"peak GPU {_gb(self.peak_gpu_bytes)} GB at {self.peak_stage} exceeds profile "
+                       f"{self.profile.name}'s budget of {_gb(budget)} GB (min_vram_gb): use a profile with more "
+                       f"VRAM, lighter weight formats (--set), a smaller image or fewer instances")
+        ram = self.machine_ram_bytes
+        if ram is not None and self.peak_host_bytes > ram:
+            out.append(f"peak host RAM {_gb(self.peak_host_bytes)} GB at {self.peak_host_stage} exceeds this "
+                       f"machine's {_gb(ram)} GB of RAM: use a profile that keeps more on the GPU, quantized "
+                       f"weights (e.g. --set t5.weights=nf4), a smaller image or fewer instances")
+        return tuple(out)
+
     def row(self, stage: str) -> StageRow:
         for r in self.rows:
             if r.stage == stage:
@@ -373,7 +477,8 @@ class Plan:
             "profile": self.profile.name, "profile_origin": self.profile.origin,
             "width": req.width, "height": req.height, "num_instances": req.num_instances,
             "chunk": req.chunk, "stage1_size": list(req.stage1_size), "seq_len": self.seq_len,
-            "attention_backend": self.attention_backend,
+            "attention_backend": self.attention_backend, "attention_reason": self.attention_reason,
+            "machine_ram_bytes": self.machine_ram_bytes, "warnings": list(self.warnings),
             "stages": [{"stage": r.stage, "models": list(r.models), "gpu_bytes": r.gpu_bytes,
                         "host_bytes": r.host_bytes, "details": r.details} for r in self.rows],
             "peak_gpu_bytes": self.peak_gpu_bytes, "peak_host_bytes": self.peak_host_bytes,
@@ -388,8 +493,8 @@ class Plan:
     def table(self) -> str:
         req = self.request
         lines = [f"memory plan: profile {self.profile.name}, {req.width}x{req.height}, "
-                 f"{req.num_instances} instances, chunk {req.chunk} -> L = {self.seq_len} tokens, "
-                 f"attention {self.attention_backend}",
+                 f"{req.num_instances} instances, chunk {req.chunk} -> L = {self.seq_len} tokens",
+                 f"attention backend {self.attention_backend} ({self.attention_reason})",
                  *([f"profile {self.profile.origin}"] if self.profile.origin.startswith("auto") else []),
                  f"profile {self.profile.name} resolved: vae_tiling {str(self.profile.vae_tiling).lower()}, "
                  f"step_cache {self.profile.step_cache.value}, text_encoder_cache "
@@ -407,6 +512,7 @@ class Plan:
             where = p.device.value + (f", offload {p.offload.value}" if p.offload is not Offload.NONE else "")
             lines.append(f"{k:<16} {s.params:>15,} {p.weights.value:<12} "
                          f"{_gb(s.weight_bytes(p.weights)):>10}  {where}{extra}")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -500,9 +606,9 @@ def _footprint(size: ModelSize, policy: ModelPolicy) -> tuple[int, int, int, str
     run, note)."""
     fmt = policy.weights
     full = size.weight_bytes(fmt)
-    if policy.device is Placement.CPU:
+    if not policy.device.on_gpu:
         return 0, 0, full, "on CPU"
-    if policy.device is Placement.CPU_THEN_FREED:
+    if not policy.device.on_gpu_THEN_FREED:
         return 0, full, 0, "on CPU, loaded, then freed"
     if policy.device is Placement.GPU_THEN_FREED:
         return 0, full, 0, "loaded, then freed"
@@ -517,20 +623,38 @@ def _footprint(size: ModelSize, policy: ModelPolicy) -> tuple[int, int, int, str
     return 0, outside + copies * per_group, full, note
 
 
-def _resolve_backend(profile: Profile) -> str:
+def _resolve_backend(profile: Profile) -> tuple[str, str]:
+    """(backend, reason) from the function renders use (kernels.attention.select_backend), asked about
+    the device the profile runs the transformer on and its compute dtype."""
+    policy = profile.policy("transformer")
+    device = "cpu" if not policy.device.on_gpu else "cuda"
+    plain = {Weights.FP16: "float16", Weights.FP32: "float32", Weights.BF16: "bfloat16"}
+    dtype = getattr(torch, plain[policy.weights]) if policy.weights in plain else QUANT_COMPUTE_DTYPE
     requested = profile.attention_backend.value
-    if requested != "auto":
-        return requested
-    return "triton" if profile.policy("transformer").device.on_gpu else "flex"
+    try:
+        return select_backend(device, dtype, requested)
+    except RuleError as err:  # a named backend this machine cannot run: plan it anyway, and say so
+        return requested, f"requested by the profile; not runnable here: {err}"
+
+
+def host_ram_bytes() -> int | None:
+    """This machine's physical RAM (None where psutil cannot tell)."""
+    try:
+        import psutil  # a declared dependency; guarded because planning must not fail without it
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().total)
 
 
 def plan(profile: Profile | str, width: int, height: int, num_instances: int, chunk: int = 200,
          models: Mapping[str, str | Path] | Sequence[str] | None = None, *,
          stage1_size: tuple[int, int] = (512, 512),
-         sizes: Mapping[str, ModelSize] | None = None) -> Plan:
-    """Per-stage GPU and host memory for one render with `profile`."""
-    from threedis.kernels.rule import MAX_INSTANCES
+         sizes: Mapping[str, ModelSize] | None = None,
+         machine_ram_bytes: int | None = None) -> Plan:
+    """Per-stage GPU and host memory for one render with `profile`.
 
+    machine_ram_bytes: the RAM `Plan.warnings` compares with (default: this machine's).
+    """
     prof = load_profile(profile) if isinstance(profile, str) else profile
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise UserError(f"image size {width}x{height} must be positive multiples of 16")
@@ -545,7 +669,7 @@ def plan(profile: Profile | str, width: int, height: int, num_instances: int, ch
         sizes = {k: sizes[k] if k in sizes else measure_model(k, c) for k, c in chosen.items()}
     req = PlanRequest(width, height, num_instances, chunk, tuple(stage1_size), MappingProxyType(chosen))
     cfgs = {k: load_config(c) for k, c in chosen.items()}
-    backend = _resolve_backend(prof)
+    backend, reason = _resolve_backend(prof)
     stages, seq = _stages(prof, req, cfgs, backend)
     feet = {k: _footprint(s, prof.policy(k)) for k, s in sizes.items()}
     resident = sum(f[0] for f in feet.values())
@@ -565,16 +689,25 @@ def plan(profile: Profile | str, width: int, height: int, num_instances: int, ch
         notes = "; ".join(f"{m} {prof.policy(m).weights.value} {feet[m][3]}" for m in st.models)
         rows.append(StageRow(st.name, st.models, gpu, host,
                              f"{st.details}; {notes}; act {_gb(st.activation_bytes)} GB"))
-    return Plan(prof, req, tuple(rows), MappingProxyType(dict(sizes)), seq, backend)
+    ram = machine_ram_bytes if machine_ram_bytes is not None else host_ram_bytes()
+    return Plan(prof, req, tuple(rows), MappingProxyType(dict(sizes)), seq, backend, reason, ram)
 
 
-def check_fits(plan_: Plan, available_gpu_bytes: int, available_host_bytes: int | None = None) -> None:
-    """Raise UserError naming the stage that would not fit and the built-in profile that would."""
-    gpu_bad = [r for r in plan_.rows if r.gpu_bytes > available_gpu_bytes]
+def check_fits(plan_: Plan, available_gpu_bytes: int | None, available_host_bytes: int | None = None) -> None:
+    """Raise UserError naming the stage that would not fit and what to change (a profile that fits).
+
+    available_gpu_bytes None: a CPU engine (no GPU check; every model runs from host RAM).
+    """
+    gpu_bad = [r for r in plan_.rows if available_gpu_bytes is not None and r.gpu_bytes > available_gpu_bytes]
     host_bad = [r for r in plan_.rows if available_host_bytes is not None and r.host_bytes > available_host_bytes]
     if not gpu_bad and not host_bad:
         return
     req = plan_.request
+    if available_gpu_bytes is None:
+        worst = max(host_bad, key=lambda r: r.host_bytes)
+        raise UserError(f"this CPU render needs {_gb(worst.host_bytes)} GB of RAM at stage {worst.stage!r} "
+                        f"({req.width}x{req.height}, {req.num_instances} instances) but {_gb(available_host_bytes)} "
+                        f"GB is available: use a smaller image or fewer instances, free some RAM, or render on a GPU")
     fitting: list[Plan] = []
     for name in list_profiles():
         other = plan(load_profile(name), req.width, req.height, req.num_instances, req.chunk, req.models,
@@ -605,6 +738,28 @@ def check_fits(plan_: Plan, available_gpu_bytes: int, available_host_bytes: int 
     raise UserError(msg)
 
 
+# Auxiliary model key -> (AuxModels kind, config subfolder inside that model's folder).
+AUX_FOLDERS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "ldm3d_unet": ("stage1", "unet"), "ldm3d_vae": ("stage1", "vae"), "ldm3d_text": ("stage1", "text_encoder"),
+    "sam2": ("sam", ""), "depth_estimator": ("depth", ""),
+})
+
+
+def aux_configs(keys: Iterable[str], folders: Mapping[str, str]) -> dict[str, str | Path]:
+    """Config per auxiliary model: the config.json inside its local folder when there is one (a tiny
+    or custom model is priced as it is), else the bundled config of the real model (a hub id).
+
+    folders: AuxModels kind ("stage1", "sam", "depth") -> local folder or hub id.
+    """
+    out: dict[str, str | Path] = {}
+    for key in keys:
+        kind, sub = AUX_FOLDERS[key]
+        where = folders.get(kind)
+        path = Path(where).expanduser() / sub / "config.json" if where else None
+        out[key] = path if path is not None and path.is_file() else DEFAULT_CONFIGS[key]
+    return out
+
+
 def models_for(stage1: bool = False, sam2: bool = False, depth_estimator: bool = False) -> tuple[str, ...]:
     """Model keys for a run: the rendering models plus the optional ones."""
     extra: Iterable[str] = ()
@@ -615,3 +770,9 @@ def models_for(stage1: bool = False, sam2: bool = False, depth_estimator: bool =
     if depth_estimator:
         extra = (*extra, "depth_estimator")
     return (*STAGE2_MODELS, *extra)
+
+
+if __name__ == "__main__":  # regenerate the stored counts
+    import sys
+
+    print(f"wrote {write_stored_counts(Path(sys.argv[1]))}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
@@ -139,7 +140,8 @@ class Report:
         detail=True appends every stage individually, in start order, indented by depth.
         """
         lines = ["threedis profile"]
-        lines += [f"  {key}: {_short(value)}" for key, value in self.info.items()]
+        for key, value in self.info.items():
+            lines += _info_lines(key, value, "  ")
         if not self.stages:
             return "\n".join(lines + ["", "no stages recorded"]) + "\n"
         top = [s for s in self.stages if s.parent is None]
@@ -167,7 +169,7 @@ class Report:
             rows = [
                 ("  " * s.depth + s.name, f"{s.start_s:.3f}", f"{s.wall_s:.4f}", _gb(s.peak_allocated),
                  _gb(s.peak_reserved), _gb(s.allocated_end), _gb(s.rss_peak),
-                 " ".join(f"{k}={_short(v)}" for k, v in s.info.items()))
+                 ", ".join(f"{k}={_inline(v)}" for k, v in s.info.items()))
                 for s in self.stages
             ]
             lines += [""] + _align(header, rows, None, left_last=True)
@@ -280,9 +282,27 @@ def _gb(value: int | None) -> str:
     return "-" if value is None else f"{value / GB:.2f}"
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_WIDTH = 100  # header lines wrap here instead of being cut
+
+
+def _inline(value: Any) -> str:
+    """A JSON-native value as text a person reads: `a=1, b=[2, 3]`, not a Python repr."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_inline(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return "-" if value is None else str(value)
+
+
+def _info_lines(key: str, value: Any, indent: str) -> list[str]:
+    """One header note: nested objects as indented sub-lines, long text wrapped, nothing cut."""
+    if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+        out = [f"{indent}{key}:"]
+        for k, v in value.items():
+            out += _info_lines(str(k), v, indent + "  ")
+        return out
+    return textwrap.wrap(f"{key}: {_inline(value)}", width=_WIDTH, initial_indent=indent,
+                         subsequent_indent=indent + "    ", break_on_hyphens=False) or [f"{indent}{key}:"]
 
 
 def _align(header: tuple[str, ...], rows: list[tuple[str, ...]], total: tuple[str, ...] | None,

@@ -56,6 +56,7 @@ SLOTS: Mapping[str, tuple[str, ...]] = {
 }
 assert sorted(k for keys in SLOTS.values() for k in keys) == sorted(MODEL_KEYS)
 QUANT_COMPUTE_DTYPE = torch.bfloat16  # compute dtype of every non-float weight format (profiles.Weights)
+VAE_TILE_PX = 512  # tile side (pixels) of a tiled VAE run; the memory planner prices one tile's activations
 
 
 class Residency(str, enum.Enum):
@@ -368,14 +369,11 @@ class ModelManager:
         return Residency.RESIDENT
 
     def _vae_tiling(self, vae: Any) -> None:
-        from threedis.engine.planner import VAE_TILE_PX
-
         if not self.profile.vae_tiling:
             vae.disable_tiling()
             return
         vae.enable_tiling()
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        # the tile size the planner prices decoder activations for
         vae.tile_sample_min_size = VAE_TILE_PX
         vae.tile_latent_min_size = VAE_TILE_PX // factor
 
@@ -444,19 +442,21 @@ class ModelManager:
 
     # -- memory plan ----------------------------------------------------------------------------
 
-    def plan(self, width: int, height: int, num_instances: int, chunk: int = 200, extra: Sequence[str] = (),
-             stage1_size: tuple[int, int] = (512, 512)) -> Any:
+    def plan(self, width: int, height: int, num_instances: int, chunk: int = 200,
+             extra: Sequence[str] | Mapping[str, Any] = (), stage1_size: tuple[int, int] = (512, 512)) -> Any:
         """The planner's per-stage prediction for this engine's checkpoint (its own configs) and profile.
 
         extra: auxiliary models this render also runs ("ldm3d_unet", "sam2", ...: see
-        planner.models_for), priced from the real models' bundled configs.
+        planner.models_for), priced from the real models' bundled configs, or a mapping
+        key -> config (planner.aux_configs: the config inside a local model folder).
         """
         from threedis.engine.planner import DEFAULT_CONFIGS, measure_model, plan
 
         models: dict[str, Any] = {k: DEFAULT_CONFIGS[k] for k in RUNTIME_MODELS}
         if self.source is not None:
             models = {k: self.source / loading.SUBFOLDERS[k] for k in RUNTIME_MODELS}
-        models.update({k: DEFAULT_CONFIGS[k] for k in extra if k not in models})
+        extra_configs = dict(extra) if isinstance(extra, Mapping) else {k: DEFAULT_CONFIGS[k] for k in extra}
+        models.update({k: c for k, c in extra_configs.items() if k not in models})
         if self._sizes is None:
             self._sizes = {}
         for key, config in models.items():  # meta-device counts, once per engine
@@ -467,25 +467,42 @@ class ModelManager:
 
     def check_fits(self, width: int, height: int, num_instances: int, chunk: int = 200,
                    available_gpu_bytes: int | None = None, available_host_bytes: int | None = None,
-                   extra: Sequence[str] = (), stage1_size: tuple[int, int] = (512, 512)) -> Any:
-        """Raise UserError (stage, predicted and available GB, a profile that fits) before loading.
+                   extra: Sequence[str] | Mapping[str, Any] = (),
+                   stage1_size: tuple[int, int] = (512, 512)) -> Any:
+        """Raise UserError (stage, predicted and available GB, what to change) before loading.
 
         available_gpu_bytes None: measured on CUDA (free memory plus what this process already
-        holds, since the plan counts our own models; at most the per-process memory fraction);
-        on a CPU engine nothing is checked. extra / stage1_size: as in `plan`.
+        holds, since the plan counts our own models; at most the per-process memory fraction).
+        available_host_bytes None: on a CPU engine loading from a checkpoint, measured (available
+        RAM plus this process's RSS, for the same reason); otherwise host RAM is not checked.
+        A CPU engine whose models were all handed in is not checked: it holds them already.
+        extra / stage1_size: as in `plan`.
         """
         from threedis.engine.planner import check_fits
 
         result = self.plan(width, height, num_instances, chunk, extra, stage1_size)
+        if self.device.type != "cuda":
+            if available_host_bytes is None and self.source is not None:
+                available_host_bytes = _available_ram()
+            if available_host_bytes is not None:
+                check_fits(result, None, int(available_host_bytes))
+            return result
         if available_gpu_bytes is None:
-            if self.device.type != "cuda":
-                return result
             free, total = torch.cuda.mem_get_info(self.device)
             available_gpu_bytes = free + torch.cuda.memory_reserved(self.device)
             fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(self.device)
             available_gpu_bytes = min(available_gpu_bytes, int(fraction * total))  # a capped process
         check_fits(result, int(available_gpu_bytes), available_host_bytes)
         return result
+
+
+def _available_ram() -> int | None:
+    """Host RAM a CPU render can use: what is free plus what this process already holds."""
+    try:
+        import psutil  # a declared dependency; without it the check is skipped, not the render
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
 
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)

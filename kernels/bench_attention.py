@@ -1,12 +1,15 @@
 """Attention benchmark: triton vs FlexAttention vs SDPA with a dense mask vs unmasked SDPA (flash).
 
 One run measures every backend on the same inputs, so results are ratios taken
-side by side on one device. Rows are written as JSON lines to bench/results/
-keyed by (backend, case, phase, dtype, device, versions); a table is printed.
-On a CPU it runs the backends that exist there at small shapes (the Triton
-kernel only under TRITON_INTERPRET=1, which is slow but exact).
+side by side on one CUDA device. A table is printed and the rows are written as
+JSON lines (attention-<device>-<time>.jsonl) into --out (default: the current
+folder), keyed by (backend, case, phase, dtype, device, versions).
+On a CPU it runs the backends that exist there at small shapes, to check that
+they run: CPU kernels are eager and unfused, so speed ratios and TFLOP/s are not
+reported there (the Triton kernel runs on CPU only under TRITON_INTERPRET=1,
+which is slow but exact).
 
-Run: `python bench/attention.py` or `threedis bench attention [--help]`.
+Run: `threedis bench attention [--help]` or `python bench/attention.py`.
 """
 
 from __future__ import annotations
@@ -248,25 +251,29 @@ def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.
         if backend == "flash":
             flash_ms = p50
         flops = 4 * batch * heads * HEAD_DIM * length * length * tile_fraction
+        speed = device.type == "cuda"  # eager CPU kernels: their speed says nothing about the GPU's
         rows.append({
             "bench": "attention", "backend": backend, "case": case.name, "phase": phase_name,
             "shape": {"B": batch, "L": length, "H": heads, "D": HEAD_DIM, "width": case.width,
                       "height": case.height, "instances": case.instances, "chunk": case.chunk},
             "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions(),
             "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": reps,
-            "ratio_to_flash": None if flash_ms is None else p50 / flash_ms,
-            "tflops_computed": flops / (p50 / 1e3) / 1e12,
+            "ratio_to_flash": None if flash_ms is None or not speed else p50 / flash_ms,
+            "tflops_computed": flops / (p50 / 1e3) / 1e12 if speed else None,
             "extra_mem_bytes": extra, "tile_fraction": tile_fraction, "tiles": None if tiles is None else list(tiles),
             "tile_fraction_raster": tile_fraction_raster, "density": exact, "note": reason,
         })
     return rows
 
 
+_API_HINT = ". Use backend="  # select_backend's advice to Python callers; a bench user picks --backends
+
+
 def _backend_reason(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     try:
         name, reason = select_backend(device, dtype, requested=backend)
     except rule.RuleError as err:
-        return False, str(err)
+        return False, str(err).split(_API_HINT)[0]
     return name == backend, reason
 
 
@@ -279,19 +286,30 @@ def format_table(rows: Sequence[dict]) -> str:
     head = f"{'case':<14} {'phase':<6} {'backend':<8} {'p50 ms':>9} {'x flash':>8} {'TFLOP/s':>8} " \
            f"{'extra MB':>9} {'tile':>6} {'tiles':>6} {'raster':>6} {'density':>7}"
     lines = [head, "-" * len(head)]
+    skipped: dict[tuple[str, str], int] = {}
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} skipped: {r['skipped']}")
+            key = (r["backend"], r["skipped"])
+            skipped[key] = skipped.get(key, 0) + 1
             continue
         ratio = "-" if r["ratio_to_flash"] is None else f"{r['ratio_to_flash']:.2f}"
+        tflops = "-" if r["tflops_computed"] is None else f"{r['tflops_computed']:.2f}"
         extra = "-" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 1e6:.2f}"
         tile = "-" if r.get("tiles") is None else "x".join(str(t) for t in r["tiles"])
         lines.append(
             f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} {r['p50_ms']:>9.3f} {ratio:>8} "
-            f"{r['tflops_computed']:>8.2f} {extra:>9} {tile:>6} {r['tile_fraction']:>6.1%} "
+            f"{tflops:>8} {extra:>9} {tile:>6} {r['tile_fraction']:>6.1%} "
             f"{r['tile_fraction_raster']:>6.1%} {r['density']:>7.1%}"
         )
+    for (backend, reason), count in skipped.items():  # once per backend, not once per row
+        lines.append(f"skipped {backend} ({count} case{'s' if count > 1 else ''}): {reason}")
+    if any(r.get("device") != "cuda" for r in rows):
+        lines.append(CPU_NOTE)
     return "\n".join(lines)
+
+
+CPU_NOTE = ("note: no CUDA device, so this run only checks that the backends run; CPU kernels are eager and "
+            "unfused, so no speed ratios or TFLOP/s are shown (run it on a GPU for those)")
 
 
 def write_rows(rows: Sequence[dict], out_dir: Path, device: torch.device) -> Path:
@@ -323,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"attention heads (FLUX: {HEADS}; fewer for a quick run)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("."),
+                        help="folder for the JSON-lines results (default: the current folder; "
+                             "`--out bench/results` in a checkout adds them to the committed results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
 

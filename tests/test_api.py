@@ -68,7 +68,7 @@ def test_missing_parts_are_named_with_a_fix(tiny_flux_dir, tmp_path):
         Engine.from_pretrained(root, cache_dir=tmp_path / "c")
     message = str(err.value)
     assert "text_encoder_2/model.safetensors" in message and "tokenizer_2/" in message
-    assert "huggingface-cli download" in message and "threedis make-tiny" in message
+    assert "hf download" in message and "threedis make-tiny" in message
 
 
 def test_missing_shard_of_a_sharded_transformer(tiny_flux_dir, tmp_path):
@@ -302,7 +302,7 @@ def test_truncated_weight_file_is_named_before_loading(tiny_flux_dir, tmp_path):
     with pytest.raises(UserError) as err:
         Engine.from_pretrained(root, cache_dir=tmp_path / "c")
     assert "incomplete vae/diffusion_pytorch_model.safetensors (truncated" in str(err.value)
-    assert "huggingface-cli download" in str(err.value)
+    assert "hf download" in str(err.value)
     (root / "text_encoder" / "model.safetensors").write_bytes(b"\x10")
     with pytest.raises(UserError, match=r"text_encoder/model.safetensors \(truncated"):
         loading.check_checkpoint(root)

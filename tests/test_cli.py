@@ -204,6 +204,7 @@ def test_demo_runs_every_stage_on_tiny_checkpoints(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tiny random-weight" in printed and "stage1" in printed
     assert "profile cpu (auto: " in printed and "attention backend " in printed  # the choices, said up front
+    assert any(line.split()[:2] == ["save", "1"] for line in printed.splitlines())  # the terminal table has it
     report = json.loads((out / "report.json").read_text())
     steps = [s for s in report["stages"] if s["name"] == "step" and s["info"].get("masked")]
     assert steps and all(0 < s["info"]["tile_fraction"] <= 1 and 0 < s["info"]["density"] <= 1 for s in steps)

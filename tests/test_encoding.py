@@ -152,4 +152,4 @@ def test_append_instances_flag_reaches_the_encoder(tiny_flux_dir, tmp_path, dept
     layout = Layout("a garden", 64, 64, (Instance("a red bird", (0.1, 0.2, 0.5, 0.8)),))
     engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
     engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=8, append_instances=False))
-    assert seen == [["a garden, a red bird", "a red bird"], ["a garden", "a red bird"]]
+    assert seen == [["a garden,a red bird", "a red bird"], ["a garden", "a red bird"]]

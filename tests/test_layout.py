@@ -69,7 +69,7 @@ def test_good_layout_and_prompts():
     layout = Layout.from_dict(good())
     assert layout.boxes == [(0.1, 0.2, 0.4, 0.6), (0.5, 0.1, 0.9, 0.9), (0.0, 0.0, 1.0, 1.0)]
     assert isinstance(layout.instances, tuple) and layout.grid == (16, 32)
-    assert layout.prompts() == ["a park, a red bird, a blue bird, a dog", "a red bird", "a blue bird", "a dog"]
+    assert layout.prompts() == ["a park,a red bird,a blue bird,a dog", "a red bird", "a blue bird", "a dog"]
     assert layout.prompts(append_instances=False) == ["a park", "a red bird", "a blue bird", "a dog"]
     empty = Layout.from_dict({"prompt": "a park", "width": 16, "height": 32})
     assert empty.instances == () and empty.prompts() == ["a park"]

@@ -252,8 +252,8 @@ def test_attention_benchmark_writes_keyed_rows(tmp_path, capsys):
         assert {"torch", "triton", "python"} <= set(row["versions"]) and row["device"] == "cpu"
         assert row["shape"] == {"B": 1, "L": case.length, "H": 1, "D": 128, "width": 256, "height": 256,
                                 "instances": 2, "chunk": 32} and row["dtype"] == "float32"
-        assert row["p50_ms"] > 0 and row["tflops_computed"] > 0 and row["density"] == pytest.approx(exact)
-        assert row["ratio_to_flash"] == pytest.approx(row["p50_ms"] / rows["flash"]["p50_ms"])
+        assert row["p50_ms"] > 0 and row["density"] == pytest.approx(exact)
+        assert row["tflops_computed"] is None and row["ratio_to_flash"] is None  # CPU: no speed figures
     assert exact <= rows["flex"]["tile_fraction"] < 1 and rows["flex"]["tiles"] == [32, 32]
     if "triton" in rows:
         assert rows["triton"]["tile_fraction"] == rows["flex"]["tile_fraction"] and rows["triton"]["tiles"] == [32, 32]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from threedis.engine.errors import UserError
 from threedis.engine.loading import checked_from_pretrained, loading_component, read_component_config
+from threedis.engine.layout import global_prompt_for
 from threedis.engine.stage1.adapter import MAX_ADAPTER_INSTANCES
 from threedis.engine.stage1.checkpoint import (
     ADAPTER_FILENAME,
@@ -119,7 +120,7 @@ def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, un
     except Exception as exc:  # offline, unknown id: the same advice
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"cannot get the stage-1 base model {text!r}: {type(exc).__name__}: {first[:200]}; "
-                        f"without internet, run `huggingface-cli download {DEFAULT_BASE_ID} --local-dir DIR` "
+                        f"without internet, run `hf download {DEFAULT_BASE_ID} --local-dir DIR` "
                         f"on a connected machine and pass DIR; {tiny_hint('ldm3d')}") from None
 
 
@@ -289,7 +290,7 @@ class Stage1Pipeline:
         if n > MAX_ADAPTER_INSTANCES and self.has_adapter and migc_steps > 0:
             raise UserError(f"the layout adapter handles at most {MAX_ADAPTER_INSTANCES} instances, got {n}; "
                             f"remove instances or pass migc_steps=0")
-        global_prompt = prompt + "".join(f",{p}" for p in instance_prompts) if append_instances else prompt
+        global_prompt = global_prompt_for(prompt, instance_prompts, append_instances)
         texts = [augment_phrase(p, n) if phase_augment else p for p in instance_prompts]
         hidden, pooled = self.encode([global_prompt, *texts])  # [N + 1, 77, D], [N + 1, D]
         cfg = guidance > 1.0
