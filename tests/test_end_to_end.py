@@ -26,7 +26,7 @@ from threedis.engine.api import RenderOptions, Stage1Options
 from closeness import assert_images_close
 
 CHUNK = 16
-FAST_STAGE1 = dict(steps=2, size=64, stage1=Stage1Options(migc_steps=1))
+FAST_STAGE1 = dict(steps=2, size=64, migc_steps=1)
 FAST = dict(steps=2, options=RenderOptions(chunk=CHUNK), stage1=Stage1Options(**FAST_STAGE1))
 BOXES = [(0.1, 0.2, 0.5, 0.8), (0.5, 0.25, 1.0, 0.75)]
 
@@ -152,7 +152,7 @@ def test_no_stage1_model_and_no_depth_says_what_to_do(tiny_flux_dir, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [(dict(size=60), "stage1_size"), (dict(steps=0), "stage1_steps"),
-                                          (dict(stage1=Stage1Options(migc_steps=-1)), "migc_steps"), (dict(size="64x9"), "stage1_size")])
+                                          (dict(migc_steps=-1), "migc_steps"), (dict(size="64x9"), "stage1_size")])
 def test_bad_stage1_settings_fail_before_loading(engine, bad, message, monkeypatch):
     monkeypatch.setitem(engine.aux.loaders, "stage1", lambda spec: pytest.fail("stage 1 loaded"))
     with pytest.raises(UserError, match=message):

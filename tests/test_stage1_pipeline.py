@@ -11,7 +11,6 @@ import torch
 from threedis.engine.errors import UserError
 from threedis.engine.stage1 import Stage1Cancelled, Stage1Pipeline
 from threedis.engine.stage1.adapter import LayoutAdapter
-from threedis.engine.api import RenderOptions, Stage1Options
 
 PROMPT = "a cozy living room"
 INSTANCES = ["a red sofa", "a tall lamp"]
@@ -227,8 +226,8 @@ def test_engine_stage1_settings_reach_the_pipeline():
     assert run_stage1(aux, layout, options, False, Profiler(enabled=False)) == "depth"
     assert {k: calls[0][k] for k in ("width", "height", "steps", "guidance", "migc_steps", "phase_augment", "seed",
                                      "negative_prompt", "append_instances")} == dict(
-        width=64, height=32, steps=7, guidance=3.0, options=RenderOptions(append_instances=False), stage1=Stage1Options(migc_steps=3, phase_augment=False), seed=9,
-        negative_prompt="blurry", )
+        width=64, height=32, steps=7, guidance=3.0, migc_steps=3, phase_augment=False, seed=9,
+        negative_prompt="blurry", append_instances=False)
     run_stage1(aux, layout, Stage1Options(), True, Profiler(enabled=False))
     assert "negative_prompt" not in calls[1]  # the pipeline's default: the demos' negative prompt
     with pytest.raises(UserError, match="stage1_negative_prompt"):
