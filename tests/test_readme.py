@@ -23,9 +23,10 @@ def test_readme_has_one_python_block_in_the_api_section():
 
 def test_readme_python_block_runs_as_copied(tmp_path, monkeypatch, capsys):
     (block,) = python_blocks(README.read_text(encoding="utf-8"))
-    monkeypatch.chdir(tmp_path)  # the snippet writes out.png into the working directory
+    monkeypatch.chdir(tmp_path)  # the snippet writes out/ into the working directory
     exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
     assert "stage 1: 4/4" in out and "denoising: 4/4" in out and "threedis profile" in out
-    with Image.open(tmp_path / "out.png") as image:
+    assert {"image.png", "depth.png", "regions.png", "report.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    with Image.open(tmp_path / "out" / "image.png") as image:
         assert image.size == (256, 256)
