@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from threedis.engine.api import Engine, RenderCancelled
@@ -22,6 +21,7 @@ from threedis.engine.layout import Instance, Layout
 from threedis.engine.outputs import read_metadata, render_kwargs_from_metadata, save_result
 from threedis.engine.sam_masks import boxes_to_pixels
 from threedis.engine.api import RenderOptions, Stage1Options
+from stub_masker import LeftHalfMasker
 
 from closeness import assert_images_close
 
@@ -49,22 +49,6 @@ def aux_paths() -> dict[str, Any]:
 def engine(tiny_flux_dir, aux_paths, tmp_path_factory) -> Engine:
     return Engine.from_pretrained(tiny_flux_dir, device="cpu", backend="sdpa",
                                   cache_dir=tmp_path_factory.mktemp("e2e-cache"), **aux_paths)
-
-
-class LeftHalfMasker:
-    """Stub SAM: the left half of each pixel box, recording every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[tuple[int, int], list[tuple[int, ...]]]] = []
-
-    def masks(self, image, boxes_px):
-        self.calls.append((image.size, [tuple(b) for b in boxes_px]))
-        out = []
-        for x0, y0, x1, y1 in boxes_px:
-            m = torch.zeros(image.size[1], image.size[0], dtype=torch.bool)
-            m[y0:y1, x0:(x0 + x1) // 2] = True
-            out.append(m)
-        return out
 
 
 def capture_tokens(transformer) -> tuple[list, Any]:

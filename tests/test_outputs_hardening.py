@@ -24,7 +24,7 @@ from threedis.engine.errors import UserError
 from threedis.engine.interrupts import Terminated, terminate_like_interrupt, uninterruptible
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.metadata import MetadataError, parse_metadata
-from threedis.engine.outputs import METADATA_KEY, check_output_folder, read_metadata, remove_stale_temp
+from threedis.engine.outputs import METADATA_KEY, check_output_folder, remove_stale_temp
 
 FAST = ["--backend", "sdpa", "--device", "cpu"]
 

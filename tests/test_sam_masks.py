@@ -22,6 +22,7 @@ from threedis.engine.layout import Instance, Layout
 from threedis.engine.sam_masks import SamMasker, boxes_to_pixels, enhance_regions, token_regions
 from threedis.engine.tiny.sam2 import TINY_SAM2, tiny_sam2_path, write_tiny_sam2
 from threedis.kernels.rule import box_regions, mask_regions
+from stub_masker import LeftHalfMasker
 
 _MODEL_SIZE = TINY_SAM2["preprocessor"]["size"]["height"]
 
@@ -45,22 +46,6 @@ def _depth(width: int = 96, height: int = 64) -> Image.Image:
 def _layout(boxes, width: int = 96, height: int = 64) -> Layout:
     return Layout(prompt="a scene", width=width, height=height,
                   instances=tuple(Instance(prompt=f"thing {i}", box=b) for i, b in enumerate(boxes)))
-
-
-class _SpyMasker:
-    """Records every call; answers with the left half of each box (a mask that is not the box)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[tuple[int, int], list[tuple[int, int, int, int]]]] = []
-
-    def masks(self, image, boxes_px):
-        self.calls.append((image.size, [tuple(b) for b in boxes_px]))
-        out = []
-        for x0, y0, x1, y1 in boxes_px:
-            m = torch.zeros(image.size[1], image.size[0], dtype=torch.bool)
-            m[y0:y1, x0:(x0 + x1) // 2] = True
-            out.append(m)
-        return out
 
 
 # -- tiny checkpoint ------------------------------------------------------------------------
@@ -188,7 +173,7 @@ def test_user_mask_skips_sam_for_that_instance() -> None:
     layout = _layout([(0.0, 0.0, 0.5, 0.5), (0.25, 0.25, 0.75, 1.0), (0.5, 0.5, 1.0, 1.0)])
     user = Image.new("L", (48, 32), 0)  # half the output size: resized up
     ImageDraw.Draw(user).rectangle((0, 0, 23, 31), fill=255)
-    spy = _SpyMasker()
+    spy = LeftHalfMasker()
     masks = enhance_regions(layout, _depth(), spy, [None, user, None])
     assert len(spy.calls) == 1
     assert spy.calls[0][1] == boxes_to_pixels([layout.instances[0].box, layout.instances[2].box], 96, 64)
@@ -199,14 +184,14 @@ def test_user_mask_skips_sam_for_that_instance() -> None:
 
 def test_every_instance_masked_by_user_means_no_sam_call() -> None:
     layout = _layout([(0.0, 0.0, 0.5, 0.5)])
-    spy = _SpyMasker()
+    spy = LeftHalfMasker()
     masks = enhance_regions(layout, _depth(), spy, [torch.ones(64, 96)])
     assert spy.calls == [] and torch.equal(masks[0], torch.ones(64, 96))
 
 
 def test_sam_runs_on_the_depth_resized_to_the_output_size() -> None:
     layout = _layout([(0.1, 0.2, 0.6, 0.9)], width=96, height=64)
-    spy = _SpyMasker()
+    spy = LeftHalfMasker()
     enhance_regions(layout, _depth(300, 170), spy)
     assert spy.calls == [((96, 64), [(9, 12, 58, 58)])]
 
@@ -227,7 +212,7 @@ def test_without_masker_or_with_empty_mask_the_box_is_used() -> None:
 def test_stub_masks_change_the_token_regions() -> None:
     """Left-half masks -> brute-force expected coverage on the 4 x 6 token grid."""
     layout = _layout([(0.0, 0.0, 1.0, 1.0), (0.5, 0.25, 1.0, 0.75)])
-    masks = enhance_regions(layout, _depth(), _SpyMasker())
+    masks = enhance_regions(layout, _depth(), LeftHalfMasker())
     regions = token_regions(layout, masks)
     expected = torch.zeros(2, 4, 6, dtype=torch.bool)
     expected[0, :, 0:3] = True  # pixels x < 48 -> token columns 0..2

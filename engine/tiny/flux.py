@@ -91,11 +91,6 @@ _MODEL_INDEX = {
 
 # -- models ---------------------------------------------------------------------------
 
-def seeded(seed: int, offset: int) -> None:
-    """Each component gets its own stream so adding one never shifts another's weights."""
-    torch.manual_seed(seed * 1000 + offset)
-
-
 def _write_models(path: Path, seed: int) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
