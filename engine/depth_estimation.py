@@ -122,6 +122,19 @@ def normalize_depth(depth: torch.Tensor) -> Any:
     return Image.fromarray(scaled.round().clamp(0, 255).to(torch.uint8).numpy())  # 2-D uint8 -> mode "L"
 
 
+def open_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str, tiny_kind: str, config_name: str,
+                  local_files_only: bool, device: torch.device | str | None,
+                  dtype: torch.dtype | None) -> tuple[Path, torch.device, torch.dtype]:
+    """The checked folder of a transformers model and the device and dtype it runs in (SAM2, Depth Anything).
+
+    Its config is compared with the bundled real one (config_name) before anything is built.
+    """
+    folder = resolve_hf_model(path_or_id, what, default_id, local_files_only, tiny_hint=f"; {tiny_hint(tiny_kind)}")
+    device = torch.device(device) if device is not None else default_device()
+    read_component_config(what, folder / "config.json", config_name)
+    return folder, device, dtype or default_dtype(device)
+
+
 @dataclass
 class DepthEstimator:
     """A loaded Depth Anything model and its image processor; one per engine, no global state."""
@@ -138,12 +151,8 @@ class DepthEstimator:
         """Load from a folder or a hub id; missing/incomplete weights raise a UserError with the fix."""
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        folder = resolve_hf_model(
-            path_or_id, "depth model", DEFAULT_DEPTH_MODEL, local_files_only,
-            tiny_hint=f"; {tiny_hint('depth')}")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        read_component_config("depth model", folder / "config.json", "depth_anything_v2_large")
+        folder, device, dtype = open_hf_model(path_or_id, "depth model", DEFAULT_DEPTH_MODEL, "depth",
+                                              "depth_anything_v2_large", local_files_only, device, dtype)
         read_json("depth model", folder / "preprocessor_config.json")
         with loading_component("depth model", folder):
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)

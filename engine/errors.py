@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 
-class UserError(Exception):
-    """A mistake the user can fix (bad layout, wrong size, missing weights, too little VRAM).
+from threedis.errors import UserError  # the shared base: kernels' RuleError is one too
 
-    The message must say what to change; no stack trace is shown for it.
-    """
+__all__ = ["NonFiniteError", "ThreedisWarning", "UserError"]
 
 
 class NonFiniteError(UserError):

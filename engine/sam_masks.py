@@ -24,11 +24,10 @@ from typing import Any, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from threedis.engine.depth_estimation import open_image, resolve_hf_model
+from threedis.engine.depth_estimation import open_hf_model, open_image
 from threedis.engine.errors import UserError
 from threedis.engine.config_check import read_json
-from threedis.engine.loading import checked_from_pretrained, default_device, default_dtype, read_component_config
-from threedis.engine.tiny import tiny_hint
+from threedis.engine.loading import checked_from_pretrained
 
 __all__ = [
     "DEFAULT_SAM_MODEL",
@@ -130,12 +129,8 @@ class SamMasker:
         """Load from a folder or a hub id; missing/incomplete weights raise a UserError with the fix."""
         from transformers import Sam2Model
 
-        folder = resolve_hf_model(
-            path_or_id, "SAM2 model", DEFAULT_SAM_MODEL, local_files_only,
-            tiny_hint=f"; {tiny_hint('sam2')}")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        read_component_config("SAM2 model", folder / "config.json", "sam2_hiera_large")
+        folder, device, dtype = open_hf_model(path_or_id, "SAM2 model", DEFAULT_SAM_MODEL, "sam2", "sam2_hiera_large",
+                                              local_files_only, device, dtype)
         prep = SamPreprocess.from_file(folder / "preprocessor_config.json")
         model = checked_from_pretrained("SAM2 model", folder, Sam2Model, folder, dtype=dtype, use_safetensors=True,
                                         local_files_only=True)

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from threedis.errors import UserError
+
 # Token kinds, in the order of the columns of SPEC's restriction table.
 KIND_GLOBAL_TEXT = 0
 KIND_INSTANCE_TEXT = 1
@@ -26,8 +28,8 @@ KIND_IMAGE = 2
 MAX_INSTANCES = 63
 
 
-class RuleError(ValueError):
-    """A user-facing problem with regions, masks or a schedule."""
+class RuleError(UserError, ValueError):
+    """A user-facing problem with regions, masks or a schedule (a UserError: one line, what to change)."""
 
 
 def _check_instance_count(n: int) -> None:
