@@ -5,7 +5,13 @@ deep CUDA trace. The planner builds every model on the `meta` device from the
 small configs in `threedis.engine.configs` (or a real config.json), counts the
 exact parameters of each layer, prices them in the profile's weight format,
 adds per-stage activation estimates, and says which stage would not fit and
-which built-in profile would.
+which built-in profile would. The counts of the bundled configs are stored
+(configs/param_counts.json, checked against a fresh meta count by the tests), so
+`threedis plan` imports neither diffusers nor transformers; a plan also says when
+it exceeds the profile's VRAM budget or the machine's RAM (`Plan.warnings`).
+The constants the runtime acts on (TEXT_BATCH, VAE_TILE_PX) are the runtime's,
+read from encoding.py and runtime.py; the attention backend is the one
+`threedis.kernels.attention.select_backend` picks, as for a render.
 
 Every number below that is not an exact count is a stated approximation:
 
