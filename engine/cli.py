@@ -2,6 +2,9 @@
 
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
+
+Most engine modules import torch (seconds), so each command imports what it needs
+inside its function: `--help` and `validate` answer without torch.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import os
 import sys
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from threedis.engine.errors import ThreedisWarning, UserError
+from threedis.engine.layout import Layout, LayoutError, list_examples
+from threedis.engine.profiles import list_profiles, load_profile, resolved_toml
 
 EXIT_USER_ERROR = 2
 
@@ -483,8 +489,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _shrink_for_tiny(layout):
     """Same layout at <= _TINY_MAX_SIDE px on the long side (multiple of 16), so the demo runs in seconds on CPU."""
-    from dataclasses import replace
-
     scale = min(1.0, _TINY_MAX_SIDE / max(layout.width, layout.height))
     width = max(16, int(layout.width * scale) // 16 * 16)
     height = max(16, int(layout.height * scale) // 16 * 16)
@@ -533,8 +537,6 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from threedis.engine.layout import Layout, LayoutError, list_examples
-
     if args.list:
         for name in list_examples():
             print(name)
@@ -559,9 +561,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from threedis.engine.layout import Layout
-    from threedis.engine.planner import models_for, plan
-    from threedis.engine.profiles import load_profile
+    from threedis.engine.planner import models_for, plan  # imports torch
 
     layout = Layout.load(args.layout)
     profile = load_profile(args.profile, _parse_overrides(args.overrides) or None)
@@ -576,8 +576,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from threedis.engine.profiles import list_profiles, load_profile, resolved_toml
-
     if args.show:
         print(resolved_toml(load_profile(args.show, _parse_overrides(args.overrides) or None)), end="")
         return 0
@@ -591,7 +589,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from threedis.kernels.bench_attention import main as bench_main
+    from threedis.kernels.bench_attention import main as bench_main  # imports torch
 
     return bench_main(args.bench_args)
 

@@ -5,7 +5,13 @@ deep CUDA trace. The planner builds every model on the `meta` device from the
 small configs in `threedis.engine.configs` (or a real config.json), counts the
 exact parameters of each layer, prices them in the profile's weight format,
 adds per-stage activation estimates, and says which stage would not fit and
-which built-in profile would.
+which built-in profile would. The counts of the bundled configs are stored
+(configs/param_counts.json, checked against a fresh meta count by the tests), so
+`threedis plan` imports neither diffusers nor transformers; a plan also says when
+it exceeds the profile's VRAM budget or the machine's RAM (`Plan.warnings`).
+The constants the runtime acts on (TEXT_BATCH, VAE_TILE_PX) are the runtime's,
+read from encoding.py and runtime.py; the attention backend is the one
+`threedis.kernels.attention.select_backend` picks, as for a render.
 
 Every number below that is not an exact count is a stated approximation:
 
@@ -53,6 +59,7 @@ import importlib.resources
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -66,6 +73,7 @@ from threedis.engine.profiles import (
     GIB, MODEL_KEYS, ModelPolicy, Offload, Placement, Profile, Weights, _suggest, list_profiles,
     load_profile,
 )
+from threedis.engine.quantize import default_skip_patterns
 from threedis.engine.runtime import QUANT_COMPUTE_DTYPE, VAE_TILE_PX
 from threedis.kernels.attention import select_backend
 from threedis.kernels.rule import MAX_INSTANCES, RuleError
@@ -232,6 +240,7 @@ def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> torch.nn.
     """Build the model with no storage (seconds even for 12B parameters)."""
     library, class_name = _library_and_class(cfg, where)
     clean = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _STRIP}
+    # diffusers / transformers: seconds to import, and only needed for a config without stored counts
     if library == "diffusers":
         import diffusers
         cls = getattr(diffusers, class_name, None)
@@ -256,15 +265,7 @@ def _block_prefixes(model: torch.nn.Module) -> list[str]:
 
 
 def _skip_patterns(model: torch.nn.Module, scheme: str) -> tuple[str, ...]:
-    """Module-name regexes a format leaves in bf16: the runtime's own rule when present."""
-    try:
-        from threedis.engine.quantize import default_skip_patterns
-    except ImportError:  # planning without the runtime: the libraries' defaults
-        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
-        keep = tuple(rf"(^|\.){re.escape(k)}$" for k in getattr(model, "_keep_in_fp32_modules", None) or ())
-        extra = tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
-        return keep + (tuple(DEFAULT_SKIP_MODULES_PATTERN) + extra if scheme == "fp8" else ())
+    """Module-name regexes a format leaves in bf16: the runtime's own rule."""
     return tuple(default_skip_patterns(model, scheme))
 
 
@@ -773,6 +774,4 @@ def models_for(stage1: bool = False, sam2: bool = False, depth_estimator: bool =
 
 
 if __name__ == "__main__":  # regenerate the stored counts
-    import sys
-
     print(f"wrote {write_stored_counts(Path(sys.argv[1]))}")

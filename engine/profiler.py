@@ -48,7 +48,7 @@ class _HostMemory:
         self._process = None
         self._page = 0
         try:
-            import psutil
+            import psutil  # optional here: /proc or getrusage stand in without it
 
             self._process = psutil.Process()
             self.source = "psutil"
@@ -65,7 +65,7 @@ class _HostMemory:
         if self._page:
             with open("/proc/self/statm", "rb") as f:
                 return int(f.read().split()[1]) * self._page
-        import resource
+        import resource  # POSIX only: the last resort, on machines without psutil or /proc
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -344,7 +344,7 @@ def _nice_ticks(hi: float, target: int = 6) -> list[float]:
 
 
 def _font(size: int):
-    from PIL import ImageFont
+    from PIL import ImageFont  # PIL only for the chart: reading and saving reports needs none
 
     try:
         return ImageFont.load_default(size=size)
@@ -354,7 +354,7 @@ def _font(size: int):
 
 def _draw_chart(report: Report, size: tuple[int, int]) -> Image.Image:
     """Lines of VRAM allocated/reserved and host RSS over time, top-level stages shaded and named."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # PIL only for the chart (see _font)
 
     width, height = size
     img = Image.new("RGB", size, "white")

@@ -472,7 +472,8 @@ class ModelManager:
         """Raise UserError (stage, predicted and available GB, what to change) before loading.
 
         available_gpu_bytes None: measured on CUDA (free memory plus what this process already
-        holds, since the plan counts our own models; at most the per-process memory fraction).
+        holds, since the plan counts our own models; at most the per-process memory fraction);
+        given, it is checked on any engine.
         available_host_bytes None: on a CPU engine loading from a checkpoint, measured (available
         RAM plus this process's RSS, for the same reason); otherwise host RAM is not checked.
         A CPU engine whose models were all handed in is not checked: it holds them already.
@@ -481,7 +482,7 @@ class ModelManager:
         from threedis.engine.planner import check_fits
 
         result = self.plan(width, height, num_instances, chunk, extra, stage1_size)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and available_gpu_bytes is None:  # a CPU engine: its RAM only
             if available_host_bytes is None and self.source is not None:
                 available_host_bytes = _available_ram()
             if available_host_bytes is not None:

@@ -22,6 +22,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -130,15 +131,13 @@ def _extra_memory(fn: Callable[[], torch.Tensor], device: torch.device) -> int |
 def versions() -> dict[str, str]:
     out = {"torch": torch.__version__, "python": platform.python_version()}
     try:
-        import triton
+        import triton  # optional: the kernel's backend; the bench runs without it
 
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = "missing"
     try:
-        from importlib.metadata import version
-
-        out["threedis"] = version("threedis-flux")
+        out["threedis"] = metadata.version("threedis-flux")
     except Exception:  # noqa: BLE001 - running from a checkout without install
         out["threedis"] = "checkout"
     return out
@@ -155,7 +154,7 @@ def flex_tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
     """FlexAttention's (BLOCK_M, BLOCK_N) for the comparison: the Triton kernel's tile, so both skip the same
     tiles, or 64x64 where the card's shared memory per block is too small for it (consumer cards,
     ~100 KB: Inductor's default 128x64 D=128 config fails to launch there)."""
-    from threedis.kernels.triton_attention import choose_config
+    from threedis.kernels.triton_attention import choose_config  # imports triton, optional
 
     cfg = choose_config(device, dtype, HEAD_DIM)
     if device.type == "cuda":
@@ -174,6 +173,7 @@ def flex_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: rule.
     comparison with the Triton kernel the bench sets both. The BlockMask is built on the first call, so
     the cold call (extra memory) includes it, as the other backends' cold calls include their tables.
     """
+    # FlexAttention needs torch >= 2.5 (and flex_backend imports it): only when flex is benchmarked
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from threedis.kernels.flex_backend import rule_mask_mod
@@ -233,7 +233,7 @@ def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.
                 rows.append(_skipped_row(case, phase_name, backend, dtype, device, reason))
                 continue
             if backend in ("triton", "flex"):
-                from threedis.kernels.triton_attention import choose_config
+                from threedis.kernels.triton_attention import choose_config  # imports triton, optional
 
                 cfg = choose_config(device, dtype, HEAD_DIM)
                 tiles = (cfg.block_m, cfg.block_n) if backend == "triton" else flex_tiles(device, dtype)
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     compiled_flex = None
     if cuda and "flex" in backends:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5, only for flex
 
         compiled_flex = torch.compile(flex_attention, dynamic=False)  # one graph per shape, like a real render
     rows: list[dict] = []

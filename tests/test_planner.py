@@ -402,3 +402,73 @@ def test_engine_memory_check_prices_the_auxiliary_models(tiny_flux_dir, tmp_path
     with pytest.raises(UserError, match="ldm3d_denoise"):
         manager.check_fits(512, 512, 2, 16, available_gpu_bytes=unet.gpu_bytes - 1,
                            extra=("ldm3d_unet", "ldm3d_vae", "ldm3d_text"))
+
+
+# -- warnings, backend, CPU RAM check ----------------------------------------------------------
+
+def test_plan_warns_over_the_profile_budget_and_the_machine_ram(sizes):
+    heavy = load_profile("12gb", {"transformer.weights": "fp8"})
+    over = P.plan(heavy, 512, 512, 2, sizes=sizes, machine_ram_bytes=1 << 50)
+    assert over.peak_gpu_bytes > 10.5 * GIB
+    (line,) = over.warnings
+    assert "exceeds profile 12gb's budget of 10.50 GB" in line and f"{over.peak_gpu_bytes / GIB:.2f} GB" in line
+    assert P.plan("12gb", 512, 512, 2, sizes=sizes, machine_ram_bytes=1 << 50).warnings == ()
+    cpu = P.plan("cpu", 512, 512, 2, sizes=sizes, machine_ram_bytes=24 * GIB)
+    (line,) = cpu.warnings
+    assert "exceeds this machine's 24.00 GB of RAM" in line and cpu.peak_host_bytes > 24 * GIB
+    data = cpu.to_dict()
+    assert data["warnings"] == [line] and data["machine_ram_bytes"] == 24 * GIB
+    assert f"warning: {line}" in cpu.table()
+
+
+def test_plan_names_the_backend_renders_use(sizes):
+    from threedis.kernels.attention import select_backend
+
+    cpu = P.plan("cpu", 512, 512, 2, sizes=sizes)
+    assert (cpu.attention_backend, cpu.attention_reason) == select_backend("cpu", torch.bfloat16)
+    assert cpu.attention_backend == "sdpa" and "attention backend sdpa (auto on cpu" in cpu.table()
+    gpu = P.plan("12gb", 512, 512, 2, sizes=sizes)
+    assert (gpu.attention_backend, gpu.attention_reason) == select_backend("cuda", torch.bfloat16)
+
+
+def test_plan_command_prints_the_warning_and_the_json_field(tmp_path, capsys):
+    from threedis.engine.cli import main
+
+    path = tmp_path / "layout.json"
+    path.write_text('{"prompt": "a room", "width": 512, "height": 512}')
+    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8"]) == 0
+    assert "warning: peak GPU" in capsys.readouterr().out
+    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8", "--json"]) == 0
+    assert "budget" in json.loads(capsys.readouterr().out)["warnings"][0]
+
+
+def test_cpu_engine_checks_host_ram_before_a_render(tiny_flux_dir, tmp_path):
+    from threedis.engine.runtime import ModelManager
+
+    manager = ModelManager(load_profile("cpu"), "cpu", tiny_flux_dir, tmp_path)
+    need = manager.plan(64, 64, 2, 16).peak_host_bytes
+    manager.check_fits(64, 64, 2, 16, available_host_bytes=need)
+    with pytest.raises(UserError, match=r"this CPU render needs .* GB of RAM at stage .* smaller image"):
+        manager.check_fits(64, 64, 2, 16, available_host_bytes=need - 1)
+    manager.check_fits(64, 64, 2, 16)  # measured: the tiny models fit any machine
+
+
+def test_render_on_cpu_refuses_a_plan_over_the_ram(tiny_flux_dir, tmp_path, monkeypatch, depth_image_64):
+    from threedis.engine import runtime
+    from threedis.engine.api import Engine
+    from threedis.engine.layout import Instance, Layout
+
+    engine = Engine.from_pretrained(tiny_flux_dir, device="cpu", cache_dir=tmp_path)
+    monkeypatch.setattr(runtime, "_available_ram", lambda: 1 << 20)  # a 1 MB machine
+    layout = Layout("a room", 64, 64, (Instance("a lamp", (0.1, 0.1, 0.5, 0.5)),))
+    with pytest.raises(UserError, match="of RAM at stage"):
+        engine.render(layout, depth=depth_image_64, steps=1, chunk=8)
+    assert engine.models.placement()["transformer"]["loads"] == 0  # refused before anything loaded
+
+
+def test_aux_configs_prefer_the_local_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    configs = P.aux_configs(["ldm3d_unet", "ldm3d_vae", "sam2"], {"stage1": str(tmp_path), "sam": "facebook/x"})
+    assert configs == {"ldm3d_unet": tmp_path / "unet" / "config.json", "ldm3d_vae": "ldm3d_4c_vae",
+                       "sam2": "sam2_hiera_large"}
