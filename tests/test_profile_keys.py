@@ -238,3 +238,20 @@ def test_move_parts_moves_a_wrappers_modules_and_its_input_device():
     assert all(p.device.type == "meta" for p in wrapper.net.parameters())
     module = nn.Linear(2, 2)
     assert move_parts(module, "meta") is module and module.weight.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_offload_of_sam2_on_cuda():
+    """A real wrapper (SamMasker) parked in host RAM, on the GPU only for its stage."""
+    from threedis.engine.tiny_aux import tiny_sam2_path
+
+    profile = load_profile("12gb", {"sam2.device": "gpu", "sam2.offload": "model"})
+    aux = AuxModels(sam=tiny_sam2_path(), local_files_only=True, models=ModelManager(profile, "cuda", None))
+    for _ in range(2):
+        inside = aux.run("sam", lambda m: (m.device.type, next(m.model.parameters()).device.type))
+        assert inside == ("cuda", "cuda")
+        masker = aux.models.loaded("sam2")
+        assert masker.device.type == "cpu" and next(masker.model.parameters()).device.type == "cpu"
+        del masker
+    assert aux.models.placement()["sam2"]["loads"] == 1
