@@ -55,7 +55,9 @@ def _missing_files(folder: Path) -> list[str]:
 
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
+        except PermissionError:
+            raise  # not a download problem: loading_component names it
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
             return [*missing, f"{index.name} (unreadable)"]
         missing += sorted(s for s in shards if not (folder / s).is_file())
     return missing
@@ -85,7 +87,8 @@ def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: 
             where = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise UserError(f"cannot get {what} {text!r} {where}: {type(exc).__name__}: {first}; {how}") from None
-    missing = _missing_files(path)
+    with loading_component(what, path):
+        missing = _missing_files(path)
     if missing:
         raise UserError(f"incomplete {what} at {path}: missing {', '.join(missing)}; {how}")
     return path

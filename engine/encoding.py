@@ -27,8 +27,8 @@ from threedis.engine.config_check import read_json
 from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
 
-__all__ = ["EncodedPrompts", "EncoderAccess", "EntrySpec", "PromptCache", "PromptEncoder", "encoder_identity", "T5_MAX_LENGTH",
-           "TEXT_BATCH"]
+__all__ = ["EncodedPrompts", "EncoderAccess", "EntrySpec", "PromptCache", "PromptEncoder", "encoder_identity",
+           "T5_MAX_LENGTH", "TEXT_BATCH"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class PromptCache:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.write_failed: str | None = None  # why writing was given up (set once, warned once)
+        self.write_failed: str | None = None  # why the last write failed (warned about once per cache)
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
@@ -180,12 +180,10 @@ class PromptCache:
         return None
 
     def put(self, key: str, name: str, tensor: torch.Tensor, meta: dict[str, str]) -> None:
-        """Store one entry atomically; a failed write warns once and leaves the cache unused for writing."""
+        """Store one entry atomically; a failed write is skipped, with one warning per cache object."""
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        if self.write_failed is not None:
-            return
         tensor = tensor.detach().cpu().contiguous()
         meta = {**meta, "format": _ENTRY_FORMAT, "key": key, "sha256": _content_hash(key, name, tensor)}
         tmp = self.folder / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -196,9 +194,12 @@ class PromptCache:
         except (OSError, SafetensorError) as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            first_failure = self.write_failed is None
             self.write_failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"prompt-embedding cache {self.folder} cannot be written ({self.write_failed}); "
-                          f"prompts are encoded without it, which only costs speed", ThreedisWarning, stacklevel=2)
+            if first_failure:
+                warnings.warn(f"prompt-embedding cache {self.folder} cannot be written ({self.write_failed}); "
+                              f"prompts are encoded without it, which only costs speed", ThreedisWarning,
+                              stacklevel=2)
 
 
 class PromptEncoder:

@@ -202,6 +202,9 @@ def _cross_check(root: Path, configs: dict[str, dict[str, Any]]) -> None:
     for part, key, default, tkey, tdefault, factor in pairs:
         if "transformer" in configs and part in configs:
             theirs, ours = need(part, key, default), need("transformer", tkey, tdefault)
+            if tkey == "in_channels" and ours == 4 * theirs:
+                raise UserError(f"transformer: {root / 'transformer' / 'config.json'}: in_channels is {ours}, a FLUX "
+                                f"model without depth control; give FLUX.1-Depth-dev ({DEFAULT_MODEL_ID})")
             if ours != factor * theirs:
                 times = f"{factor} x " if factor != 1 else ""
                 fail("transformer", f"{tkey} is {ours} but must be {times}{part}'s {key} ({theirs})")

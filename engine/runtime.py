@@ -239,9 +239,10 @@ class ModelManager:
             return model.config
         folder = self._require_source(key) / loading.SUBFOLDERS[key]
         cls = loading.model_class(key)
-        if hasattr(cls, "load_config"):  # diffusers
-            return SimpleNamespace(**cls.load_config(folder))
-        return cls.config_class.from_pretrained(folder)
+        with loading.loading_component(loading.SUBFOLDERS[key], folder):  # a broken file: one line
+            if hasattr(cls, "load_config"):  # diffusers
+                return SimpleNamespace(**cls.load_config(folder))
+            return cls.config_class.from_pretrained(folder)
 
     def loaded(self, key: str) -> Any:
         """The model if it is in memory now, else None (never loads)."""

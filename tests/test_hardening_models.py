@@ -115,6 +115,13 @@ def test_latent_channels_must_fit_the_transformer(flux: Path) -> None:
         loading.check_checkpoint(flux)
 
 
+def test_flux_without_depth_control_is_named(flux: Path) -> None:
+    _edit(flux / "transformer" / "config.json", in_channels=64)  # FLUX.1-dev's: no control latents
+    with pytest.raises(UserError, match=r"^transformer: .*in_channels is 64, a FLUX model without depth control; "
+                                        r"give FLUX.1-Depth-dev"):
+        loading.check_checkpoint(flux)
+
+
 def test_absurd_layer_count_is_refused_before_anything_is_built(flux: Path, monkeypatch) -> None:
     from diffusers import FluxTransformer2DModel
 

@@ -135,7 +135,8 @@ def test_quantized_transformer_through_the_engine_hits_the_cache(tiny_flux_dir, 
     assert "load transformer" in names and "quantize transformer" not in names and "read transformer" not in names
     assert b.report.info["quantized cache transformer"] == "hit (quanto-int8)"
     assert b.settings["placement"]["transformer"]["quantized_cache"] == "hit"
-    assert_same_weights(first.models.loaded("transformer"), second.models.loaded("transformer"))  # the cache holds what was quantized
+    # the cache holds what was quantized
+    assert_same_weights(first.models.loaded("transformer"), second.models.loaded("transformer"))
     assert_images_close(a.image, b.image)  # fresh and reloaded tensors may take other kernel paths
 
 

@@ -190,3 +190,22 @@ def test_convert_weights_command_once(tmp_path: Path, capsys):
     assert "exists, kept" in capsys.readouterr().out
     assert main(["convert-weights", str(tmp_path / "nothing")]) == 2
     assert main(["convert-weights", str(tmp_path / "unet_0901.safetensors")]) == 2
+
+
+def test_files_that_are_not_checkpoints_get_one_line(tmp_path: Path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello, not weights\n")
+    with pytest.raises(UserError, match=r"notes.ckpt is not a torch checkpoint \(neither a zip nor a pickle file\)"):
+        read_pickle_state(text)
+    broken = tmp_path / "broken.ckpt"
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(4.0)}, good)
+    broken.write_bytes(good.read_bytes()[:30])  # a zip cut short
+    with pytest.raises(UserError, match="cannot read .*broken.ckpt as a torch checkpoint"):
+        read_pickle_state(broken)
+
+
+def test_legacy_pickle_format_still_loads(tmp_path: Path):
+    old = tmp_path / "old.ckpt"
+    torch.save({"w": torch.arange(3.0)}, old, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_pickle_state(old)["w"], torch.arange(3.0))

@@ -234,9 +234,10 @@ class Stage1Pipeline:
         # dtype is already right: diffusers' ModelMixin.to(dtype=...) would only add a warning
         unet.to(device).eval().requires_grad_(False)
 
-        if configs["vae"].get("out_channels", 3) != 4:
-            raise UserError(f"stage 1 vae: {base / 'vae' / 'config.json'}: decodes {configs['vae'].get('out_channels', 3)} "
-                            f"channels; stage 1 needs LDM3D-4c's 4 (RGB + depth)")
+        decoded = configs["vae"].get("out_channels", 3)
+        if decoded != 4:
+            raise UserError(f"stage 1 vae: {base / 'vae' / 'config.json'}: decodes {decoded} channels; stage 1 needs "
+                            f"LDM3D-4c's 4 (RGB + depth)")
         vae = checked_from_pretrained("stage 1 vae", base / "vae", AutoencoderKL, base, subfolder="vae",
                                       torch_dtype=vae_dtype, use_safetensors=True,
                                       local_files_only=True).to(device).eval()
