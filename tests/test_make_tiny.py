@@ -144,11 +144,11 @@ def test_unsafe_or_wrong_targets_are_refused_with_one_line(case, tmp_path, monke
 
 def test_safe_folders_are_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("THREEDIS_CACHE", str(tmp_path / "cache"))
-    for folder in (tmp_path / "tiny", tmp_path / "empty", tiny.suggested_folder("flux"), Path("/tmp/threedis-tiny-check-never-made")):
-        if folder.name == "empty":
-            folder.mkdir()
+    scratch = Path("/tmp/threedis-tiny-check-never-made")  # a subfolder of a shared root is fine
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "tiny", tmp_path / "empty", tiny.suggested_folder("flux"), scratch):
         assert tiny.store.check_new_folder(folder, ["black-forest-labs/FLUX.1-Depth-dev"]) == folder.resolve()
-        assert not Path("/tmp/threedis-tiny-check-never-made").exists()
+    assert not scratch.exists(), "checking writes nothing"
 
 
 def test_each_kind_stands_in_for_the_engines_default_model():
