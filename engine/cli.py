@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`threedis make-tiny PATH` alone writes flux.",
                        epilog="example: threedis make-tiny ldm3d ~/tiny/ldm3d, then "
                               "threedis render layout.json --model ... --stage1 ~/tiny/ldm3d")
-    p.add_argument("kind_or_path", metavar="KIND", help="flux, ldm3d, sam2, depth or all (default flux)")
+    p.add_argument("kind_or_path", metavar="KIND", help="flux, ldm3d, sam2, depth or all (given alone: the PATH "
+                                                        "of a flux checkpoint)")
     p.add_argument("path", type=Path, nargs="?", metavar="PATH",
                    help="folder to write: new or empty, not a system folder, not named like the real model")
     p.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")

@@ -29,11 +29,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
 
 def assert_close_to_reference(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               allowed: torch.Tensor | None, label: str = "") -> None:
-    """`out` within 2x PyTorch's own error (at q's dtype) of the float64 reference, plus ATOL; says where it is worst."""
+    """`out` within 2x PyTorch's own error (at q's dtype) of the float64 reference, plus ATOL; prints the worst spot."""
     ref = reference(q, k, v, allowed)
     torch_err = (reference(q, k, v, allowed, dtype=q.dtype).double() - ref).abs().max().item()
     assert out.shape == q.shape and out.dtype == q.dtype, f"{label}: got {tuple(out.shape)} {out.dtype}"
-    assert not torch.isnan(out).any(), f"{label}: {int(torch.isnan(out).sum())} output elements are NaN (never written?)"
+    nans = int(torch.isnan(out).sum())
+    assert nans == 0, f"{label}: {nans} output elements are NaN (never written?)"
     diff = (out.double() - ref).abs()
     err = diff.max().item()
     bound = 2 * torch_err + ATOL[q.dtype]

@@ -68,6 +68,14 @@ def test_each_kind_is_written_readable_and_loads(kind, tmp_path, capsys, umask_0
     assert _load(kind, out) is not None
 
 
+def test_an_empty_folder_of_the_users_keeps_its_own_mode(tmp_path, umask_022):
+    own = tmp_path / "private"
+    own.mkdir(mode=0o700)
+    assert main(["make-tiny", "depth", str(own)]) == 0
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700
+    assert _modes(own) - {("dir", 0o700)} == {("file", 0o644)}
+
+
 def test_cached_checkpoints_are_readable_too(tmp_path, umask_022):
     """The cache builds in a private temp folder (0700) and renames it: the result must still be 0755/0644."""
     folder = tiny.sam2.tiny_sam2_path(tmp_path)
@@ -131,16 +139,16 @@ def test_unsafe_or_wrong_targets_are_refused_with_one_line(case, tmp_path, monke
     assert expected in line
     assert calls == [] and sorted(p.name for p in tmp_path.rglob("*")) == before, "nothing may be written"
     if expected in ("is a file", "not empty", "system", "system or shared", "real model"):
-        assert str(tiny.suggested_folder("flux")) in line, "the message names a safe folder instead"
+        assert str(tiny.suggested_folder(argv[0])) in line, "the message names a safe folder instead"
 
 
 def test_safe_folders_are_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("THREEDIS_CACHE", str(tmp_path / "cache"))
-    for folder in (tmp_path / "tiny", tmp_path / "empty", tiny.suggested_folder("flux"), Path("/tmp/h7-not-made")):
-        if folder.name == "empty":
-            folder.mkdir()
+    scratch = Path("/tmp/threedis-tiny-check-never-made")  # a subfolder of a shared root is fine
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "tiny", tmp_path / "empty", tiny.suggested_folder("flux"), scratch):
         assert tiny.store.check_new_folder(folder, ["black-forest-labs/FLUX.1-Depth-dev"]) == folder.resolve()
-        assert not Path("/tmp/h7-not-made").exists()
+    assert not scratch.exists(), "checking writes nothing"
 
 
 def test_each_kind_stands_in_for_the_engines_default_model():

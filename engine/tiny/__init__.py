@@ -47,7 +47,7 @@ KINDS: dict[str, TinyKind] = {
 
 
 def suggested_folder(kind: str) -> Path:
-    """A folder where a hint may safely tell the user to write a tiny `kind`: under the cache."""
+    """A folder where a hint may safely tell the user to write a tiny `kind` (or "all"): under the cache."""
     return cache_root() / "make-tiny" / kind
 
 
@@ -68,7 +68,7 @@ def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[t
     kinds = list(KINDS) if kind == "all" else [kind]
     if any(name not in KINDS for name in kinds):
         raise KeyError(kind)
-    root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()])
+    root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()], instead=suggested_folder(kind))
     if kind == "all":
         return [(name, KINDS[name].write(root / name, seed=seed)) for name in kinds]
     return [(kind, KINDS[kind].write(root, seed=seed))]

@@ -24,7 +24,8 @@ from threedis.engine.tiny.store import (
     MARKER, cached_build, mark_complete, quiet_saves, seeded, start_folder, write_json,
 )
 from threedis.engine.tiny.text import (
-    CLIP_MAX_LENGTH, CLIP_VOCAB, T5_EXTRA_IDS, T5_MAX_LENGTH, T5_VOCAB, corpus, write_clip_tokenizer, write_t5_tokenizer,
+    CLIP_MAX_LENGTH, CLIP_VOCAB, T5_EXTRA_IDS, T5_MAX_LENGTH, T5_VOCAB,
+    corpus, write_clip_tokenizer, write_t5_tokenizer,
 )
 
 STANDS_IN_FOR = "black-forest-labs/FLUX.1-Depth-dev"

@@ -95,15 +95,18 @@ def _default_modes(folder: Path) -> tuple[int, int]:
     return file_mode, file_mode | (file_mode & 0o444) >> 2  # folders: searchable wherever readable
 
 
-def make_readable(root: Path) -> None:
-    """Give `root` and everything under it the modes a plain new file or folder gets (e.g. 0644/0755).
+def make_readable(root: Path, include_root: bool = False) -> None:
+    """Give everything under `root` the modes a plain new file or folder gets (e.g. 0644/0755).
 
     safetensors writes weights 0600 and tempfile makes folders 0700, so without this
     other users of a shared cache or model folder could not read the checkpoint.
+    `root` itself keeps its mode (a user's own empty folder stays as they made it)
+    unless `include_root`.
     """
     file_mode, folder_mode = _default_modes(root)
     for folder, _, files in os.walk(root):
-        os.chmod(folder, folder_mode)
+        if include_root or folder != str(root):
+            os.chmod(folder, folder_mode)
         for name in files:
             os.chmod(os.path.join(folder, name), file_mode)
 
@@ -146,6 +149,7 @@ def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: in
     tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=base))
     try:
         writer(tmp)
+        make_readable(tmp, include_root=True)  # mkdtemp made it 0700
         if target.exists() and marker_version(target, marker) != version:
             shutil.rmtree(target)  # incomplete or stale: replace it
         try:
@@ -163,16 +167,18 @@ def _is_within(path: Path, tree: str) -> bool:
     return path == Path(tree) or Path(tree) in path.parents
 
 
-def check_new_folder(path: str | os.PathLike[str], real_names: Iterable[str] = ()) -> Path:
+def check_new_folder(path: str | os.PathLike[str], real_names: Iterable[str] = (),
+                     instead: Path | None = None) -> Path:
     """`path` resolved, or a UserError if a tiny checkpoint must not be written there.
 
     Refused: a file, a non-empty folder, a system folder (or the home folder itself),
     and a folder named like a real model (`real_names`: hub ids or names), where
-    random weights would later be taken for the real ones.
+    random weights would later be taken for the real ones. `instead`: the folder the
+    message suggests (default: one under the cache).
     """
     given = Path(path).expanduser()
     resolved = given.resolve()
-    safe = f"choose a new folder, e.g. {cache_root() / 'make-tiny' / 'flux'}"
+    safe = f"choose a new folder, e.g. {instead or cache_root() / 'make-tiny'}"
     if resolved.is_file():
         raise UserError(f"{given} is a file; {safe}")
     if resolved.is_dir() and any(resolved.iterdir()):
