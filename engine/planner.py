@@ -607,9 +607,9 @@ def _footprint(size: ModelSize, policy: ModelPolicy) -> tuple[int, int, int, str
     run, note)."""
     fmt = policy.weights
     full = size.weight_bytes(fmt)
-    if not policy.device.on_gpu:
+    if policy.device is Placement.CPU:
         return 0, 0, full, "on CPU"
-    if not policy.device.on_gpu_THEN_FREED:
+    if policy.device is Placement.CPU_THEN_FREED:
         return 0, full, 0, "on CPU, loaded, then freed"
     if policy.device is Placement.GPU_THEN_FREED:
         return 0, full, 0, "loaded, then freed"

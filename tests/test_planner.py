@@ -11,6 +11,7 @@ import torch
 from threedis.engine import planner as P
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import GIB, Weights, list_profiles, load_profile
+from threedis.engine.api import RenderOptions
 
 ALL_MODELS = P.models_for(stage1=True, sam2=True, depth_estimator=True)
 
@@ -462,7 +463,7 @@ def test_render_on_cpu_refuses_a_plan_over_the_ram(tiny_flux_dir, tmp_path, monk
     monkeypatch.setattr(runtime, "_available_ram", lambda: 1 << 20)  # a 1 MB machine
     layout = Layout("a room", 64, 64, (Instance("a lamp", (0.1, 0.1, 0.5, 0.5)),))
     with pytest.raises(UserError, match="of RAM at stage"):
-        engine.render(layout, depth=depth_image_64, steps=1, chunk=8)
+        engine.render(layout, depth=depth_image_64, steps=1, options=RenderOptions(chunk=8))
     assert engine.models.placement()["transformer"]["loads"] == 0  # refused before anything loaded
 
 
