@@ -23,7 +23,8 @@ from PIL import Image
 
 from threedis import __version__
 from threedis.engine import loading
-from threedis.engine.checks import check_chunk, check_render_args, parse_device
+from threedis.engine.checks import check_render_args, parse_device
+from threedis.engine.options import RenderOptions
 from threedis.engine.denoise import (
     DenoiseSettings,
     RenderCancelled,
@@ -47,28 +48,6 @@ __all__ = ["Engine", "RenderCancelled", "RenderOptions", "RenderResult", "Stage1
            "default_cache_dir"]
 
 DEMO_I2I_STEPS = 4  # the authors' demo default for the image->image switch (SPEC section 3)
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """The rarely changed knobs of a render, grouped so that the common call stays short.
-
-    chunk: T5 tokens kept per prompt (SPEC 2, default 200). append_instances: append each
-    instance's description to the global prompt, as the authors do. permute_tokens: group
-    image tokens by instance so whole attention tiles can be skipped (same image, faster
-    kernel). preview: decode a small preview image for on_step every step.
-    """
-
-    chunk: int = 200
-    append_instances: bool = True
-    permute_tokens: bool = False
-    preview: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "chunk", check_chunk(self.chunk))
-        for name in ("append_instances", "permute_tokens", "preview"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -306,7 +306,7 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None, base_dir: str | o
     The layout goes through the layout parser with its limits; relative mask paths in it
     resolve against base_dir (the image's folder).
     """
-    from threedis.engine.api import RenderOptions
+    from threedis.engine.options import RenderOptions
     from threedis.engine.layout import Layout
     from threedis.engine.metadata import parse_metadata
     from threedis.engine.stages import Stage1Options

@@ -10,7 +10,7 @@ which built-in profile would. The counts of the bundled configs are stored
 `threedis plan` imports neither diffusers nor transformers; a plan also says when
 it exceeds the profile's VRAM budget or the machine's RAM (`Plan.warnings`).
 The constants the runtime acts on (TEXT_BATCH, VAE_TILE_PX) are the runtime's,
-read from encoding.py and runtime.py; the attention backend is the one
+read from encoding.py and compute.py; the attention backend is the one
 `threedis.kernels.attention.select_backend` picks, as for a render.
 
 Every number below that is not an exact count is a stated approximation:
@@ -74,7 +74,7 @@ from threedis.engine.profiles import (
     load_profile,
 )
 from threedis.engine.quantize import default_skip_patterns
-from threedis.engine.runtime import QUANT_COMPUTE_DTYPE, VAE_TILE_PX
+from threedis.engine.compute import QUANT_COMPUTE_DTYPE, VAE_TILE_PX
 from threedis.kernels.attention import select_backend
 from threedis.kernels.rule import MAX_INSTANCES, RuleError
 

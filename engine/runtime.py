@@ -44,6 +44,7 @@ from threedis.engine.errors import UserError
 from threedis.engine.offload import apply_group_offload, move_model, move_parts, release_memory
 from threedis.engine.profiles import MODEL_KEYS, Offload, Placement, Profile, apply_overrides
 from threedis.engine.quantize import PLAIN_SCHEMES as _PLAIN  # the one weights-name -> float dtype map
+from threedis.engine.compute import QUANT_COMPUTE_DTYPE, VAE_TILE_PX  # noqa: F401 (re-exported)
 
 __all__ = ["AUX_SLOTS", "RUNTIME_MODELS", "SLOTS", "ModelManager", "Residency", "dtype_weights"]
 
@@ -55,8 +56,6 @@ SLOTS: Mapping[str, tuple[str, ...]] = {
     "stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam2": ("sam2",), "depth_estimator": ("depth_estimator",),
 }
 assert sorted(k for keys in SLOTS.values() for k in keys) == sorted(MODEL_KEYS)
-QUANT_COMPUTE_DTYPE = torch.bfloat16  # compute dtype of every non-float weight format (profiles.Weights)
-VAE_TILE_PX = 512  # tile side (pixels) of a tiled VAE run; the memory planner prices one tile's activations
 
 
 class Residency(str, enum.Enum):

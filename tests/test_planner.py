@@ -386,7 +386,9 @@ def test_plan_command_adds_stage1_sam_and_depth_rows(tmp_path, capsys):
     stages = {s["stage"] for s in data["stages"]}
     assert stages - plain == {"ldm3d_text", "ldm3d_denoise", "ldm3d_decode", "sam2_masks", "depth_estimate"}
     assert data["models"]["ldm3d_vae"]["params"] == P.measure_model("ldm3d_vae").params
-    assert main(["plan", str(path), "--stage1", "--stage1-size", "100"]) != 0
+    with pytest.raises(SystemExit) as bad_size:  # argparse reads --stage1-size as render does (sizes.parse_size)
+        main(["plan", str(path), "--stage1", "--stage1-size", "100"])
+    assert bad_size.value.code != 0
     assert "--stage1-size" in capsys.readouterr().err
 
 

@@ -28,7 +28,7 @@ def test_stage2_prompt_list_keeps_every_prompt_as_written():
 @pytest.fixture(scope="module")
 def stage1_pipe():
     from threedis.engine.stage1 import Stage1Pipeline
-    from threedis.engine.stage1.tiny import tiny_ldm3d_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
 
     return Stage1Pipeline.from_pretrained(tiny_ldm3d_path(), device="cpu", local_files_only=True)
 
