@@ -461,6 +461,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from threedis.engine.batch.jobs import validate_jobs_file
     from threedis.engine.layout import Layout, LayoutError, list_examples
 
     if args.list:
@@ -471,8 +472,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UserError("give one or more layout files, or --list for the shipped examples")
     failed = 0
     for path in args.layouts:
-        if path.suffix == ".jsonl":  # a batch job file: each bad line by number (threedis.engine.batch)
-            failed += not __import__("threedis.engine.batch.jobs", fromlist=["_"]).validate_jobs_file(path)
+        if path.suffix == ".jsonl":  # a batch job file: each bad line by number
+            failed += not validate_jobs_file(path)
             continue
         try:
             layout = Layout.load(path)
