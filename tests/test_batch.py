@@ -245,3 +245,18 @@ def test_cli_batch_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert main(["batch", str(jobs_path), "--out", str(tmp_path / "o"), "--ray"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "threedis-flux[ray]"' in err and err.count("\n") == 1
+
+
+def test_ctrl_c_while_recording_waits_for_the_row():
+    import os
+    import signal
+
+    from threedis.engine.batch.driver import interrupts_held
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-record
+            finished.append("row written")
+    assert finished == ["row written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

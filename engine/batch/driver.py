@@ -45,7 +45,7 @@ def interrupts_held() -> Iterator[None]:
 
 def _problem_outcome(item: Item) -> Outcome:
     now = time.time()
-    return Outcome(job=item.job.id, seed=item.seed, status="failed", worker="driver", device="", pid=0,
+    return Outcome(job=item.job.id, seed=item.seed, status="failed", worker="(invalid jobs)", device="", pid=0,
                    error=f"line {item.job.line}: {item.job.problem}", error_type="InvalidJob", started=now,
                    finished=now)
 
