@@ -93,3 +93,25 @@ def test_workers_default_to_one_per_gpu():
     for args in ((8, 1), (None, 8), (0, 0)):
         with pytest.raises(UserError):
             plan_workers({"GPU": 4.0}, *args)
+
+
+def test_interrupted_ray_batch_resumes_from_the_cli(tmp_path, local_ray, spec, tiny_flux_dir, capsys):
+    from threedis.engine.cli import main
+
+    jobs_path = write_jobs(tmp_path / "in", jobs=2, seeds="0-1")
+    out = tmp_path / "out"
+
+    def ctrl_c(outcome):
+        raise KeyboardInterrupt  # as Ctrl-C right after the first item was recorded
+
+    first = run_batch(load_jobs(jobs_path), out, RayRunner(spec, workers=2, gpus_per_worker=0), progress=False,
+                      on_outcome=ctrl_c)
+    assert first.interrupted and first.done == 1
+    done_before = [(r["job"], r["seed"]) for r in manifest_rows(out)]
+    assert len(done_before) == 1 and len(images_in(out)) == 1 and not leftovers(out)
+    assert main(["batch", str(jobs_path), "--out", str(out), "--model", str(tiny_flux_dir), "--device", "cpu",
+                 "--ray", "--workers", "2", "--gpus-per-worker", "0", "--no-progress"]) == 0
+    assert "3 done, 0 failed, 1 skipped" in capsys.readouterr().out
+    keys = [(r["job"], r["seed"]) for r in manifest_rows(out)]
+    assert len(keys) == len(set(keys)) == 4 and keys[0] == done_before[0]  # nothing rendered twice
+    assert len(images_in(out)) == 4 and not leftovers(out)
