@@ -93,6 +93,8 @@ def test_workers_default_to_one_per_gpu():
     for args in ((8, 1), (None, 8), (0, 0)):
         with pytest.raises(UserError):
             plan_workers({"GPU": 4.0}, *args)
+    with pytest.raises(UserError):
+        plan_workers({"CPU": 2.0}, 3, 0)  # one CPU per actor
 
 
 def test_interrupted_ray_batch_resumes_from_the_cli(tmp_path, local_ray, spec, tiny_flux_dir, capsys):

@@ -78,6 +78,9 @@ def plan_workers(resources: dict[str, float], workers: int | None, gpus_per_work
     if workers * gpus_per_worker > gpus + 1e-9:
         raise UserError(f"{workers} worker(s) x {gpus_per_worker:g} GPU(s) need {workers * gpus_per_worker:g} GPUs; "
                         f"the Ray cluster has {gpus:g} (pass --workers or --gpus-per-worker 0 for CPU workers)")
+    cpus = float(resources.get("CPU", workers))
+    if workers > cpus:  # each actor asks for one CPU: more would wait for a CPU forever
+        raise UserError(f"{workers} Ray worker(s) need one CPU each; the Ray cluster has {cpus:g}")
     return workers, gpus_per_worker
 
 
