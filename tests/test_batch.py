@@ -260,3 +260,23 @@ def test_ctrl_c_while_recording_waits_for_the_row():
             finished.append("row written")
     assert finished == ["row written"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_out_of_memory_is_recorded_and_the_batch_goes_on(tmp_path, spec, engine):
+    import torch
+
+    class RunsOutOfMemoryOnSeed1(CountingEngine):
+        def render(self, **kwargs):
+            if kwargs["seed"] == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().render(**kwargs)
+
+    jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0-2")
+    out = tmp_path / "out"
+    summary = run_batch(load_jobs(jobs_path), out, LocalRunner(spec, engine=RunsOutOfMemoryOnSeed1(engine)),
+                        progress=False)
+    assert (summary.done, summary.failed) == (2, 1)
+    failed = [r for r in manifest_rows(out) if r["status"] == "failed"]
+    assert [r["seed"] for r in failed] == [1] and failed[0]["error_type"] == "OutOfMemoryError"
+    assert "out of memory" in failed[0]["error"] and failed[0]["traceback"]  # not a user mistake: keep the trace
+    assert images_in(out) == ["job0/seed-0.png", "job0/seed-2.png"]
