@@ -280,3 +280,21 @@ def test_out_of_memory_is_recorded_and_the_batch_goes_on(tmp_path, spec, engine)
     assert [r["seed"] for r in failed] == [1] and failed[0]["error_type"] == "OutOfMemoryError"
     assert "out of memory" in failed[0]["error"] and failed[0]["traceback"]  # not a user mistake: keep the trace
     assert images_in(out) == ["job0/seed-0.png", "job0/seed-2.png"]
+
+
+def test_cli_batch_without_model_uses_tiny_checkpoints_and_stage1(tmp_path, capsys):
+    """No --model: the tiny built-in checkpoints, as `threedis demo`; a job without depth runs stage 1."""
+    jobs_path = tmp_path / "jobs.jsonl"
+    jobs_path.write_text(json.dumps({"id": "s1", "layout": {"prompt": "a cat", "width": 64, "height": 64,
+                                     "instances": [{"prompt": "a cat", "box": [0.2, 0.2, 0.8, 0.8]}]},
+                                     "steps": 1, "stage1": {"steps": 1, "migc_steps": 1}}) + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs_path), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert "tiny random-weight" in capsys.readouterr().out
+    (row,) = manifest_rows(out)
+    assert row["status"] == "done" and (out / row["files"]["depth"]).is_file()
+    from PIL import Image
+
+    with Image.open(out / row["files"]["image"]) as img:
+        depth = json.loads(img.text["threedis"])["depth"]
+    assert depth["source"] == "stage1" and depth["size"] == [64, 64]  # the tiny default stage-1 size
