@@ -1,4 +1,4 @@
-"""`threedis` command line: render, demo, depth, convert-weights, make-tiny, validate, plan, profiles, bench.
+"""`threedis` command line: render, demo, batch, depth, convert-weights, make-tiny, validate, plan, profiles, bench.
 
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
@@ -46,6 +46,7 @@ examples:
   threedis render layout.json --depth depth.png --model /models/FLUX.1-Depth-dev --out out/
   threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
+  threedis batch jobs.jsonl --out runs/a --seeds 0-3 [--ray [ADDRESS]]   # many layouts x seeds, resumable
   threedis make-tiny all /tmp/tiny                # random-weight test checkpoints
 """
 
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(steps=None)
     _demo_help(p)
 
+    from threedis.engine.batch.command import add_batch_parser
+
+    add_batch_parser(sub)
+
     p = sub.add_parser("depth", help="estimate a depth map from a photo (Depth Anything V2)",
                        description="Write the depth map of PHOTO (grey, near = bright), as used by --depth.")
     p.add_argument("photo", type=Path, help="photo (PNG/JPEG)")
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
 
     p = sub.add_parser("validate", help="check layout files and explain any problem")
-    p.add_argument("layouts", type=Path, nargs="*", help="layout JSON files")
+    p.add_argument("layouts", type=Path, nargs="*", help="layout JSON files (or .jsonl batch job files)")
     p.add_argument("--list", action="store_true", help="list the shipped example layouts")
 
     p = sub.add_parser("plan", help="predict peak VRAM and RAM per stage before loading anything")
@@ -538,6 +543,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from threedis.engine.batch.jobs import validate_jobs_file
+
     if args.list:
         for name in list_examples():
             print(name)
@@ -546,6 +553,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UserError("give one or more layout files, or --list for the shipped examples")
     failed = 0
     for path in args.layouts:
+        if path.suffix == ".jsonl":  # a batch job file: each bad line by number
+            failed += not validate_jobs_file(path)
+            continue
         try:
             layout = Layout.load(path)
         except LayoutError as err:
@@ -589,6 +599,12 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from threedis.engine.batch.command import cmd_batch as run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from threedis.kernels.bench_attention import main as bench_main  # imports torch
 
@@ -598,6 +614,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {
     "render": cmd_render,
     "demo": cmd_demo,
+    "batch": cmd_batch,
     "depth": cmd_depth,
     "convert-weights": cmd_convert_weights,
     "make-tiny": cmd_make_tiny,

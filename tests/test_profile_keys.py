@@ -244,7 +244,7 @@ def test_move_parts_moves_a_wrappers_modules_and_its_input_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_offload_of_sam2_on_cuda():
     """A real wrapper (SamMasker) parked in host RAM, on the GPU only for its stage."""
-    from threedis.engine.tiny_aux import tiny_sam2_path
+    from threedis.engine.tiny.sam2 import tiny_sam2_path
 
     profile = load_profile("12gb", {"sam2.device": "gpu", "sam2.offload": "model"})
     aux = AuxModels(sam=tiny_sam2_path(), local_files_only=True, models=ModelManager(profile, "cuda", None))

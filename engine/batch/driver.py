@@ -1,0 +1,119 @@
+"""The driver: decide what to render (resume), run it on a runner, record every outcome once.
+
+Recording an outcome is: put its files in DIR/<job-id>/, then append its
+manifest row. Ctrl-C during that step is held until the row is written, so an
+interrupted batch leaves a manifest that matches the folder; the item that was
+rendering has no row and is rendered on the next run.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from threedis.engine.batch.files import place_files, sha256_bytes
+from threedis.engine.batch.jobs import Item, JobFile
+from threedis.engine.batch.manifest import ManifestWriter, plan_resume
+from threedis.engine.batch.progress import ProgressBar, Summary
+from threedis.engine.batch.worker import Outcome
+
+
+class Runner(Protocol):
+    def run(self, items: Iterable[Item]) -> Iterator[Outcome]: ...
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Delay Ctrl-C until the block ends (main thread only; elsewhere signals cannot arrive anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _problem_outcome(item: Item) -> Outcome:
+    now = time.time()
+    return Outcome(job=item.job.id, seed=item.seed, status="failed", worker="(invalid jobs)", device="", pid=0,
+                   error=f"line {item.job.line}: {item.job.problem}", error_type="InvalidJob", started=now,
+                   finished=now)
+
+
+def manifest_row(item: Item, outcome: Outcome, files: dict[str, str]) -> dict[str, Any]:
+    image = outcome.files.get("image")
+    return {
+        "job": item.job.id, "seed": item.seed, "status": outcome.status, "line": item.job.line,
+        "job_key": item.job.key, "files": files, "sha256": sha256_bytes(image[1]) if image else None,
+        "timings": outcome.timings, "peak_vram": outcome.peak_vram, "device": outcome.device,
+        "worker": outcome.worker, "error": outcome.error, "error_type": outcome.error_type,
+        "traceback": outcome.traceback, "meta": item.job.meta,
+        "finished_at": datetime.fromtimestamp(outcome.finished or time.time(), timezone.utc).isoformat(),
+    }
+
+
+class Recorder:
+    """Writes each outcome's files and manifest row; the only writer of the output folder."""
+
+    def __init__(self, out: Path, previous: dict[tuple[str, int], dict[str, Any]], summary: Summary,
+                 bar: ProgressBar, on_outcome: Callable[[Outcome], None] | None) -> None:
+        self.out = out
+        self.previous = previous
+        self.summary = summary
+        self.bar = bar
+        self.on_outcome = on_outcome
+        self.manifest = ManifestWriter(out)
+
+    def record(self, item: Item, outcome: Outcome) -> None:
+        with interrupts_held():
+            stale = self.previous.get((item.job.id, item.seed), {}).get("files")
+            files = place_files(self.out, item.job.id, outcome.files, stale=stale)
+            row = manifest_row(item, outcome, files)
+            self.manifest.append(row)
+            self.previous[(item.job.id, item.seed)] = row
+            self.summary.add(outcome)
+            self.bar.update(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+    def close(self) -> None:
+        self.manifest.close()
+
+
+def run_batch(jobs: JobFile, out: str | Path, runner: Runner, retry_failed: bool = False, progress: bool = True,
+              on_outcome: Callable[[Outcome], None] | None = None) -> Summary:
+    """Render every item of `jobs` not finished yet into `out`; returns the summary (interrupted on Ctrl-C)."""
+    out = Path(out)
+    items = list(jobs.items())
+    plan = plan_resume(items, out, retry_failed)
+    summary = Summary(total=len(items), skipped=len(plan.skipped))
+    by_name = {item.name: item for item in plan.to_run}
+    bar = ProgressBar(len(plan.to_run), enabled=progress)
+    recorder = Recorder(out, plan.previous, summary, bar, on_outcome)
+    outcomes = None
+    try:
+        for item in (i for i in plan.to_run if i.job.problem is not None):
+            recorder.record(item, _problem_outcome(item))
+        outcomes = runner.run([i for i in plan.to_run if i.job.problem is None])
+        for outcome in outcomes:
+            recorder.record(by_name[f"{outcome.job}/seed-{outcome.seed}"], outcome)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        if outcomes is not None:
+            outcomes.close()  # the runner cleans up (Ray actors, a Ray instance it started)
+        recorder.close()
+        bar.close()
+        summary.retried = getattr(runner, "resent", 0)
+        summary.finished = time.time()
+    return summary
