@@ -52,7 +52,17 @@ def reference_pixels(engine, folder: Path, n: int, seed: int) -> np.ndarray:
     """The same render straight through Engine.render: the independent reference for batch images."""
     from threedis import Layout
 
-    result = engine.render(Layout.from_dict(layout_dict(n)), depth=folder / f"depth-{n}.png", seed=seed, steps=STEPS)
+    import torch
+
+    # Ray runs each 1-CPU actor with one torch thread; a matmul split over another thread count sums in
+    # another order, so the reference is rendered with the workers' thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = engine.render(Layout.from_dict(layout_dict(n)), depth=folder / f"depth-{n}.png", seed=seed,
+                               steps=STEPS)
+    finally:
+        torch.set_num_threads(threads)
     return np.asarray(result.image.convert("RGB"))
 
 
