@@ -222,9 +222,10 @@ function layoutJSON() {
 
 function stage1Options() {
   const s = {};
-  const steps = intOrNull($("s1-steps").value), size = intOrNull($("s1-size").value);
+  const steps = intOrNull($("s1-steps").value);
+  const size = $("s1-size").value.trim().toLowerCase().replace(/\s+/g, "");
   if (steps !== null) s.steps = steps;
-  if (size !== null) s.size = size;
+  if (size) s.size = /^\d+$/.test(size) ? Number(size) : size; // "768x512" is read by the service
   return s;
 }
 
@@ -434,6 +435,8 @@ document.addEventListener("keydown", (e) => {
 
 // -- restoring a past job -------------------------------------------------------------------------
 
+const sizeText = (v) => (Array.isArray(v) ? (v[0] === v[1] ? String(v[0]) : `${v[0]}x${v[1]}`) : v ?? "");
+
 /** Put a job's layout and settings back in the editor (history click). */
 function restore(job) {
   loadLayout(job.layout || {});
@@ -443,7 +446,7 @@ function restore(job) {
   writeSettings({
     steps: o.steps ?? $("steps").value, guidance: o.guidance ?? $("guidance").value, seed: o.seed ?? $("seed").value,
     "seed-lock": true, sam: Boolean(o.sam), "sched-i2i": s.i2i, "sched-hard": s.hard, "sched-i2t": s.i2t,
-    "sched-t2i": s.t2i, "sched-t2t": s.t2t, "s1-steps": s1.steps, "s1-size": s1.size,
+    "sched-t2i": s.t2i, "sched-t2t": s.t2t, "s1-steps": s1.steps, "s1-size": sizeText(s1.size),
   });
   clearProblems();
   const files = job.files || {};
@@ -458,6 +461,7 @@ const app = { layoutJSON, renderOptions, setDepth, restore, showProblems, clearP
 const jobs = initJobs(app);
 
 $("tiny-note").hidden = !TINY;
+if (TINY) $("steps").value = 4; // the tiny checkpoints' default: a full 20-step run teaches nothing
 loadDraft();
 syncForm();
 jobs.start();
