@@ -61,7 +61,7 @@ export class BoxEditor {
     const frame = this.canvas.parentElement;
     const aspect = this.model.width / this.model.height;
     const maxW = frame.clientWidth || 512;
-    const maxH = Math.max(240, Math.min(window.innerHeight * 0.72, 900));
+    const maxH = Math.max(240, Math.min(window.innerHeight * 0.62, 720));
     let w = maxW, h = w / aspect;
     if (h > maxH) { h = maxH; w = h * aspect; }
     this.cssW = Math.round(w);

@@ -251,9 +251,31 @@ function renderOptions() {
 }
 
 function depthOption() {
-  if (!depth) return { source: "stage1", stage1: stage1Options() };
-  if (depth.source === "upload") return { source: "upload", upload: depth.upload };
-  return { source: "job", job: depth.job };
+  if (!depth || depth.source === "stage1") return { source: "stage1", stage1: stage1Options() };
+  if (depth.source === "job") return { source: "job", job: depth.job };
+  return { source: depth.source, upload: depth.upload }; // "upload" (a depth map) or "photo"
+}
+
+/** A job's depth source that a new render can use as it is (a depth job, an upload, a photo). */
+function reusableDepth(job) {
+  const d = (job.options || {}).depth || {};
+  if (job.kind === "depth") return job.status === "done";
+  return d.source === "job" || d.source === "upload" || d.source === "photo";
+}
+
+/** Draw and render on the depth map of a finished job, keeping its source. */
+function useDepthOf(job) {
+  const files = job.files || {};
+  const d = (job.options || {}).depth || {};
+  const url = files["depth.png"];
+  if (job.kind === "depth") setDepth({ source: "job", job: job.id, url, label: `made by job ${job.id}` });
+  else if (d.source === "job") setDepth({ source: "job", job: d.job, url, label: `made by job ${d.job}` });
+  else if (d.source === "upload" || d.source === "photo") {
+    setDepth({ source: d.source, upload: d.upload, url, label: d.source === "photo" ? "from a photo (estimated at render)" : "uploaded" });
+  } else if (url) {
+    // Stage 1 ran inside the render: the same layout and seed make the same map again.
+    setDepth({ source: "stage1", url, label: `stage 1 at render time (job ${job.id}'s shown)` });
+  } else setDepth(null);
 }
 
 // -- depth sources -------------------------------------------------------------------------------
@@ -449,15 +471,13 @@ function restore(job) {
     "sched-t2i": s.t2i, "sched-t2t": s.t2t, "s1-steps": s1.steps, "s1-size": sizeText(s1.size),
   });
   clearProblems();
-  const files = job.files || {};
-  if (files["depth.png"]) setDepth({ source: "job", job: job.id, url: files["depth.png"], label: `from job ${job.id}` });
-  else setDepth(null);
+  useDepthOf(job);
   saveDraft();
 }
 
 // -- start --------------------------------------------------------------------------------------
 
-const app = { layoutJSON, renderOptions, setDepth, restore, showProblems, clearProblems, notify };
+const app = { layoutJSON, renderOptions, setDepth, restore, useDepthOf, reusableDepth, showProblems, clearProblems, notify };
 const jobs = initJobs(app);
 
 $("tiny-note").hidden = !TINY;

@@ -6,7 +6,7 @@ import { api, blobUrl, download, connectEvents } from "./api.js";
 const $ = (id) => document.getElementById(id);
 const LIVE = new Set(["queued", "running"]);
 const ENDED = new Set(["done", "failed", "cancelled", "interrupted"]);
-const STAGES = { queued: "queued", load: "loading models", loading: "loading models", encode: "encoding prompts",
+const STAGES = { queued: "queued", prepare: "preparing", load: "loading models", loading: "loading models", encode: "encoding prompts",
   stage1: "stage 1: depth from the layout", depth: "estimating depth", sam: "SAM2 masks", sam2: "SAM2 masks",
   denoise: "denoising", decode: "decoding", save: "saving" };
 const HISTORY_LIMIT = 48;
@@ -125,6 +125,16 @@ export function initJobs(app) {
     update(job);
     renderQueue();
     if (ENDED.has(job.status)) finish(job.id);
+    else fetchJob(job.id);
+  }
+
+  /** The full record of a job we follow (its normalised options size the progress bar). */
+  async function fetchJob(id) {
+    try {
+      const job = merge(id, await api("GET", `jobs/${id}`));
+      update(job);
+      if (ENDED.has(job.status)) finish(id);
+    } catch (_) { /* events carry on without it */ }
   }
 
   async function makeDepth(source, label) {
@@ -134,10 +144,11 @@ export function initJobs(app) {
       created = await api("POST", "depth", { layout: app.layoutJSON(), options: { seed: app.renderOptions().seed, depth: source } });
     } catch (err) { app.showProblems(err); return; }
     depthJob = created.id;
-    merge(created.id, { status: "queued", position: created.position, label });
+    merge(created.id, { status: jobs.get(created.id)?.status || "queued", position: created.position, label, kind: "depth" });
     $("depth-progress").hidden = false;
     update(jobs.get(created.id));
     renderQueue();
+    fetchJob(created.id);
   }
 
   function depthDone(job) {
@@ -170,21 +181,39 @@ export function initJobs(app) {
     return STAGES[job.stage] || job.stage || "starting";
   }
 
+  /**
+   * How far a job is, 0..1, over all its stepped stages: a render with stage 1 counts the stage-1
+   * steps and then the FLUX steps (known from its options), so the bar never jumps back.
+   */
+  function fraction(job) {
+    if (job.status === "done") return 1;
+    if (job.status !== "running") return 0;
+    const o = job.options || {};
+    const s1 = o.depth && o.depth.source === "stage1" && o.depth.stage1 ? o.depth.stage1.steps || 0 : 0;
+    const steps = job.kind === "depth" ? 0 : o.steps || 0;
+    const all = s1 + steps;
+    const step = job.step || 0;
+    if (job.stage === "save") return all ? 1 : 0.99;
+    if (!all || !job.total) return job.total ? Math.min(1, step / job.total) : 0;
+    const done = job.stage === "denoise" ? s1 + (step * steps) / job.total : job.stage === "stage1" ? (step * s1) / job.total : 0;
+    return Math.min(1, done / all);
+  }
+
   /** Redraw whatever shows this job: the progress panel, the depth bar, its queue row. */
   function update(job) {
     if (!job) return;
-    const fraction = job.total ? Math.min(1, (job.step || 0) / job.total) : job.status === "done" ? 1 : 0;
+    const done = fraction(job);
     if (job.id === watching) {
       $("progress-stage").textContent = stageLabel(job);
       $("progress-step").textContent = job.status === "running" && job.total ? `step ${job.step || 0} / ${job.total}` : "";
       $("progress-eta").textContent = job.status === "running" && job.eta_s ? `about ${seconds(job.eta_s)} left` : "";
-      $("progress-bar").value = fraction;
+      $("progress-bar").value = done;
       $("progress").dataset.status = job.status;
       $("progress").dataset.stage = job.stage || "";
     }
     if (job.id === depthJob) {
       $("depth-progress-label").textContent = `depth (job ${job.id}): ${stageLabel(job)}${job.total ? ` ${job.step || 0} / ${job.total}` : ""}`;
-      $("depth-progress-bar").value = fraction;
+      $("depth-progress-bar").value = done;
     }
     const row = document.querySelector(`#queue li[data-job="${CSS.escape(String(job.id))}"] .queue-state`);
     if (row) row.textContent = queueState(job);
@@ -251,6 +280,7 @@ export function initJobs(app) {
     const warn = (job.warnings || []).filter(Boolean);
     $("result-warnings").hidden = !warn.length;
     $("result-warnings").textContent = warn.join("\n");
+    $("use-depth").hidden = !app.reusableDepth(job);
     $("files-link").textContent = files["image.png"] ? "image URL" : "";
     $("files-link").href = files["image.png"] || "#";
     $("files-link").title = "the service's file URL (needs the page's token)";
@@ -284,11 +314,7 @@ export function initJobs(app) {
     e.preventDefault();
     if (shown && shown.files && shown.files["image.png"]) blobUrl(shown.files["image.png"]).then((u) => window.open(u, "_blank"));
   });
-  $("use-depth").addEventListener("click", () => {
-    if (shown && shown.files && shown.files["depth.png"]) {
-      app.setDepth({ source: "job", job: shown.id, url: shown.files["depth.png"], label: `from job ${shown.id}` });
-    }
-  });
+  $("use-depth").addEventListener("click", () => { if (shown) app.useDepthOf(shown); });
 
   /** Top-level stages (steps aggregated into one row per family) from the job's profile report. */
   function timingsTable(report, job) {
@@ -391,15 +417,17 @@ export function initJobs(app) {
   });
 
   function planTable(plan) {
-    const rows = Array.isArray(plan) ? plan : plan.rows || [];
+    const gb = (b) => (b === null || b === undefined ? "–" : (b / 1e9).toFixed(2));
+    const rows = Array.isArray(plan.stages) ? plan.stages : [];
     if (!rows.length) return `<pre>${esc(JSON.stringify(plan, null, 2))}</pre>`;
-    const keys = [...new Set(rows.flatMap((r) => Object.keys(r)))];
-    const cell = (v) => (typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(2)) : typeof v === "object" && v !== null ? JSON.stringify(v) : v ?? "");
-    const notes = Array.isArray(plan) ? [] : Object.entries(plan).filter(([k]) => k !== "rows");
-    return `<h3>Plan <button type="button" class="link plan-close">close</button></h3>
-      <table class="timings"><thead><tr>${keys.map((k) => `<th>${esc(k)}</th>`).join("")}</tr></thead>
-      <tbody>${rows.map((r) => `<tr>${keys.map((k) => `<td>${esc(cell(r[k]))}</td>`).join("")}</tr>`).join("")}</tbody></table>
-      ${notes.map(([k, v]) => `<p class="muted small">${esc(k)}: ${esc(typeof v === "object" ? JSON.stringify(v) : v)}</p>`).join("")}`;
+    const detail = (d) => (d && typeof d === "object" ? Object.entries(d).map(([k, v]) => `${k} ${typeof v === "number" && v > 1e6 ? gb(v) : v}`).join(", ") : d ?? "");
+    return `<h3>Memory plan <span class="muted small">profile ${esc(plan.profile)} · ${esc(plan.width)} × ${esc(plan.height)} ·
+        ${esc(plan.num_instances)} boxes · L = ${esc(plan.seq_len)} tokens · ${esc(plan.attention_backend)}</span>
+        <button type="button" class="link plan-close">close</button></h3>
+      <table class="timings"><thead><tr><th>stage</th><th>models</th><th>GPU GB</th><th>host GB</th></tr></thead>
+      <tbody>${rows.map((r) => `<tr title="${esc(detail(r.details))}"><td>${esc(r.stage)}</td><td>${esc((r.models || []).join(", "))}</td>
+        <td>${gb(r.gpu_bytes)}</td><td>${gb(r.host_bytes)}</td></tr>`).join("")}</tbody></table>
+      <p class="muted small">peak ${gb(plan.peak_gpu_bytes)} GB GPU (${esc(plan.peak_stage)}), ${gb(plan.peak_host_bytes)} GB host</p>`;
   }
 
   function start() {
