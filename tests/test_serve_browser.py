@@ -91,7 +91,7 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1050", "--force-device-scale-factor=1", "--no-first-run",
+                "--window-size=1400,1000", "--force-device-scale-factor=1", "--no-first-run",
                 "--disable-extensions", "--disable-background-networking"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -155,6 +155,10 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         steps = driver.find_element(By.ID, "steps")
         steps.clear()
         steps.send_keys("3")
+        driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+        stage1_steps = driver.find_element(By.ID, "s1-steps")
+        stage1_steps.send_keys("2")
+        driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
 
         # -- two boxes by mouse drags ---------------------------------------------------------
         canvas = driver.find_element(By.ID, "canvas")
@@ -212,8 +216,8 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         driver.execute_script("document.getElementById('result').scrollIntoView();")
         _shot(driver, tmp_path, "serve-result.png")
         driver.find_element(By.CSS_SELECTOR, '.tabs button[data-tab="timings"]').click()
-        _wait(driver, lambda d: "denoise" in d.find_element(By.ID, "result-timings").text, UI_S,
-              "the timings table has no denoise row")
+        timings = _wait(driver, lambda d: d.find_element(By.ID, "result-timings").text, UI_S, "no timings table")
+        assert "stage1" in timings and "step 3" in timings, timings  # stage 1 ran; the FLUX steps, aggregated
 
         # -- reload, start from an empty editor, restore from the history ---------------------
         driver.refresh()
@@ -235,6 +239,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         fields = driver.find_elements(By.CSS_SELECTOR, "#boxes input.box-prompt")
         assert [f.get_attribute("value") for f in fields] == ["a red cardinal", "a blue jay"]
         assert driver.find_element(By.ID, "steps").get_attribute("value") == "3"
+        assert driver.find_element(By.ID, "s1-steps").get_attribute("value") == "2"
         _wait(driver, lambda d: d.find_element(By.ID, "result").get_attribute("data-job") == job_id, UI_S,
               "the restored job's result is not shown")
     except Exception:

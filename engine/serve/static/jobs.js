@@ -333,8 +333,11 @@ export function initJobs(app) {
     }
     const head = job.started && job.finished ? `<p class="muted small">wall time ${seconds(elapsed(job))}</p>` : "";
     if (!rows.size) return `${head}<p class="muted">no profile report for this job</p>`;
-    const info = report.info ? Object.entries(report.info).slice(0, 12)
-      .map(([k, v]) => `<tr><td>${esc(k)}</td><td colspan="4">${esc(typeof v === "object" ? JSON.stringify(v) : v)}</td></tr>`).join("") : "";
+    // Run notes, short ones only (the placement table and the like are in report.json).
+    const info = report.info ? Object.entries(report.info)
+      .map(([k, v]) => [k, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)])
+      .filter(([, v]) => v.length <= 160)
+      .map(([k, v]) => `<tr><td>${esc(k)}</td><td colspan="4">${esc(v)}</td></tr>`).join("") : "";
     return `${head}<table class="timings"><thead><tr><th>stage</th><th>calls</th><th>total s</th><th>peak VRAM GB</th><th>RSS GB</th></tr></thead>
       <tbody>${[...rows.values()].map((r) => `<tr><td class="stage-name">${esc(r.name)}</td><td>${r.calls}</td><td>${r.wall.toFixed(3)}</td><td>${gb(r.peak)}</td><td>${gb(r.rss)}</td></tr>`).join("")}</tbody>
       ${info ? `<tbody class="info">${info}</tbody>` : ""}</table>`;
