@@ -184,8 +184,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         box2.send_keys("a blue jay")
         assert not _field_error(driver, "instances[1]"), "typing did not clear the message"
         assert [i["prompt"] for i in _model(driver)["instances"]] == ["a red cardinal", "a blue jay"]
-        driver.find_element(By.ID, "canvas").click()  # a click on an empty spot: nothing selected
-        _shot(driver, tmp_path, "serve-editor.png")
+        assert not driver.find_element(By.ID, "notice").is_displayed(), "the problem summary outlived the problem"
         submitted = _model(driver)
 
         # -- render: record every value the progress bar takes --------------------------------
@@ -242,6 +241,12 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         assert driver.find_element(By.ID, "s1-steps").get_attribute("value") == "2"
         _wait(driver, lambda d: d.find_element(By.ID, "result").get_attribute("data-job") == job_id, UI_S,
               "the restored job's result is not shown")
+        assert "stage 1" in driver.find_element(By.ID, "depth-source").text
+        _wait(driver, lambda d: d.execute_script("return window.threedisEditor.depthShown();"), UI_S,
+              "the restored job's depth map is not under the boxes")
+        driver.find_element(By.ID, "canvas").click()  # an empty spot: no box selected, for the picture
+        driver.execute_script("window.scrollTo(0, 0);")
+        _shot(driver, tmp_path, "serve-editor.png")
     except Exception:
         _shot(driver, tmp_path, "failure.png")
         logs = driver.get_log("browser") if hasattr(driver, "get_log") else []

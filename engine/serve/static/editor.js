@@ -352,6 +352,8 @@ function showFieldError(key, message) {
 function clearFieldError(key) {
   const slot = document.querySelector(`[data-field-error="${CSS.escape(key)}"]`);
   if (slot) { slot.textContent = ""; slot.classList.remove("shown"); }
+  // The summary on top goes with the last marked field.
+  if ($("notice").dataset.kind === "problems" && !document.querySelector(".field-error.shown")) $("notice").hidden = true;
   document.querySelectorAll(".invalid").forEach((el) => {
     if (key === "prompt" ? el.id === "prompt" : key === "size" ? el.id === "width" : el.closest(`li[data-index="${key.slice(10, -1)}"]`)) {
       el.classList.remove("invalid");
@@ -374,16 +376,17 @@ function showProblems(err) {
       const message = field && !String(p.message).startsWith(field) ? `${field}: ${p.message}` : p.message;
       showFieldError(errorKey(field), message);
     }
-    notify(`${err.problems.length === 1 ? "One problem" : `${err.problems.length} problems`}: see the marked fields.`);
+    notify(`${err.problems.length === 1 ? "One problem" : `${err.problems.length} problems`}: see the marked fields.`, "error", "problems");
   } else {
     notify(err.message);
   }
 }
 
-function notify(message, kind = "error") {
+function notify(message, kind = "error", source = "message") {
   const n = $("notice");
   n.textContent = message;
   n.className = `notice ${kind}`;
+  n.dataset.kind = source;
   n.hidden = !message;
 }
 
@@ -477,7 +480,8 @@ function restore(job) {
 
 // -- start --------------------------------------------------------------------------------------
 
-const app = { layoutJSON, renderOptions, setDepth, restore, useDepthOf, reusableDepth, showProblems, clearProblems, notify };
+const hasDepth = () => depth !== null;
+const app = { hasDepth, layoutJSON, renderOptions, setDepth, restore, useDepthOf, reusableDepth, showProblems, clearProblems, notify };
 const jobs = initJobs(app);
 
 $("tiny-note").hidden = !TINY;
@@ -485,4 +489,5 @@ if (TINY) $("steps").value = 4; // the tiny checkpoints' default: a full 20-step
 loadDraft();
 syncForm();
 jobs.start();
-window.threedisEditor = { model, undo, redo, layoutJSON }; // for the browser test and the console
+const depthShown = () => Boolean(editor.depth && depthImage.complete && depthImage.naturalWidth);
+window.threedisEditor = { model, undo, redo, layoutJSON, depthShown }; // for the browser test and the console

@@ -229,6 +229,7 @@ export function initJobs(app) {
     if (job.status === "done") {
       $("progress-stage").textContent = `done${job.started && job.finished ? ` in ${seconds(elapsed(job))}` : ""}`;
       $("progress-bar").value = 1;
+      if (!app.hasDepth()) app.useDepthOf(job); // the depth stage 1 made, under the boxes
       showResult(job);
     } else if (job.status === "failed") {
       app.notify(`render ${job.id} failed: ${job.error || "no message"}`);
