@@ -169,7 +169,8 @@ def test_cancel_a_queued_and_a_running_job(service, depth_id):
 
 def test_depth_job_then_render_on_its_depth(service):
     _, client, _, _ = service
-    answer = client.post("/api/v1/depth", json={"layout": layout_dict(), "options": {"seed": 1}})
+    stage1 = {"source": "stage1", "stage1": {"steps": 1, "size": 64}}
+    answer = client.post("/api/v1/depth", json={"layout": layout_dict(), "options": {"seed": 1, "depth": stage1}})
     assert answer.status_code == 202, answer.text
     depth_job = wait_final(client, answer.json()["id"])
     assert depth_job["status"] == "done", depth_job["error"]
@@ -368,7 +369,6 @@ def test_restart_brings_back_queued_jobs_as_interrupted_and_keeps_files(tmp_path
         with Image.open(saved) as image:
             assert json.loads(image.text["threedis"])["layout"]["prompt"] == layout_dict()["prompt"]
         running = client.submit(layout_dict(), steps=LONG, depth=source)
-        client.wait(running, timeout=120, on_progress=lambda job: None) if False else None
         queued = [client.submit(layout_dict(), steps=1, depth=source, seed=i) for i in range(2)]
         events = EventLog(url, TOKEN)
         events.wait_for(lambda e: e.get("job") == running and e["type"] == "step")

@@ -123,8 +123,8 @@ class JobManager:
             self._live[job_id] = LiveJob(job_id, kind, layout, options)
             self._queue.append(job_id)
             position = len(self._queue)
+            self._publish("queued", job_id, kind=kind, queue=self.queue())  # before the worker can start it
             self._lock.notify_all()
-        self._publish("queued", job_id, kind=kind, queue=self.queue())
         return {"id": job_id, "position": position}
 
     def resubmit(self, job_id: str) -> dict:
@@ -143,12 +143,12 @@ class JobManager:
                 self.history.update_job(job_id, status="cancelled", finished=time.time(),
                                         error="cancelled before it started")
                 status = "cancelled"
+                self._publish("cancelled", job_id)
             elif job_id == self._running:
                 self._live[job_id].cancel.set()
                 return {"id": job_id, "status": "running", "cancel_requested": True}
             else:
                 raise JobError(f"job {job_id} is already {record['status']}; nothing to cancel")
-        self._publish("cancelled", job_id)
         return {"id": job_id, "status": status, "cancel_requested": True}
 
     # -- views ----------------------------------------------------------------
