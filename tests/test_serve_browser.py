@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 from selenium import webdriver  # noqa: E402  (a test dependency: the `test` extra)
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 PICTURES = Path(__file__).resolve().parents[1] / "docs" / "pictures"
@@ -174,6 +175,29 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         assert second[0] == pytest.approx(0.55, abs=0.03) and second[1] == pytest.approx(0.15, abs=0.03), second
         assert layout["instances"][0]["prompt"] == "a red cardinal"
 
+        # -- move, resize, nudge, delete, each undone with Ctrl+Z ---------------------------------
+        box = lambda: _model(driver)["instances"][0]["box"]  # noqa: E731
+        _drag(driver, canvas, (0.2, 0.4), (0.26, 0.46))  # inside box 1: moves it
+        moved = box()
+        assert moved[0] - first[0] == pytest.approx(0.06, abs=0.015), (first, moved)
+        assert moved[1] - first[1] == pytest.approx(0.06, abs=0.015), (first, moved)
+        assert moved[2] - moved[0] == pytest.approx(first[2] - first[0], abs=1e-3), "a move changed the size"
+        _drag(driver, canvas, (moved[2], moved[3]), (moved[2] + 0.05, moved[3] + 0.05))  # its bottom-right handle
+        resized = box()
+        assert resized[:2] == pytest.approx(moved[:2], abs=1e-4), "the corner drag moved the top-left corner"
+        assert resized[2] - moved[2] == pytest.approx(0.05, abs=0.015), (moved, resized)
+        keys = lambda *k: ActionChains(driver).send_keys(*k).perform()  # noqa: E731  (to the focused canvas)
+        undo = lambda: ActionChains(driver).key_down(Keys.CONTROL).send_keys("z").key_up(Keys.CONTROL).perform()  # noqa: E731
+        keys(Keys.ARROW_LEFT)
+        assert box()[0] == pytest.approx(resized[0] - 16 / 512, abs=1e-3), "ArrowLeft did not nudge by one token"
+        for want in (resized, moved, first):
+            undo()
+            assert box() == pytest.approx(want, abs=1e-4), "Ctrl+Z did not step back"
+        keys(Keys.DELETE)
+        assert [i["prompt"] for i in _model(driver)["instances"]] == [""], "Delete did not remove the selected box"
+        undo()
+        assert [i["prompt"] for i in _model(driver)["instances"]] == ["a red cardinal", ""]
+
         # -- box 2 has no prompt yet: the service's 422 lands beside box 2's field ----------------
         driver.find_element(By.ID, "render").click()
         _wait(driver, lambda d: _field_error(d, "instances[1]"), UI_S,
@@ -212,11 +236,10 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
             UI_S, "regions.png did not load")
         driver.find_element(By.ID, "regions-toggle").click()
         assert driver.find_element(By.ID, "result-regions").is_displayed()
-        driver.execute_script("document.getElementById('result').scrollIntoView();")
-        _shot(driver, tmp_path, "serve-result.png")
-        driver.find_element(By.CSS_SELECTOR, '.tabs button[data-tab="timings"]').click()
         timings = _wait(driver, lambda d: d.find_element(By.ID, "result-timings").text, UI_S, "no timings table")
         assert "stage1" in timings and "step 3" in timings, timings  # stage 1 ran; the FLUX steps, aggregated
+        driver.execute_script("document.getElementById('result').scrollIntoView();")
+        _shot(driver, tmp_path, "serve-result.png")
 
         # -- reload, start from an empty editor, restore from the history ---------------------
         driver.refresh()
