@@ -150,6 +150,18 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         _wait(driver, lambda d: d.find_element(By.ID, "connection").text == "live", UI_S,
               "the event WebSocket did not connect")
 
+        # -- an uploaded depth map shows under the boxes; "No depth" goes back to stage 1 ----------
+        from PIL import Image
+
+        ramp = tmp_path / "ramp.png"
+        Image.linear_gradient("L").resize((512, 512)).save(ramp)
+        driver.find_element(By.ID, "upload-depth").send_keys(str(ramp))
+        _wait(driver, lambda d: d.execute_script("return window.threedisEditor.depthShown();"), UI_S,
+              "the uploaded depth map is not shown (POST /uploads, GET /uploads/{id})")
+        assert "uploaded" in driver.find_element(By.ID, "depth-source").text
+        driver.find_element(By.ID, "clear-depth").click()
+        assert not driver.execute_script("return window.threedisEditor.depthShown();")
+
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("two birds on a branch, autumn forest")
@@ -219,6 +231,10 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
               .observe(bar, {attributes: true});
             new MutationObserver(() => window.__bar.push([bar.value, document.getElementById('progress-step').textContent]))
               .observe(document.getElementById('progress-step'), {childList: true, characterData: true, subtree: true});
+            window.__previews = [];
+            const preview = document.getElementById('preview');
+            new MutationObserver(() => window.__previews.push(preview.getAttribute('src').slice(0, 22)))
+              .observe(preview, {attributes: true, attributeFilter: ['src']});
         """)
         driver.find_element(By.ID, "render").click()
         _wait(driver, lambda d: d.find_element(By.ID, "progress").is_displayed(), UI_S, "no progress panel")
@@ -228,6 +244,8 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         seen = driver.execute_script("return window.__bar;")
         assert any(0 < value < 1 for value, _ in seen), f"the progress bar never moved between 0 and 1: {seen}"
         assert any(text.startswith("step ") for _, text in seen), f"no step count shown: {seen}"
+        previews = driver.execute_script("return window.__previews;")
+        assert "data:image/png;base64," in previews, f"no live preview from the step events: {previews}"
         assert driver.find_element(By.ID, "progress-stage").text.startswith("done")
         job_id = driver.find_element(By.ID, "result").get_attribute("data-job")
         assert job_id

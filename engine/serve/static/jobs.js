@@ -292,6 +292,7 @@ export function initJobs(app) {
       showImg($("result-layout"), files["layout.png"]),
       showImg($("result-attention"), files["attention.png"]),
       showImg($("result-memory"), files["memory.png"]),
+      showImg($("result-memory-side"), files["memory.png"]),
     ]);
     let report = job.report;
     if (!report && files["report.json"]) {
