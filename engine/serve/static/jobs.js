@@ -34,7 +34,10 @@ export function initJobs(app) {
 
   function onEvent(msg) {
     if (msg.type === "snapshot") {
+      const live = new Set((msg.jobs || []).map((j) => j.id));
       for (const job of msg.jobs || []) merge(job.id, job);
+      // Jobs we thought live but the snapshot lacks ended while we were away: ask the list.
+      if ([...jobs.values()].some((j) => LIVE.has(j.status) && !live.has(j.id))) refreshJobs();
       renderQueue();
       for (const id of [watching, depthJob]) if (id && jobs.has(id)) update(jobs.get(id));
       return;
@@ -231,8 +234,9 @@ export function initJobs(app) {
       $("progress-bar").value = 1;
       if (!app.hasDepth()) app.useDepthOf(job); // the depth stage 1 made, under the boxes
       showResult(job);
-    } else if (job.status === "failed") {
-      app.notify(`render ${job.id} failed: ${job.error || "no message"}`);
+    } else if (job.status === "failed" || job.status === "interrupted") {
+      $("progress-step").textContent = job.error || "";
+      app.notify(`render ${job.id} ${job.status}: ${job.error || "no message"}`);
     }
   }
 
