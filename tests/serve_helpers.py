@@ -44,7 +44,7 @@ def running_service(config: Any) -> Iterator[tuple[str, Any]]:
 
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           ws="websockets", lifespan="on"))
+                                           ws="auto", lifespan="on"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + START_S

@@ -255,6 +255,7 @@ class JobManager:
                 with self._lock:
                     self._running = None
                     self._live.pop(job_id, None)
+                _give_back_memory()
 
     def _run(self, job: LiveJob) -> None:
         self.history.update_job(job.id, status="running", started=time.time())
@@ -269,11 +270,12 @@ class JobManager:
             self._publish(status, job.id, error=error)
             return
         except UserError as err:
-            self._fail(job, str(err))
+            self._fail(job, " ".join(str(err).split()))
             return
         except Exception as exc:  # a bug or a broken model: the service stays up, the log has the traceback
             log.exception("job %s failed", job.id)
-            self._fail(job, f"internal error ({type(exc).__name__}: {str(exc)[:200]}); see the service log")
+            first = (str(exc).splitlines() or [""])[0][:200]
+            self._fail(job, f"internal error ({type(exc).__name__}: {first}); see the service log")
             return
         self.history.update_job(job.id, status="done", finished=time.time(), files=files, warnings=warnings)
         urls = {name: f"{API}/jobs/{job.id}/files/{name}" for name in files}
@@ -342,6 +344,17 @@ class JobManager:
                 raise UserError(f"options.depth.job: job {depth['job']} has no depth map (it is {record['status']})")
             return {"depth": self.file_path(depth["job"], "depth.png")}
         return {"stage1": _stage1_options(depth["stage1"])}
+
+
+def _give_back_memory() -> None:
+    """After a job (above all a cancelled or failed one), return freed GPU blocks to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stage1_options(values: dict) -> Stage1Options:

@@ -54,7 +54,7 @@ def serve(config: ServeConfig, open_browser: bool = False, log_level: str = "inf
     if open_browser:
         threading.Timer(1.0, webbrowser.open, args=(url,)).start()
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                                           ws="websockets", lifespan="on", workers=1))
+                                           ws="auto", lifespan="on", workers=1))
     server.run()
 
 
