@@ -55,8 +55,8 @@ def depth_id(service):
     return answer.json()["id"]
 
 
-def _job(depth_id: str, steps: int = 1, seed: int = 0, **options) -> dict:
-    return {"layout": layout_dict(), "options": {"steps": steps, "seed": seed, "preview": True,
+def _job(depth_id: str, steps: int = 1, seed: int = 0, size: int = 64, **options) -> dict:
+    return {"layout": layout_dict(size), "options": {"steps": steps, "seed": seed, "preview": True,
                                                  "depth": {"source": "upload", "upload": depth_id}, **options}}
 
 
@@ -117,7 +117,7 @@ def test_twenty_jobs_from_two_clients_keep_their_order(service, depth_id):
         watchers[0].wait_for(lambda e: e.get("job") == blocker and e["type"] == "step")
         ids, positions = [], []
         for i in range(20):
-            answer = (client if i % 2 == 0 else second).post("/api/v1/jobs", json=_job(depth_id, seed=i))
+            answer = (client if i % 2 == 0 else second).post("/api/v1/jobs", json=_job(depth_id, seed=i, size=32))
             assert answer.status_code == 202, answer.text
             ids.append(answer.json()["id"])
             positions.append(answer.json()["position"])
