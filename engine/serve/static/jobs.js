@@ -209,7 +209,9 @@ export function initJobs(app) {
     if (job.id === watching) {
       $("progress-stage").textContent = stageLabel(job);
       $("progress-step").textContent = job.status === "running" && job.total ? `step ${job.step || 0} / ${job.total}` : "";
-      $("progress-eta").textContent = job.status === "running" && job.eta_s ? `about ${seconds(job.eta_s)} left` : "";
+      const eta = Number(job.eta_s);
+      $("progress-eta").textContent = job.status !== "running" || job.eta_s === null || job.eta_s === undefined || !Number.isFinite(eta) ? ""
+        : eta < 1 ? "< 1 s left" : `about ${seconds(eta)} left`;
       $("progress-bar").value = done;
       $("progress").dataset.status = job.status;
       $("progress").dataset.stage = job.stage || "";
