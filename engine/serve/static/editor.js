@@ -172,13 +172,14 @@ $("size-preset").addEventListener("change", () => {
 function sizeInput() {
   const w = Number($("width").value), h = Number($("height").value);
   const bad = [["width", w], ["height", h]].filter(([, v]) => !Number.isInteger(v) || v < 16 || v % 16);
+  clearFieldError("size");
   if (bad.length) {
+    $("size-preset").value = "custom";
     const [name, v] = bad[0];
     const lo = Math.max(16, Math.floor(v / 16) * 16), hi = Math.max(16, Math.ceil(v / 16) * 16);
     showFieldError("size", `${name}: a positive multiple of 16 (one FLUX token is 16 × 16 pixels); nearest ${lo === hi ? lo : `${lo} or ${hi}`}`);
     return;
   }
-  clearFieldError("size");
   setSize(w, h);
 }
 $("width").addEventListener("change", sizeInput);
