@@ -429,3 +429,14 @@ def test_serve_command_refuses_bad_settings_in_one_line(argv, words, tmp_path, c
     assert cli.main(["serve", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("threedis: error: ") and words in err and "\n" not in err
+
+
+def test_the_client_needs_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, threedis.client; "
+            "heavy = [m for m in ('torch', 'fastapi', 'httpx', 'PIL', 'numpy') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
