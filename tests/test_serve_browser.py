@@ -129,8 +129,10 @@ def _shot(driver, tmp_path, name):
     path = tmp_path / name
     driver.save_screenshot(str(path))
     if os.environ.get("THREEDIS_UPDATE_PICTURES") == "1":
-        PICTURES.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, PICTURES / name)
+        from PIL import Image
+
+        PICTURES.mkdir(parents=True, exist_ok=True)  # a 256-colour copy: the noise of the tiny model compresses badly
+        Image.open(path).convert("RGB").quantize(256).save(PICTURES / name, optimize=True)
     return path
 
 

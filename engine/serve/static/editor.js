@@ -204,6 +204,7 @@ function writeSettings(values) {
   }
 }
 
+$("settings").addEventListener("submit", (e) => e.preventDefault()); // Enter in a field renders nothing by surprise
 for (const id of SETTINGS) $(id).addEventListener("change", () => { clearFieldError(errorKey(id)); saveDraft(); });
 
 const randomSeed = () => Math.floor(Math.random() * 2 ** 31);
