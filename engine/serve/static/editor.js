@@ -234,7 +234,7 @@ function stage1Options() {
 /** Render options; picks a new seed first when the seed is not locked. */
 function renderOptions() {
   if (!$("seed-lock").checked) $("seed").value = randomSeed();
-  const steps = Number($("steps").value);
+  const steps = Number($("steps").value) || 20;
   const sched = ["hard", "i2i", "i2t", "t2i", "t2t"].map((k) => [k, intOrNull($(`sched-${k}`).value)]);
   let schedule = null;
   if (sched.some(([, v]) => v !== null)) {
@@ -242,14 +242,13 @@ function renderOptions() {
     schedule = Object.fromEntries(sched.map(([k, v]) => [k, v === null ? defaults[k] : v]));
   }
   saveDraft();
-  return {
-    seed: Number($("seed").value),
-    steps,
-    guidance: Number($("guidance").value),
-    schedule,
-    sam: $("sam").checked,
-    depth: depthOption(),
-  };
+  // A blank field is left out, so the service's default applies (and says so in the job's options).
+  const options = { schedule, sam: $("sam").checked, depth: depthOption() };
+  for (const [key, id] of [["seed", "seed"], ["steps", "steps"], ["guidance", "guidance"]]) {
+    const v = $(id).value.trim();
+    if (v !== "") options[key] = Number(v);
+  }
+  return options;
 }
 
 function depthOption() {
