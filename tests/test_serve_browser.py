@@ -1,8 +1,10 @@
 """The web editor in a real headless Chromium against a real `threedis serve` subprocess.
 
-Draw two boxes with mouse drags, type their prompts, see a validation message land beside the
-field it concerns, render, watch the progress bar move and the image appear, reload, and restore
-the layout from the history gallery. Tiny checkpoints, CPU only. Every wait is bounded.
+Upload a depth map and drop it again; draw two boxes with mouse drags and type their prompts; move,
+resize, nudge and delete a box and undo each with Ctrl+Z; see the service's 422 land beside box 2's
+prompt field; render (stage 1 + FLUX) and watch the progress bar move, the step count and the live
+previews, then the image, regions overlay and timings; reload, start from an empty editor and restore
+the layout and settings from the history gallery. Tiny checkpoints, CPU only. Every wait is bounded.
 
 Screenshots go to the test's temp folder; with THREEDIS_UPDATE_PICTURES=1 they are also written to
 docs/pictures/serve-editor.png and serve-result.png (the README's and docs/serve.md's pictures).
