@@ -251,6 +251,7 @@ def test_bad_layout_gets_422_with_every_problem_as_validate_words_them(service, 
      "options.depth.upload"),
     ({"layout": layout_dict(), "options": {"depth": {"source": "nowhere"}}}, "options.depth.source"),
     ({"layout": layout_dict(), "options": {"schedule": {"i2i": -1}}}, "options.schedule.i2i"),
+    ({"layout": layout_dict(), "options": {"steps": 4, "schedule": {"hard": 5}}}, "options.schedule.hard"),
     ({"layout": {**layout_dict(), "instances": [{"prompt": "a", "box": [0, 0, 1, 1], "mask": "/etc/passwd"}]}},
      "instances[0].mask"),
     ({"layout": layout_dict(), "colour": "red"}, "colour"),
@@ -306,7 +307,9 @@ def test_client_file_names_and_paths_never_reach_the_file_system(service, depth_
     for path in ("/api/v1/uploads/..%2Fhistory.sqlite3", "/api/v1/uploads/%2E%2E",
                  "/api/v1/jobs/..%2F..%2Fhistory.sqlite3/files/x", "/api/v1/uploads/" + "a" * 32):
         assert client.get(path).status_code == 404, path
-    job_id = client.get("/api/v1/jobs").json()["jobs"][-1]["id"]
+    job_id = client.post("/api/v1/jobs", json=_job(depth_id, size=32)).json()["id"]
+    assert wait_final(client, job_id)["status"] == "done"
+    assert client.get(f"/api/v1/jobs/{job_id}/files/image.png").status_code == 200
     for name in ("..%2Fhistory.sqlite3", "%2E%2E%2F%2E%2E%2Fhistory.sqlite3", "image.png%00"):
         assert client.get(f"/api/v1/jobs/{job_id}/files/{name}").status_code == 404, name
 
@@ -440,3 +443,22 @@ def test_the_client_needs_only_the_standard_library():
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_plan_gives_the_cli_planner_rows_and_takes_only_built_in_profiles(service, tmp_path, capsys):
+    from threedis.engine import cli
+
+    _, client, _, _, _ = service
+    layout = {**layout_dict(), "width": 1024, "height": 768}
+    answer = client.post("/api/v1/plan", json={"layout": layout, "profile": "12gb", "stage1": True, "sam": True})
+    assert answer.status_code == 200, answer.text
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(layout))
+    assert cli.main(["plan", str(path), "--profile", "12gb", "--stage1", "--sam", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert answer.json()["stages"] == expected["stages"] and answer.json()["profile"] == "12gb"
+    toml = tmp_path / "mine.toml"
+    toml.write_text('name = "mine"\n')
+    refused = client.post("/api/v1/plan", json={"layout": layout, "profile": str(toml)})
+    assert refused.status_code == 422 and refused.json()["detail"]["problems"][0]["field"] == "profile"
+    assert client.post("/api/v1/plan", json={"layout": {**layout, "width": 1000}}).status_code == 422

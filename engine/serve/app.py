@@ -115,7 +115,8 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None 
 
     @app.get(f"{API}/system", tags=["system"], summary="device, memory, profile, backend, loaded models, queue")
     def system() -> dict:
-        return system_info(jobs.engine, config, queue_length=len(jobs.queue()), running=jobs.running)
+        return system_info(jobs.holder.engine, jobs.holder.about, config, queue_length=len(jobs.queue()),
+                           running=jobs.running)
 
     @app.post(f"{API}/plan", tags=["system"], summary="the memory planner's rows for a layout")
     def plan(body: dict[str, Any] = Body(..., examples=[{"layout": _JOB_EXAMPLE["layout"], "profile": "12gb",
@@ -125,7 +126,7 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None 
             raise RequestError(f"unknown key {unknown[0]!r}; allowed: layout, profile, stage1, sam, stage1_size",
                                [{"field": k, "message": "unknown key"} for k in unknown])
         layout = resolve_layout(body.get("layout"), uploads)
-        return plan_rows(jobs.engine, layout, body)
+        return plan_rows(jobs.holder.engine, layout, body)
 
     # -- uploads ---------------------------------------------------------------
 
@@ -191,10 +192,10 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None 
                 if receiver in done:
                     getter.cancel()
                     break
-                event = getter.result()
-                if event is None:  # the service is stopping, or this client fell behind
+                text = getter.result()
+                if text is None:  # the service is stopping, or this client fell behind
                     break
-                await ws.send_json(event)
+                await ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

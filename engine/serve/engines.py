@@ -46,8 +46,18 @@ class EngineHolder:
 
     def __init__(self, factory: Callable[[], Engine]) -> None:
         self._factory = factory
-        self.engine = factory()
+        self.engine: Engine | None = None
+        self.about: dict[str, str] = {}
+        self._build()
         self._loras: list[tuple[str, float]] = []
+
+    def _build(self) -> None:
+        self.engine = self._factory()
+        engine = self.engine
+        # what /system shows, kept so it can answer while a LoRA change rebuilds the engine
+        self.about = {"device": str(engine.device), "profile": engine.profile.name,
+                      "profile_reason": engine.profile.origin or "built-in", "backend": engine.backend,
+                      "backend_reason": engine.backend_reason, "model": engine.model_id}
 
     def with_loras(self, loras: list[dict]) -> Engine:
         """The engine with exactly these LoRAs (a new engine when they differ from the loaded ones)."""
@@ -55,7 +65,7 @@ class EngineHolder:
         if wanted != self._loras:
             if self._loras:
                 self.engine = None  # free the old models before the new engine loads its own
-                self.engine = self._factory()
+                self._build()
             self._loras = []
             for path, scale in wanted:
                 self.engine.load_lora(path, scale=scale)

@@ -9,6 +9,7 @@ render. A client that falls too far behind is dropped rather than slowing the re
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -39,7 +40,7 @@ class EventHub:
         return len(self._clients)
 
     def subscribe(self) -> asyncio.Queue:
-        """A queue that receives every event from now on (call from the event loop)."""
+        """A queue that receives every event from now on, as JSON text (call from the event loop)."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=CLIENT_BACKLOG)
         self._clients.add(queue)
         return queue
@@ -59,9 +60,10 @@ class EventHub:
 
     def _fan_out(self, event: dict[str, Any]) -> None:
         self.published += 1
+        text = json.dumps(event)  # once, not once per client
         for queue in list(self._clients):
             try:
-                queue.put_nowait(event)
+                queue.put_nowait(text)
             except asyncio.QueueFull:
                 log.warning("dropping a WebSocket client that is %d events behind", CLIENT_BACKLOG)
                 self._clients.discard(queue)

@@ -117,8 +117,9 @@ def _check_schedule(value: Any, steps: int, problems: _Problems) -> dict | None:
             problems.add(f"options.schedule.{key}", f"unknown key; allowed keys are: {', '.join(SCHEDULE_KEYS)}")
     for key in SCHEDULE_KEYS:
         given = value.get(key, min(I2I_DEFAULT, steps) if key == "i2i" else steps)
-        if not _whole(given, 0, MAX_STEPS):
-            problems.add(f"options.schedule.{key}", f"must be a whole number of steps from 0 to {steps}, got {given!r:.40}")
+        if not _whole(given, 0, steps):  # a switch is on for steps s < value: more than `steps` means nothing
+            problems.add(f"options.schedule.{key}", f"must be a whole number of steps from 0 to {steps} "
+                                                    f"(options.steps), got {given!r:.40}")
         out[key] = given
     return out
 

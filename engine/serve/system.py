@@ -11,32 +11,33 @@ from threedis.engine.serve.requests import RequestError
 GB = 1024**3
 
 
-def _memory(engine: Engine) -> dict[str, float | None]:
+def _memory(engine: Engine | None) -> dict[str, float | None]:
     import psutil
     import torch
 
     out: dict[str, float | None] = {"vram_free_gb": None, "vram_total_gb": None,
                                     "ram_free_gb": round(psutil.virtual_memory().available / GB, 2)}
-    if engine.device.type == "cuda" and torch.cuda.is_available():
+    if engine is not None and engine.device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(engine.device)
         out.update(vram_free_gb=round(free / GB, 2), vram_total_gb=round(total / GB, 2))
     return out
 
 
-def loaded_models(engine: Engine) -> list[str]:
+def loaded_models(engine: Engine | None) -> list[str]:
     """The rendering models in memory now (the auxiliary ones live only for their stage)."""
+    if engine is None:  # being rebuilt for other LoRAs
+        return []
     try:
         return sorted(key for key, info in engine.models.placement().items() if info.get("on") is not None)
     except RuntimeError:  # the worker changed the table while we read it; ask again next time
         return []
 
 
-def system_info(engine: Engine, config: ServeConfig, queue_length: int, running: str | None) -> dict:
+def system_info(engine: Engine | None, about: dict, config: ServeConfig, queue_length: int,
+                running: str | None) -> dict:
+    """/system: `about` is the engine's description (device, profile, backend, model and reasons)."""
     return {
-        "version": __version__, "device": str(engine.device), **_memory(engine),
-        "profile": engine.profile.name, "profile_reason": engine.profile.origin or "built-in",
-        "backend": engine.backend, "backend_reason": engine.backend_reason,
-        "model": engine.model_id, "models_loaded": loaded_models(engine),
+        "version": __version__, **about, **_memory(engine), "models_loaded": loaded_models(engine),
         "queue_length": queue_length, "running": running, "tiny": config.tiny, "limits": config.limits(),
     }
 
@@ -61,6 +62,9 @@ def plan_rows(engine: Engine, layout: Layout, body: dict) -> dict:
         problems.append({"field": "stage1_size", "message": str(err)})
     if problems:
         raise RequestError(f"invalid plan request: {problems[0]['field']}: {problems[0]['message']}", problems)
+    if name is None and engine is None:
+        raise RequestError("the engine is being rebuilt for other LoRAs; name a profile or ask again",
+                           [{"field": "profile", "message": "give a built-in profile name"}], status=503)
     profile = load_profile(name) if name is not None else engine.profile
     models = models_for(stage1=body.get("stage1", False), sam2=body.get("sam", False))
     result = plan(profile, layout.width, layout.height, len(layout.instances), models=models,
