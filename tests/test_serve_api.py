@@ -182,6 +182,24 @@ def test_depth_job_then_render_on_its_depth(service):
     assert render["status"] == "done", render["error"]
 
 
+def test_depth_from_an_uploaded_photo_as_a_job_and_in_a_render(service):
+    _, client, _, _, _ = service
+    photo = _upload(client, png_bytes((80, 48), "RGB"), kind="photo").json()["id"]
+    source = {"source": "photo", "upload": photo}
+    depth_job = wait_final(client, client.post("/api/v1/depth", json={"layout": layout_dict(32), "options": {
+        "depth": source}}).json()["id"])
+    assert depth_job["status"] == "done", depth_job["error"]
+    assert set(depth_job["files"]) == {"depth.png", "report.json"}
+    with Image.open(io.BytesIO(client.get(depth_job["files"]["depth.png"]).content)) as depth:
+        assert depth.size == (32, 32)
+    render = wait_final(client, client.post("/api/v1/jobs", json={"layout": layout_dict(32), "options": {
+        "steps": 1, "depth": source}}).json()["id"])
+    assert render["status"] == "done", render["error"]
+    wrong_kind = client.post("/api/v1/jobs", json={"layout": layout_dict(32), "options": {
+        "depth": {"source": "upload", "upload": photo}}})
+    assert wrong_kind.status_code == 422 and "photo" in wrong_kind.json()["detail"]["message"]
+
+
 def test_a_failing_render_records_its_error_and_the_service_stays_up(service, depth_id, tmp_path):
     _, client, _, _, _ = service
     missing = str(tmp_path / "no-such-lora.safetensors")
