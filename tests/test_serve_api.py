@@ -480,3 +480,26 @@ def test_plan_gives_the_cli_planner_rows_and_takes_only_built_in_profiles(servic
     refused = client.post("/api/v1/plan", json={"layout": layout, "profile": str(toml)})
     assert refused.status_code == 422 and refused.json()["detail"]["problems"][0]["field"] == "profile"
     assert client.post("/api/v1/plan", json={"layout": {**layout, "width": 1000}}).status_code == 422
+
+
+def test_two_services_in_one_process_do_not_share_jobs_events_or_uploads(tmp_path):
+    first, second = _config(tmp_path / "a"), _config(tmp_path / "b", token="another-token")
+    with running_service(first) as (url_a, _), running_service(second) as (url_b, _):
+        a = httpx.Client(base_url=url_a, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        b = httpx.Client(base_url=url_b, headers={"Authorization": "Bearer another-token"}, timeout=60)
+        watch_b = EventLog(url_b, "another-token")
+        try:
+            watch_b.wait_for(lambda e: e["type"] == "snapshot")
+            assert a.get("/api/v1/system").status_code == 200
+            assert b.get("/api/v1/system", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
+            upload = _upload(a, png_bytes()).json()["id"]
+            job = wait_final(a, a.post("/api/v1/jobs", json=_job(upload, size=32)).json()["id"])
+            assert job["status"] == "done"
+            assert b.get("/api/v1/jobs").json()["jobs"] == []
+            assert b.get(f"/api/v1/uploads/{upload}").status_code == 404
+            assert [e["type"] for e in watch_b.events] == ["snapshot"]
+            assert not (tmp_path / "b" / "jobs").exists() or not any((tmp_path / "b" / "jobs").iterdir())
+        finally:
+            watch_b.close()
+            a.close()
+            b.close()
