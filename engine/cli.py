@@ -39,6 +39,7 @@ examples:
   threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
   threedis make-tiny /tmp/tiny-flux
+  threedis serve --open                          # web layout editor + local API on 127.0.0.1:7860
 """
 
 

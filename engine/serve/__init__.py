@@ -12,12 +12,14 @@ optional extra `threedis-flux[serve]`; nothing here is imported by the engine it
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from threedis.engine.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app"]
 
 
-def create_app(config: ServeConfig, engine_factory=None):
+def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = None) -> Any:
     """The FastAPI app for `config` (imported lazily: FastAPI is an optional extra)."""
     from threedis.engine.serve.app import create_app as _create
 
