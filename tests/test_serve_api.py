@@ -85,6 +85,7 @@ def test_submit_events_done_and_image_metadata_holds_the_layout(service, depth_i
         assert [e["step"] for e in steps] == [1, 2, 3] and all(e["total"] == 3 for e in steps)
         assert all(e["stage"] == "denoise" and e["status"] == "running" for e in steps)
         assert any(e.get("preview", "").startswith("data:image/png;base64,") for e in steps)
+        assert steps[0]["eta_s"] is None and steps[1]["eta_s"] >= 0 and steps[-1]["eta_s"] == 0
     finally:
         events.close()
     job = client.get(f"/api/v1/jobs/{job_id}").json()

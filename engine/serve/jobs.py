@@ -293,8 +293,10 @@ class JobManager:
         if job.stage != stage:
             self._set_stage(job, stage, total)
         now = time.perf_counter()
+        if step <= 1:  # the first step's time includes loading: measure the rate from it on
+            job.stage_t0 = now
         job.step, job.total = step, total
-        job.eta_s = round((now - job.stage_t0) / step * (total - step), 3) if step > 0 else None
+        job.eta_s = round((now - job.stage_t0) / (step - 1) * (total - step), 3) if step > 1 else None
         every = self.config.preview_every or max(1, total // PREVIEWS_PER_RENDER)
         extra = {}
         if preview is not None and (step % every == 0 or step == total):
