@@ -28,7 +28,7 @@ from threedis.engine.serve.depth import make_depth
 from threedis.engine.serve.engines import EngineHolder
 from threedis.engine.serve.events import EventHub
 from threedis.engine.serve.history import FINAL, History
-from threedis.engine.serve.requests import Defaults, RequestError, check_request, resolve_layout
+from threedis.engine.serve.requests import Defaults, check_request, resolve_layout
 from threedis.engine.serve.uploads import UploadStore
 
 log = logging.getLogger("threedis.serve")

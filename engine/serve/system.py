@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from threedis import Engine, Layout, __version__
 from threedis.engine.serve.config import ServeConfig
