@@ -1,5 +1,5 @@
-"""`threedis` command line: render, demo, batch, depth, convert-weights, make-tiny, validate, plan, profiles, bench.
-
+"""`threedis` command line: render, demo, batch, serve, depth, convert-weights, make-tiny, validate, plan, profiles,
+bench.
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
 
@@ -47,6 +47,7 @@ examples:
   threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
   threedis batch jobs.jsonl --out runs/a --seeds 0-3 [--ray [ADDRESS]]   # many layouts x seeds, resumable
+  threedis serve --open                          # web layout editor + local API on 127.0.0.1:7860
   threedis make-tiny all /tmp/tiny                # random-weight test checkpoints
 """
 
@@ -251,6 +252,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "defaults filled in")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="with --show: change a key first")
+
+    p = sub.add_parser("serve", help="local HTTP service + web layout editor (needs threedis-flux[serve])",
+                       description="Serve the engine on 127.0.0.1: a JSON/WebSocket API under /api/v1 (docs/api.md, "
+                                   "/docs) and a web layout editor at /. Without --model: the tiny checkpoints.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
+                   help="FLUX.1-Depth-dev folder or hub id (default: the tiny checkpoints, or $THREEDIS_MODEL)")
+    p.add_argument("--profile", default="auto", help="memory profile name or TOML file (default: auto)")
+    p.add_argument("--stage1", default=os.environ.get("THREEDIS_STAGE1"), metavar="PATH_OR_ID",
+                   help="stage-1 model (default: the tiny one without --model, else the authors' release)")
+    p.add_argument("--sam", default=None, metavar="PATH_OR_ID", help="SAM2 model for jobs with sam: true")
+    p.add_argument("--depth-model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
+                   help="Depth Anything V2 model for depth from a photo")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--local-files-only", action="store_true", help="never try to download weights")
+    p.add_argument("--out", type=Path, default=Path("threedis-out/serve"),
+                   help="outputs and history.sqlite3 (default threedis-out/serve)")
+    p.add_argument("--open", action="store_true", help="open the editor in the default browser")
+    p.add_argument("--no-auth", action="store_true", help="no bearer token (only with a loopback --host)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept browser requests from this origin, e.g. http://localhost:3000 (repeatable)")
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest upload in MiB (default 32)")
+    p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
+                   help="largest upload in pixels (default 4096*4096)")
 
     p = sub.add_parser("bench", help="run a benchmark (attention)")
     p.add_argument("what", choices=["attention"], help="which benchmark")
@@ -605,6 +631,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from threedis.engine.serve.server import config_from_args, require_dependencies, serve
+
+    require_dependencies()
+    serve(config_from_args(args), open_browser=args.open)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from threedis.kernels.bench_attention import main as bench_main  # imports torch
 
@@ -621,6 +655,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "plan": cmd_plan,
     "profiles": cmd_profiles,
+    "serve": cmd_serve,
     "bench": cmd_bench,
 }
 

@@ -1,0 +1,260 @@
+"""Reading a job request: the layout (masks as upload ids) and the options, every problem at once.
+
+A request is checked in full when it is submitted, so a bad one gets 422 with one
+entry per problem (the layout's come from Layout.from_dict, the same messages as
+`threedis validate`) and never reaches the queue. What is stored, and resubmitted,
+is the normalised options and the layout as the client sent it; the Layout with
+server-side mask paths is rebuilt from those when the job runs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from threedis import Layout, LayoutError, UserError
+from threedis.engine.serve.uploads import UploadError, UploadStore
+
+DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
+SCHEDULE_KEYS = ("hard", "i2i", "i2t", "t2i", "t2t")
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+I2I_DEFAULT = 4  # the authors' demos: image->image restriction for the first 4 steps
+
+
+class RequestError(UserError):
+    """A bad request: `problems` lists every (field, message); status is the HTTP code."""
+
+    def __init__(self, message: str, problems: list[dict] | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+        self.status = status
+
+
+@dataclass
+class _Problems:
+    items: list[dict] = field(default_factory=list)
+
+    def add(self, name: str, message: str) -> None:
+        self.items.append({"field": name, "message": message})
+
+    def raise_any(self, what: str) -> None:
+        if self.items:
+            first = self.items[0]
+            more = len(self.items) - 1
+            tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+            raise RequestError(f"{what}: {first['field']}: {first['message']}{tail}", self.items)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an option is when the request leaves it out (the tiny checkpoints get tiny numbers)."""
+
+    steps: int = 20
+    stage1_steps: int = 30
+    stage1_migc_steps: int = 16
+    stage1_size: int = 512
+
+
+TINY_DEFAULTS = Defaults(steps=4, stage1_steps=4, stage1_migc_steps=2, stage1_size=64)
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def resolve_layout(data: Any, uploads: UploadStore) -> Layout:
+    """The client's layout JSON -> Layout, with {"mask": {"mask_upload": id}} turned into stored files.
+
+    A mask given as a path is refused: no client-supplied path reaches the file system.
+    """
+    problems: list[dict] = []
+    if isinstance(data, dict) and isinstance(data.get("instances"), list):
+        instances = []
+        for i, item in enumerate(data["instances"]):
+            if isinstance(item, dict) and "mask" in item and item["mask"] is not None:
+                item = dict(item)
+                mask, name = item["mask"], f"instances[{i}].mask"
+                if isinstance(mask, dict) and set(mask) == {"mask_upload"}:
+                    try:
+                        item["mask"] = str(uploads.get(mask["mask_upload"], ("mask", "depth"), name).path)
+                    except UploadError as err:
+                        problems.append({"field": name, "message": str(err).removeprefix(f"{name}: ")})
+                        item.pop("mask")
+                else:
+                    problems.append({"field": name, "message": 'give {"mask_upload": <id>} of an image POSTed to '
+                                     '/api/v1/uploads with kind=mask; the service reads no paths'})
+                    item.pop("mask")
+            instances.append(item)
+        data = {**data, "instances": instances}
+    try:
+        layout = Layout.from_dict(data)
+    except LayoutError as err:
+        for problem in err.problems:
+            text = str(problem)
+            where = problem.field
+            problems.append({"field": where, "message": text.removeprefix(f"{where}: ") if where else text})
+        layout = None
+    if problems:
+        _Problems(problems).raise_any("invalid layout")
+    return layout
+
+
+def _check_schedule(value: Any, steps: int, problems: _Problems) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.add("options.schedule", "must be null or an object {hard, i2i, i2t, t2i, t2t}")
+        return None
+    out = {}
+    for key in value:
+        if key not in SCHEDULE_KEYS:
+            problems.add(f"options.schedule.{key}", f"unknown key; allowed keys are: {', '.join(SCHEDULE_KEYS)}")
+    for key in SCHEDULE_KEYS:
+        given = value.get(key, min(I2I_DEFAULT, steps) if key == "i2i" else steps)
+        if not _whole(given, 0, steps):  # a switch is on for steps s < value: more than `steps` means nothing
+            problems.add(f"options.schedule.{key}", f"must be a whole number of steps from 0 to {steps} "
+                                                    f"(options.steps), got {given!r:.40}")
+        out[key] = given
+    return out
+
+
+def _check_stage1(value: Any, defaults: Defaults, problems: _Problems) -> dict:
+    from threedis.engine.sizes import parse_size
+
+    value = value if value is not None else {}
+    if not isinstance(value, dict):
+        problems.add("options.depth.stage1", "must be an object {steps?, size?, seed?}")
+        return {}
+    for key in value:
+        if key not in ("steps", "size", "seed", "migc_steps", "guidance"):
+            problems.add(f"options.depth.stage1.{key}", "unknown key; allowed: steps, size, seed, migc_steps, guidance")
+    out = {"steps": value.get("steps", defaults.stage1_steps), "size": value.get("size", defaults.stage1_size),
+           "seed": value.get("seed"), "migc_steps": value.get("migc_steps"), "guidance": value.get("guidance", 6.5)}
+    if not _whole(out["steps"], 1, MAX_STEPS):
+        problems.add("options.depth.stage1.steps", f"must be a whole number from 1 to {MAX_STEPS}")
+    elif out["migc_steps"] is None:
+        out["migc_steps"] = min(defaults.stage1_migc_steps, out["steps"])
+    if out["migc_steps"] is not None and not _whole(out["migc_steps"], 0, MAX_STEPS):
+        problems.add("options.depth.stage1.migc_steps", f"must be a whole number from 0 to {MAX_STEPS}")
+    if out["seed"] is not None and not _whole(out["seed"], 0, MAX_SEED):
+        problems.add("options.depth.stage1.seed", "must be null or a whole number >= 0")
+    if not _number(out["guidance"], 0, 100):
+        problems.add("options.depth.stage1.guidance", "must be a number from 0 to 100")
+    try:
+        out["size"] = list(parse_size(out["size"], "size"))
+    except UserError as err:
+        problems.add("options.depth.stage1.size", str(err).removeprefix("size "))
+    return out
+
+
+def _check_depth(value: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any,
+                 problems: _Problems) -> dict:
+    sources = DEPTH_SOURCES[kind]
+    value = value if value is not None else {"source": "stage1"}
+    if not isinstance(value, dict) or value.get("source") not in sources:
+        got = value.get("source") if isinstance(value, dict) else value
+        problems.add("options.depth.source", f"must be one of {', '.join(sources)}, got {got!r:.40}")
+        return {"source": "stage1"}
+    source = value["source"]
+    if source == "stage1":
+        return {"source": source, "stage1": _check_stage1(value.get("stage1"), defaults, problems)}
+    if source == "job":
+        job = value.get("job")
+        if not isinstance(job, str) or not job_exists(job):
+            problems.add("options.depth.job", f"no depth job with id {job!r:.40}; POST /api/v1/depth first")
+        return {"source": source, "job": job}
+    upload = value.get("upload")
+    try:
+        uploads.get(upload, "photo" if source == "photo" else "depth", "options.depth.upload")
+    except UploadError as err:
+        problems.add("options.depth.upload", str(err).removeprefix("options.depth.upload: "))
+    return {"source": source, "upload": upload}
+
+
+def _check_loras(value: Any, problems: _Problems) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.add("options.loras", "must be a list of {path, scale}")
+        return []
+    out = []
+    for i, item in enumerate(value):
+        name = f"options.loras[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
+            problems.add(f"{name}.path", "must be the path of a FLUX LoRA file or folder on the service's machine")
+            continue
+        scale = item.get("scale", 1.0)
+        if not _number(scale, -10, 10):
+            problems.add(f"{name}.scale", "must be a number from -10 to 10")
+        out.append({"path": item["path"], "scale": float(scale) if _number(scale, -10, 10) else 1.0})
+    return out
+
+
+def check_options(value: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any) -> dict:
+    """The request's options with every default filled in; RequestError lists every problem."""
+    problems = _Problems()
+    value = value if value is not None else {}
+    if not isinstance(value, dict):
+        raise RequestError("options must be an object", [{"field": "options", "message": "must be an object"}])
+    allowed = ("seed", "depth") if kind == "depth" else (
+        "seed", "steps", "guidance", "schedule", "sam", "depth", "loras", "preview")
+    for key in value:
+        if key not in allowed:
+            problems.add(f"options.{key}", f"unknown option; allowed: {', '.join(allowed)}")
+    seed = value.get("seed", 0)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if not _whole(seed, 0, MAX_SEED):
+        problems.add("options.seed", "must be a whole number >= 0 (or null for a random seed)")
+    out: dict[str, Any] = {"seed": seed,
+                           "depth": _check_depth(value.get("depth"), kind, defaults, uploads, job_exists, problems)}
+    if kind == "render":
+        steps = value.get("steps", defaults.steps)
+        if not _whole(steps, 1, MAX_STEPS):
+            problems.add("options.steps", f"must be a whole number from 1 to {MAX_STEPS}, got {steps!r:.40}")
+            steps = defaults.steps
+        guidance = value.get("guidance", 10.0)
+        if not _number(guidance, 0, 100):
+            problems.add("options.guidance", f"must be a number from 0 to 100, got {guidance!r:.40}")
+        for flag in ("sam", "preview"):
+            if not isinstance(value.get(flag, False), bool):
+                problems.add(f"options.{flag}", "must be true or false")
+        out.update(steps=steps, guidance=guidance, schedule=_check_schedule(value.get("schedule"), steps, problems),
+                   sam=value.get("sam", False), preview=value.get("preview", True),
+                   loras=_check_loras(value.get("loras"), problems))
+    problems.raise_any("invalid options")
+    return out
+
+
+def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any) -> tuple[dict, dict]:
+    """(layout as sent, normalised options) of a POST /jobs or /depth body; RequestError if anything is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object {layout, options}",
+                           [{"field": "", "message": "must be an object {layout, options}"}])
+    unknown = [k for k in body if k not in ("layout", "options")]
+    if unknown:
+        raise RequestError(f"unknown key {unknown[0]!r} in the body; send {{layout, options}}",
+                           [{"field": k, "message": "unknown key; allowed: layout, options"} for k in unknown])
+    if "layout" not in body:
+        raise RequestError("the body has no layout", [{"field": "layout", "message": "missing"}])
+    problems: list[dict] = []
+    message = ""
+    try:
+        resolve_layout(body["layout"], uploads)
+    except RequestError as err:
+        problems += err.problems  # layout fields as `threedis validate` names them: "instances[1].box"
+        message = str(err)
+    try:
+        options = check_options(body.get("options"), kind, defaults, uploads, job_exists)
+    except RequestError as err:
+        problems += err.problems
+        message = message or str(err)
+    if problems:
+        raise RequestError(message, problems)
+    return body["layout"], options
