@@ -44,7 +44,7 @@ from threedis.engine.runtime import ModelManager
 from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
 from threedis.kernels.rule import RuleError, Schedule
 
-__all__ = ["Engine", "RenderCancelled", "RenderOptions", "RenderResult", "Stage1Options", "default_schedule",
+__all__ = ["DepthResult", "Engine", "RenderCancelled", "RenderOptions", "RenderResult", "Stage1Options", "default_schedule",
            "default_cache_dir"]
 
 DEMO_I2I_STEPS = 4  # the authors' demo default for the image->image switch (SPEC section 3)
@@ -82,6 +82,16 @@ class RenderResult:
         from threedis.engine.outputs import save_result
 
         return save_result(self, folder, overwrite=overwrite, pictures=pictures, prefix=prefix)
+
+
+@dataclass
+class DepthResult:
+    """Engine.depth_from_layout: stage 1's depth ('L') and RGB preview at its size, its report and settings."""
+
+    depth: Image.Image
+    rgb: Image.Image
+    report: Any
+    settings: dict = field(default_factory=dict)
 
 
 def default_schedule(steps: int) -> Schedule:
@@ -370,6 +380,42 @@ class Engine:
             raise UserError(
                 f"layout size {layout.width}x{layout.height} must be a multiple of {factor} on both sides"
             )
+
+    def depth_from_layout(self, layout: Layout, seed: int = 0, stage1: Stage1Options | None = None,
+                          on_stage1_step: Callable[[int, int], None] | None = None,
+                          cancel: threading.Event | None = None) -> DepthResult:
+        """Stage 1 alone: the layout's depth map, so a user can see and keep it before rendering on it.
+
+        The depth ('L', near = bright) and RGB preview are at stage1.size (render() stretches them
+        to the layout size with FLUX's control resampling); stage 1 is freed afterwards.
+        """
+        from threedis.engine.checks import check_callback, check_cancel, check_seed
+        from threedis.engine.profiler import Profiler
+
+        if not isinstance(layout, Layout):
+            raise UserError(f"layout must be a threedis Layout (Layout.load(path)), got {type(layout).__name__}")
+        check_seed(seed)
+        check_cancel(cancel)
+        check_callback(on_stage1_step, "on_stage1_step")
+        stage1 = stage1 if stage1 is not None else Stage1Options()
+        if not isinstance(stage1, Stage1Options):
+            raise UserError(f"stage1 must be a threedis Stage1Options, got {type(stage1).__name__}")
+        if stage1.seed is None:
+            stage1 = replace(stage1, seed=seed)
+        self.aux.spec("stage1")  # no stage 1 configured: say so before any work
+        with self._lock:
+            prof = Profiler(device=self.device)
+            try:
+                made = run_stage1(self.aux, layout, stage1, True, prof, on_stage1_step, cancel)
+            finally:
+                self.aux.free()
+            report = prof.report()
+        settings = self._depth_settings(stage1, made)
+        return DepthResult(depth=made.depth, rgb=made.rgb, report=report, settings=settings)
+
+    def loaded_models(self) -> list[str]:
+        """The models in memory right now (profile keys), e.g. for a status display."""
+        return sorted(key for key, info in self.models.placement().items() if info.get("on") is not None)
 
     def depth_from_image(self, image: Any, size: tuple[int, int] | None = None) -> Image.Image:
         """Depth map of a photo with Depth Anything V2 ('L', near = bright) at `size` (w, h) or the photo's.

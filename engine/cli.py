@@ -569,8 +569,6 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from threedis.engine.batch.jobs import validate_jobs_file
-
     if args.list:
         for name in list_examples():
             print(name)
@@ -580,6 +578,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.layouts:
         if path.suffix == ".jsonl":  # a batch job file: each bad line by number
+            from threedis.engine.batch.jobs import validate_jobs_file  # imports torch: only for job files
+
             failed += not validate_jobs_file(path)
             continue
         try:

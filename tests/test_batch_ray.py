@@ -58,7 +58,8 @@ def test_ray_batch_matches_engine_render_pixel_for_pixel(tmp_path, local_ray, sp
     assert all(r["worker"] != "local" and r["device"] == "cpu" for r in rows)
     for row in rows:
         np.testing.assert_array_equal(pixels(out / row["files"]["image"]),
-                                      reference_pixels(engine, folder, int(row["job"][3:]), row["seed"]))
+                                      reference_pixels(engine, folder, int(row["job"][3:]), row["seed"],
+                                                       threads=1))
     assert set(summary.workers) == {r["worker"] for r in rows}
 
 

@@ -48,21 +48,23 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def reference_pixels(engine, folder: Path, n: int, seed: int) -> np.ndarray:
-    """The same render straight through Engine.render: the independent reference for batch images."""
+def reference_pixels(engine, folder: Path, n: int, seed: int, threads: int | None = None) -> np.ndarray:
+    """The same render straight through Engine.render: the independent reference for batch images.
+
+    threads: torch's thread count for it, that of the process that made the batch image (Ray runs each
+    1-CPU actor with one thread): a matmul split over another thread count sums in another order.
+    """
     from threedis import Layout
 
     import torch
 
-    # Ray runs each 1-CPU actor with one torch thread; a matmul split over another thread count sums in
-    # another order, so the reference is rendered with the workers' thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
     try:
         result = engine.render(Layout.from_dict(layout_dict(n)), depth=folder / f"depth-{n}.png", seed=seed,
                                steps=STEPS)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return np.asarray(result.image.convert("RGB"))
 
 

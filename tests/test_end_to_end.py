@@ -111,6 +111,22 @@ def test_render_without_depth_runs_every_stage(engine, aux_paths, tmp_path):
     assert meta["depth"]["source"] == "stage1" and meta["depth"]["size"] == [64, 64] and meta["sam"]["ran"]
 
 
+def test_depth_from_layout_is_stage_1_alone(engine, aux_paths):
+    """The service's "Make depth": stage 1's output for the layout and seed, nothing rendered, stage 1 freed."""
+    steps: list[tuple[int, int]] = []
+    made = engine.depth_from_layout(scene(), seed=5, stage1=Stage1Options(**FAST_STAGE1),
+                                    on_stage1_step=lambda d, t: steps.append((d, t)))
+    ref = Stage1Pipeline.from_pretrained(aux_paths["stage1"], device="cpu", local_files_only=True).generate(
+        "a garden at dawn", ["a red bird", "a blue jay"], BOXES, width=64, height=64, steps=2, migc_steps=1, seed=5)
+    assert_images_close(made.depth, ref.depth)
+    assert_images_close(made.rgb, ref.rgb)
+    assert steps == [(1, 2), (2, 2)] and engine.aux.live == {}
+    assert made.settings["source"] == "stage1" and made.settings["seed"] == 5
+    assert "stage1" in [s.name for s in made.report.stages]
+    with pytest.raises(UserError, match="seed"):
+        engine.depth_from_layout(scene(), seed=-1)
+
+
 def test_metadata_without_depth_reruns_stage1_to_the_same_image(engine, tmp_path):
     first = engine.render(scene(), seed=2, **{**FAST, "stage1": Stage1Options(negative_prompt="blurry, dark",
                                                                               **FAST_STAGE1)})

@@ -27,7 +27,7 @@ def loaded_models(engine: Engine | None) -> list[str]:
     if engine is None:  # being rebuilt for other LoRAs
         return []
     try:
-        return sorted(key for key, info in engine.models.placement().items() if info.get("on") is not None)
+        return engine.loaded_models()
     except RuntimeError:  # the worker changed the table while we read it; ask again next time
         return []
 
