@@ -114,6 +114,8 @@ def test_render_without_depth_runs_every_stage(engine, aux_paths, tmp_path):
 def test_depth_from_layout_is_stage_1_alone(engine, aux_paths):
     """The service's "Make depth": stage 1's output for the layout and seed, nothing rendered, stage 1 freed."""
     steps: list[tuple[int, int]] = []
+    from threedis.engine.stage1 import Stage1Pipeline
+
     made = engine.depth_from_layout(scene(), seed=5, stage1=Stage1Options(**FAST_STAGE1),
                                     on_stage1_step=lambda d, t: steps.append((d, t)))
     ref = Stage1Pipeline.from_pretrained(aux_paths["stage1"], device="cpu", local_files_only=True).generate(

@@ -33,6 +33,9 @@ def import_ray() -> Any:
     return ray
 
 
+CPUS_PER_WORKER = 1  # each actor's CPU share; its torch thread count
+
+
 class BatchWorker:
     """The actor body: an engine built once by ready(), then render() per item."""
 
@@ -49,6 +52,11 @@ class BatchWorker:
 
         from threedis import UserError
 
+        import torch
+
+        # Ray gives this actor one CPU; say so to torch too (not only through OMP_NUM_THREADS), so its
+        # CPU renders are the same on every node and do not oversubscribe the cores.
+        torch.set_num_threads(CPUS_PER_WORKER)
         start = time.perf_counter()
         try:
             self.engine = self.spec.build()
@@ -119,7 +127,7 @@ class RayRunner:
         actors: list[Any] = []
         try:
             workers, gpus = plan_workers(ray.cluster_resources(), self.workers, self.gpus_per_worker)
-            actor_class = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(BatchWorker)
+            actor_class = ray.remote(num_cpus=CPUS_PER_WORKER, num_gpus=gpus, max_restarts=0)(BatchWorker)
             actors = [actor_class.remote(self.spec, f"ray-{i}") for i in range(min(workers, len(items)))]
             self.worker_info = ray.get([actor.ready.remote() for actor in actors])
             failed = [info for info in self.worker_info if not info["ok"]]
