@@ -3,8 +3,8 @@
 Why: a JSON check and an arithmetic plan should answer at once; what they import decides it.
 Each command runs in a fresh Python process (nothing imported, the OS file cache warm after
 the first repetition), timed from spawn to exit. Two baselines put the numbers in context:
-the bare interpreter and `import torch` (which `plan` pays, for the attention backend decision
-and the runtime's constants; `validate` and `--help` must not).
+the bare interpreter and `import torch` (which none of these commands may pay: `plan` reads
+stored parameter counts and the backend order as data).
 
 Run: python bench/cli_startup.py [--reps 7] [--out bench/results]
 Rows (one per command: p20/p50/p80 seconds, device and versions) are JSON lines in

@@ -23,6 +23,7 @@ from typing import Any, ContextManager, Iterator, Protocol, Sequence
 import torch
 
 from threedis.engine import loading
+from threedis.engine.compute import T5_MAX_LENGTH, TEXT_BATCH  # the encoder's own numbers (compute.py)
 from threedis.engine.config_check import read_json
 from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.loading import CLIP_PARTS, T5_PARTS, TextEncoders
@@ -32,10 +33,6 @@ __all__ = ["EncodedPrompts", "EncoderAccess", "EntrySpec", "PromptCache", "Promp
 
 log = logging.getLogger(__name__)
 
-T5_MAX_LENGTH = 512  # FLUX's T5 sequence length: every prompt is padded to it before encoding
-# Prompts per T5 call: activations stay bounded however many instances a layout has (64 instance
-# prompts in one batch would need ~8 GB for T5-XXL alone). The memory planner prices this batch.
-TEXT_BATCH = 4
 _MEMO_LIMIT = 64  # prompts kept in memory per encoder (a few MB each at chunk 200)
 
 

@@ -63,20 +63,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-import torch
-
-from threedis.engine.encoding import T5_MAX_LENGTH, TEXT_BATCH
+from threedis.engine.compute import QUANT_COMPUTE_DTYPE_NAME, T5_MAX_LENGTH, TEXT_BATCH, VAE_TILE_PX
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import (
     GIB, MODEL_KEYS, ModelPolicy, Offload, Placement, Profile, Weights, _suggest, list_profiles,
     load_profile,
 )
-from threedis.engine.quantize import default_skip_patterns
-from threedis.engine.compute import QUANT_COMPUTE_DTYPE, VAE_TILE_PX
-from threedis.kernels.attention import select_backend
-from threedis.kernels.rule import MAX_INSTANCES, RuleError
+from threedis.engine.layout import MAX_INSTANCES
+from threedis.kernels.backend_order import expected_backend
+
+if TYPE_CHECKING:  # annotations only: torch is imported where a model is built
+    import torch
 
 DEFAULT_CONFIGS: Mapping[str, str] = MappingProxyType({
     "transformer": "flux_depth_transformer",
@@ -236,8 +235,10 @@ def _library_and_class(cfg: Mapping[str, Any], where: str) -> tuple[str, str]:
     raise UserError(f"model config {where} names no class (_class_name or architectures)")
 
 
-def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> torch.nn.Module:
+def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> "torch.nn.Module":
     """Build the model with no storage (seconds even for 12B parameters)."""
+    import torch  # heavy: only for a config without stored counts (plan itself answers without torch)
+
     library, class_name = _library_and_class(cfg, where)
     clean = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _STRIP}
     # diffusers / transformers: seconds to import, and only needed for a config without stored counts
@@ -255,8 +256,10 @@ def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> torch.nn.
         return cls(cls.config_class(**clean))
 
 
-def _block_prefixes(model: torch.nn.Module) -> list[str]:
+def _block_prefixes(model: "torch.nn.Module") -> list[str]:
     """Children of the outermost ModuleLists: the repeated blocks group offload moves."""
+    import torch  # heavy: only with a model built by instantiate_meta
+
     prefixes: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(p + ".") for p in prefixes):
@@ -264,8 +267,10 @@ def _block_prefixes(model: torch.nn.Module) -> list[str]:
     return prefixes
 
 
-def _skip_patterns(model: torch.nn.Module, scheme: str) -> tuple[str, ...]:
+def _skip_patterns(model: "torch.nn.Module", scheme: str) -> tuple[str, ...]:
     """Module-name regexes a format leaves in bf16: the runtime's own rule."""
+    from threedis.engine.quantize import default_skip_patterns  # imports torch: only with a built model
+
     return tuple(default_skip_patterns(model, scheme))
 
 
@@ -297,6 +302,8 @@ def measure_model(key: str, config: str | Path | None = None) -> ModelSize:
 
 def count_on_meta(key: str, config: str | Path) -> ModelSize:
     """measure_model without the stored counts: builds the model on the meta device (seconds for FLUX)."""
+    import torch  # heavy: only for a config without stored counts
+
     cfg = load_config(config)
     model = instantiate_meta(cfg, str(config))
     blocks = _block_prefixes(model)
@@ -625,17 +632,14 @@ def _footprint(size: ModelSize, policy: ModelPolicy) -> tuple[int, int, int, str
 
 
 def _resolve_backend(profile: Profile) -> tuple[str, str]:
-    """(backend, reason) from the function renders use (kernels.attention.select_backend), asked about
-    the device the profile runs the transformer on and its compute dtype."""
+    """(backend, reason) a render of this profile uses on the device it puts the transformer on, in its
+    compute dtype: the order and words of kernels.attention.select_backend (kernels.backend_order), for
+    a machine where every backend there works (on CUDA, with triton installed). Without torch."""
     policy = profile.policy("transformer")
-    device = "cpu" if not policy.device.on_gpu else "cuda"
+    device = "cuda" if policy.device.on_gpu else "cpu"
     plain = {Weights.FP16: "float16", Weights.FP32: "float32", Weights.BF16: "bfloat16"}
-    dtype = getattr(torch, plain[policy.weights]) if policy.weights in plain else QUANT_COMPUTE_DTYPE
-    requested = profile.attention_backend.value
-    try:
-        return select_backend(device, dtype, requested)
-    except RuleError as err:  # a named backend this machine cannot run: plan it anyway, and say so
-        return requested, f"requested by the profile; not runnable here: {err}"
+    return expected_backend(device, plain.get(policy.weights, QUANT_COMPUTE_DTYPE_NAME),
+                            profile.attention_backend.value)
 
 
 def host_ram_bytes() -> int | None:

@@ -44,7 +44,9 @@ from threedis.engine.errors import UserError
 from threedis.engine.offload import apply_group_offload, move_model, move_parts, release_memory
 from threedis.engine.profiles import MODEL_KEYS, Offload, Placement, Profile, apply_overrides
 from threedis.engine.quantize import PLAIN_SCHEMES as _PLAIN  # the one weights-name -> float dtype map
-from threedis.engine.compute import QUANT_COMPUTE_DTYPE, VAE_TILE_PX  # noqa: F401 (re-exported)
+from threedis.engine.compute import QUANT_COMPUTE_DTYPE_NAME, VAE_TILE_PX  # noqa: F401 (re-exported)
+
+QUANT_COMPUTE_DTYPE = getattr(torch, QUANT_COMPUTE_DTYPE_NAME)  # compute dtype of every non-float format
 
 __all__ = ["AUX_SLOTS", "RUNTIME_MODELS", "SLOTS", "ModelManager", "Residency", "dtype_weights"]
 

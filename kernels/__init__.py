@@ -3,17 +3,19 @@
 Needs torch (and triton for the fused kernel) only: no diffusers import here.
 """
 
-from threedis.kernels import rule
-from threedis.kernels.rule import Phases, Schedule, TokenLayout
+import importlib
 
 __all__ = ["rule", "Phases", "Schedule", "TokenLayout", "masked_joint_attention", "select_backend"]
 
+# Imported on first use: `threedis.kernels.backend_order` (which the memory planner reads) must
+# not pull torch in, and the rule stays importable without the attention dispatch.
+_LAZY = {"rule": None, "Phases": "rule", "Schedule": "rule", "TokenLayout": "rule",
+         "masked_joint_attention": "attention", "select_backend": "attention", "BACKENDS": "attention"}
+
 
 def __getattr__(name):
-    # The dispatch module is written by the attention-backend work; import it lazily
-    # so `threedis.kernels.rule` stays importable on its own.
-    if name in ("masked_joint_attention", "select_backend", "BACKENDS"):
-        from threedis.kernels import attention
-
-        return getattr(attention, name)
-    raise AttributeError(f"module 'threedis.kernels' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'threedis.kernels' has no attribute {name!r}")
+    if _LAZY[name] is None:
+        return importlib.import_module(f"threedis.kernels.{name}")
+    return getattr(importlib.import_module(f"threedis.kernels.{_LAZY[name]}"), name)

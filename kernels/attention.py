@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from threedis.kernels.rule import Phases, RuleError, TokenLayout, concrete_device
+from threedis.kernels.backend_order import auto_order, auto_reason
 
 log = logging.getLogger("threedis.kernels")
 
@@ -29,10 +30,6 @@ BACKENDS: dict[str, str] = {
     "flex": "threedis.kernels.flex_backend",
     "triton": "threedis.kernels.triton_attention",
 }
-# Per device type. On CPU, FlexAttention runs eager (unfused: it materialises every head's
-# scores), which is slower than SDPA with one shared dense mask, so auto prefers sdpa there.
-AUTO_ORDER = {"cuda": ("triton", "flex", "sdpa")}
-AUTO_ORDER_OTHER = ("sdpa", "flex")
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -76,17 +73,13 @@ def select_backend(
         choice = (requested, f"requested explicitly ({where})")
     else:
         skipped = []
-        for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
+        for name in auto_order(device.type):
             if name == "triton" and device.type != "cuda":
                 skipped.append("triton: needs a CUDA device")
                 continue
             reason = _unavailable_reason(name, device, dtype)
             if reason is None:
-                passed_over = f" (passed over {'; '.join(skipped)})" if skipped else ""
-                why = "" if device.type == "cuda" else (
-                    "; off CUDA the triton kernel does not run compiled and eager FlexAttention is "
-                    "slower than SDPA with one dense mask")
-                choice = (name, f"auto on {where}: {name}{passed_over}{why}")
+                choice = (name, auto_reason(device.type, str(dtype).removeprefix("torch."), name, skipped))
                 break
             skipped.append(f"{name}: {reason}")
         else:  # pragma: no cover - sdpa is always available

@@ -46,5 +46,5 @@ def test_validate_and_help_import_no_torch(tmp_path):
 def test_plan_reads_stored_counts_without_diffusers_or_transformers(tmp_path):
     result = _run("plan", str(example_path("two_birds")), "--json", "--stage1", "--sam", cwd=tmp_path)
     assert result["code"] == 0
-    assert not {"diffusers", "transformers"} & set(result["loaded"]), result["loaded"]
+    assert not {"diffusers", "transformers", "torch"} & set(result["loaded"]), result["loaded"]
     assert json.loads(result["out"])["models"]["transformer"]["params"] == 11_901_604_928
