@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_batch_support import engine, spec  # noqa: F401 (shared fixtures)
 from test_batch_support import (
     images_in, leftovers, manifest_rows, pixels, reference_pixels, write_jobs,
 )
@@ -19,20 +20,9 @@ from threedis.engine.batch.local import LocalRunner
 from threedis.engine.batch.manifest import sha256_file
 from threedis.engine.batch.mig import mig_jobs
 from threedis.engine.batch.seeds import parse_seeds
-from threedis.engine.batch.worker import EngineSpec
 from threedis.engine.cli import main
 
 MIG_FILE = Path(__file__).parent / "data" / "mig_small.yaml"
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_flux_dir) -> EngineSpec:
-    return EngineSpec(model=str(tiny_flux_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def engine(spec):
-    return spec.build()
 
 
 class CountingEngine:

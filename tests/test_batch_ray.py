@@ -7,13 +7,13 @@ import signal
 
 import numpy as np
 import pytest
+from test_batch_support import engine, spec  # noqa: F401 (shared fixtures)
 from test_batch_support import images_in, leftovers, manifest_rows, pixels, reference_pixels, write_jobs
 
 from threedis.engine.batch.driver import run_batch
 from threedis.engine.batch.jobs import load_jobs
 from threedis.engine.batch.manifest import sha256_file
 from threedis.engine.batch.ray_runner import RayRunner, plan_workers
-from threedis.engine.batch.worker import EngineSpec
 
 ray = pytest.importorskip("ray", reason="Ray is part of the test extra: pip install -e '.[test]'")
 
@@ -25,16 +25,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_flux_dir) -> EngineSpec:
-    return EngineSpec(model=str(tiny_flux_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def engine(spec):
-    return spec.build()
 
 
 def check_complete(out, rows):

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from threedis.engine.batch.worker import EngineSpec
 
 STEPS = 1
 
@@ -82,3 +85,14 @@ def leftovers(out: Path) -> list[Path]:
     """Temporary files or numbered duplicates left in the output folder."""
     return [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
             or (p.suffix == ".png" and p.stem.split("-")[-1].isdigit() and p.stem.count("-") > 1)]
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_flux_dir) -> EngineSpec:
+    """One engine description for the batch tests (local and Ray workers build it the same way)."""
+    return EngineSpec(model=str(tiny_flux_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(spec):
+    return spec.build()
