@@ -703,6 +703,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("threedis: interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `threedis profiles | head -1`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,27 @@ def test_demo_runs_every_stage_on_tiny_checkpoints(tmp_path, capsys):
     steps = [s for s in report["stages"] if s["name"] == "step" and s["info"].get("masked")]
     assert steps and all(0 < s["info"]["tile_fraction"] <= 1 and 0 < s["info"]["density"] <= 1 for s in steps)
     assert report["stages"][-1]["name"] == "save"
+
+
+def test_output_piped_into_a_reader_that_leaves_is_not_a_traceback(tmp_path, monkeypatch):
+    """`threedis profiles --show 12gb | head -1`: the closed pipe ends the command quietly, exit 0."""
+    sink = open(tmp_path / "sink", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    saved = os.dup(1)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["profiles", "--show", "12gb"]) == 0
+    finally:
+        os.dup2(saved, 1)  # main pointed fd 1 at /dev/null for the interpreter's last flush; pytest needs it back
+        os.close(saved)
+        sink.close()
