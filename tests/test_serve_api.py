@@ -357,6 +357,9 @@ def test_token_host_and_origin_checks(service):
         assert f'<meta name="threedis-token" content="{TOKEN}">' in page.text
         assert '<meta name="threedis-tiny" content="1">' in page.text
         assert plain.get("/docs").status_code == 200 and "/api/v1/jobs" in plain.get("/openapi.json").text
+        docs = plain.get("/docs").text  # the OpenAPI page works offline: its scripts are served locally
+        assert "http://" not in docs and "https://" not in docs and "/docs-static/swagger-ui-bundle.js" in docs
+        assert plain.get("/docs-static/swagger-ui-bundle.js").status_code == 200
     finally:
         plain.close()
     from websockets.exceptions import InvalidStatus

@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,6 +66,15 @@ def index_page(config: ServeConfig) -> str:
     return page[:head.end()] + tags + page[head.end():] if head else tags + page
 
 
+def _swagger_assets() -> str | None:
+    """Swagger UI's files from the swagger-ui-bundle package (the serve extra), or None: FastAPI's CDN page."""
+    try:
+        import swagger_ui_bundle  # optional; without it /docs loads Swagger UI from a CDN
+    except ImportError:
+        return None
+    return str(swagger_ui_bundle.swagger_ui_path)
+
+
 def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None = None) -> FastAPI:
     """One service: its history, uploads, event hub, job manager (with the Engine) and routes."""
     history = History(config.history_path)
@@ -84,8 +94,19 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None 
             hub.stop()
             history.close()
 
+    offline_docs = _swagger_assets()
     app = FastAPI(title="threedis serve", version=__version__, lifespan=lifespan,
+                  docs_url=None if offline_docs else "/docs",
                   description="3DIS-FLUX layout-to-image jobs over loopback. See docs/api.md.")
+    if offline_docs:  # the OpenAPI page from local files: a desktop machine may be offline
+        app.mount("/docs-static", StaticFiles(directory=offline_docs), name="docs-static")
+
+        @app.get("/docs", include_in_schema=False)
+        def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title="threedis serve: API",
+                                       swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs-static/swagger-ui.css",
+                                       swagger_favicon_url="/docs-static/favicon-32x32.png")
     app.state.config, app.state.jobs, app.state.hub, app.state.uploads = config, jobs, hub, uploads
 
     @app.exception_handler(UserError)
