@@ -1,1 +1,6 @@
 """Engine: layout, loading, pipelines, runtime, profiler, CLI (needs diffusers)."""
+
+if __name__ != "threedis.engine":  # found as a bare `engine` (checkout root on sys.path): yield to an installed one
+    from threedis._step_aside import step_aside
+
+    step_aside(__name__, __file__)

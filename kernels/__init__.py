@@ -3,6 +3,11 @@
 Needs torch (and triton for the fused kernel) only: no diffusers import here.
 """
 
+if __name__ != "threedis.kernels":  # found as a bare `kernels` (checkout root on sys.path): yield to an installed one
+    from threedis._step_aside import step_aside
+
+    step_aside(__name__, __file__)
+
 import importlib
 
 __all__ = ["rule", "Phases", "Schedule", "TokenLayout", "masked_joint_attention", "select_backend"]

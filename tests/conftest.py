@@ -11,17 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator
 
 import pytest
-
-# `python -m pytest` puts the checkout root on sys.path, where the folder kernels/ would be found as
-# a top-level `kernels`: the name of a Hugging Face package that transformers and bitsandbytes probe
-# for. Tests run against the installed `threedis` (mapped to these folders), so drop the root.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
 
 
 @pytest.fixture(scope="session", autouse=True)
