@@ -26,6 +26,22 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt for this test, as in an interactive shell.
+
+    A test run started in the background (`&`, nohup) inherits SIGINT ignored, and Python then
+    keeps it ignored; tests about Ctrl-C set the handler they depend on.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight FLUX.1-Depth-dev checkpoint, written once per test run."""

@@ -237,7 +237,7 @@ def test_cli_batch_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert 'pip install "threedis-flux[ray]"' in err and err.count("\n") == 1
 
 
-def test_ctrl_c_while_recording_waits_for_the_row():
+def test_ctrl_c_while_recording_waits_for_the_row(ctrl_c_raises):
     import os
     import signal
 

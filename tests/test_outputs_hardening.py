@@ -73,7 +73,7 @@ def test_interrupt_while_writing_aside_leaves_nothing(result, tmp_path, monkeypa
     assert names(tmp_path) == set()  # no final names, no temporary folder
 
 
-def test_signal_during_the_move_in_waits_until_the_set_is_whole(result, tmp_path, monkeypatch):
+def test_signal_during_the_move_in_waits_until_the_set_is_whole(result, tmp_path, monkeypatch, ctrl_c_raises):
     real = outputs._place_exclusive
     calls: list[Path] = []
 
