@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-import torch
+# One torch thread per test process (and its subprocesses and Ray workers): the suite's models
+# are tiny, and on a busy 2-core machine two threads spin-wait on each other at every operation
+# (the suite took 2x the CPU time and far more wall time that way). A value set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Without CUDA the Triton kernel runs in Triton's CPU interpreter. Triton reads this when a
 # kernel is decorated, so it is set here, before any test module imports threedis' kernels.
