@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -675,9 +674,6 @@ def _print_threedis_warnings() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # bitsandbytes warns at import (pulled in by diffusers) that an optional CPU kernel package is
-    # missing; it is noise for every command and would make a user error two lines.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     with warnings.catch_warnings():  # the CLI owns its process: every threedis warning is shown, one line each
         warnings.showwarning = _print_threedis_warnings()
         warnings.simplefilter("always", ThreedisWarning)
