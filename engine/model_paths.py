@@ -16,8 +16,8 @@ from threedis.engine.errors import UserError
 from threedis.engine.tiny_rules import tiny_hint
 
 __all__ = ["DEFAULT_BASE_ID", "DEFAULT_DEPTH_MODEL", "DEFAULT_MODEL_ID", "DEFAULT_SAM_MODEL", "STAGE1_FOLDER",
-           "flux_folder", "flux_how_to_get", "hf_how_to_get", "hf_model_folder", "is_hub_id", "lora_file",
-           "stage1_folder"]
+           "depth_model_folder", "flux_folder", "flux_how_to_get", "hf_how_to_get", "hf_model_folder", "is_hub_id",
+           "lora_file", "sam_folder", "stage1_folder"]
 
 DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-Depth-dev"  # gated: licence + `hf auth login`
 DEFAULT_BASE_ID = "Intel/ldm3d-4c"  # stage 1's base model
@@ -75,6 +75,16 @@ def hf_model_folder(path_or_id: str | os.PathLike[str], what: str, default_id: s
     """A transformers model's local folder (SAM2, Depth Anything), or None for a hub id."""
     return _local_folder(os.fspath(path_or_id), what, "give the folder holding config.json and model.safetensors",
                          hf_how_to_get(default_id, tiny_kind))
+
+
+def sam_folder(path_or_id: str | os.PathLike[str]) -> Path | None:
+    """SAM2's local folder, or None for a hub id (the words of sam_masks.SamMasker.from_pretrained)."""
+    return hf_model_folder(path_or_id, "SAM2 model", DEFAULT_SAM_MODEL, "sam2")
+
+
+def depth_model_folder(path_or_id: str | os.PathLike[str]) -> Path | None:
+    """Depth Anything's local folder, or None for a hub id (the words of DepthEstimator.from_pretrained)."""
+    return hf_model_folder(path_or_id, "depth model", DEFAULT_DEPTH_MODEL, "depth")
 
 
 def lora_file(path: str | os.PathLike[str]) -> Path:
