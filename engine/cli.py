@@ -367,13 +367,13 @@ def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 
 def _check_before_torch(args: argparse.Namespace, model: str | None, stage1: str | None, sam: str | None) -> None:
-    """What a render can be refused for without a model or torch, said before either is loaded.
+    """What a render can be refused for without a model or torch, said before either is loaded (the output
+    folder is made only once every argument is checked, in _render).
 
     model / stage1 / sam: those the user named (None: a tiny one comes later). The engine
     checks all of it again; here it only comes seconds, or tens of seconds, sooner.
     """
     from threedis.engine.checks import check_render_args
-    from threedis.engine.outputs import check_output_folder
     from threedis.engine.preflight import check_files, check_models, check_profile
 
     stage1_runs = args.depth is None and args.depth_from_photo is None
@@ -384,7 +384,6 @@ def _check_before_torch(args: argparse.Namespace, model: str | None, stage1: str
     check_render_args(steps=tiny_rules.steps_for(model, args.steps), seed=args.seed, guidance=args.guidance,
                       chunk=args.chunk)
     check_profile(args.profile, _parse_overrides(args.overrides), args.device)
-    check_output_folder(args.out)  # a full or read-only folder is found now, not after the render
 
 
 def _render(args: argparse.Namespace, layout, model: str, stage1: str | None, sam: str | None) -> int:
@@ -393,6 +392,7 @@ def _render(args: argparse.Namespace, layout, model: str, stage1: str | None, sa
     sam: the SAM2 model when SAM is on (SAM_DEFAULT: the engine's default model), None when off.
     """
     from threedis.engine.checks import check_schedule, parse_device
+    from threedis.engine.outputs import check_output_folder
 
     args.device = parse_device(args.device)  # torch from here on
     from threedis.engine.api import Engine, RenderOptions
@@ -401,6 +401,7 @@ def _render(args: argparse.Namespace, layout, model: str, stage1: str | None, sa
     schedule = _schedule(args, steps)
     check_schedule(schedule, steps)
     stage1_options = _stage1_options(args, stage1) if args.depth is None and args.depth_from_photo is None else None
+    check_output_folder(args.out)  # made now that every argument is checked; a full or read-only one is found now
     overrides = _parse_overrides(args.overrides)
     engine = Engine.from_pretrained(
         model, profile=args.profile, overrides=overrides or None, device=args.device,

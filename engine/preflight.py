@@ -47,6 +47,9 @@ def check_profile(profile: str, overrides: Mapping[str, Any] | None, device: str
     """The profile (name or file, with its overrides) for the device: torch only when CUDA may be there."""
     from threedis.engine.profiles import resolve_profile
 
-    if device_type(device) == "cuda" and cuda_surely_absent():
+    kind = device_type(device)
+    if device is not None and kind is None:
+        return  # not a device name: parse_device says so, in its words
+    if kind == "cuda" and cuda_surely_absent():
         raise UserError(no_cuda_message(device))
     resolve_profile(profile, device, overrides or None)

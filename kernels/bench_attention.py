@@ -327,7 +327,7 @@ def write_rows(rows: Sequence[dict], out_dir: Path, device: torch.device) -> Pat
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="threedis bench attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -348,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder for the JSON-lines results (default: the current folder; "
                              "`--out bench/results` in a checkout adds them to the committed results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
