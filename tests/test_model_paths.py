@@ -39,7 +39,9 @@ def _hub_error(monkeypatch, tmp_path) -> str:
 
 
 def test_a_flux_model_not_at_hand_says_it_is_gated_and_how_to_log_in(monkeypatch, tmp_path):
-    for message in (_hub_error(monkeypatch, tmp_path), str(pytest.raises(UserError, flux_folder, "/models/flux").value)):
+    with pytest.raises(UserError) as missing_folder:
+        flux_folder("/models/flux")
+    for message in (_hub_error(monkeypatch, tmp_path), str(missing_folder.value)):
         assert "hf auth login" in message and "licence" in message, message
         assert "\n" not in message
         # the steps in order: licence and login, download, pass the folder; the tiny stand-in comes last
