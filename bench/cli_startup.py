@@ -1,6 +1,8 @@
-"""Cold-start time of the commands a user types first: `threedis --help`, `validate`, `plan`.
+"""Cold-start time of the commands a user types first: `threedis --help`, `validate`, `plan`, and refusals.
 
-Why: a JSON check and an arithmetic plan should answer at once; what they import decides it.
+Why: a JSON check, an arithmetic plan and a refusal that needs no model (a GPU profile on a
+machine without CUDA, a stage-1 folder that is not there) should answer at once; what they
+import decides it.
 Each command runs in a fresh Python process (nothing imported, the OS file cache warm after
 the first repetition), timed from spawn to exit. Two baselines put the numbers in context:
 the bare interpreter and `import torch` (which none of these commands may pay: `plan` reads
@@ -29,25 +31,29 @@ from pathlib import Path
 CLI = [sys.executable, "-m", "threedis.engine.cli"]
 
 
-def commands(layout: str) -> dict[str, list[str]]:
-    """Name -> argv; the baselines first."""
+def commands(layout: str, folder: str) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+    """Name -> (argv, the exit codes it may end with); the baselines first. `folder`: an empty folder."""
+    refused = [*CLI, "render", layout, "--model", folder, "--out", os.path.join(folder, "out")]
     return {
-        "python (baseline)": [sys.executable, "-c", "pass"],
-        "import torch (baseline)": [sys.executable, "-c", "import torch"],
-        "threedis --help": [*CLI, "--help"],
-        "threedis validate": [*CLI, "validate", layout],
-        "threedis plan": [*CLI, "plan", layout, "--profile", "12gb"],
-        "threedis plan --json --stage1 --sam": [*CLI, "plan", layout, "--json", "--stage1", "--sam"],
+        "python (baseline)": ([sys.executable, "-c", "pass"], (0,)),
+        "import torch (baseline)": ([sys.executable, "-c", "import torch"], (0,)),
+        "threedis --help": ([*CLI, "--help"], (0,)),
+        "threedis validate": ([*CLI, "validate", layout], (0,)),
+        "threedis plan": ([*CLI, "plan", layout, "--profile", "12gb"], (0, 3)),  # 3: over this machine's RAM
+        "threedis plan --json --stage1 --sam": ([*CLI, "plan", layout, "--json", "--stage1", "--sam", "--profile",
+                                                 "12gb"], (0, 3)),
+        "render refused: 12gb on a CPU": ([*refused, "--profile", "12gb", "--device", "cpu"], (2,)),
+        "render refused: no stage-1 folder": ([*refused, "--stage1", os.path.join(folder, "missing")], (2,)),
     }
 
 
-def time_command(argv: list[str], reps: int, cwd: str) -> list[float]:
+def time_command(argv: list[str], reps: int, cwd: str, codes: tuple[int, ...] = (0,)) -> list[float]:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         done = subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         times.append(time.perf_counter() - start)
-        if done.returncode != 0:
+        if done.returncode not in codes:
             raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-400:]}")
     return times
 
@@ -84,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     rows = []
     with tempfile.TemporaryDirectory() as cwd:  # not the checkout: its folders must not shadow packages
-        for name, cmd in commands(layout).items():
-            time_command(cmd, 1, cwd)  # warm the file cache: "cold" means a fresh process, not a cold disk
-            p20, p50, p80 = quantiles(time_command(cmd, args.reps, cwd))
+        for name, (cmd, codes) in commands(layout, cwd).items():
+            time_command(cmd, 1, cwd, codes)  # warm the file cache: "cold" means a fresh process, not a cold disk
+            p20, p50, p80 = quantiles(time_command(cmd, args.reps, cwd, codes))
             rows.append({"bench": "cli_startup", "command": name, "argv": cmd[1:], "reps": args.reps,
                          "p20_s": round(p20, 4), "p50_s": round(p50, 4), "p80_s": round(p80, 4),
                          "time": stamp, **info})

@@ -4,3 +4,7 @@ if __name__ != "threedis.engine":  # found as a bare `engine` (checkout root on 
     from threedis._step_aside import step_aside
 
     step_aside(__name__, __file__)
+else:  # before any engine module imports diffusers (-> peft -> bitsandbytes): no kernel-hub lookup at that import
+    from threedis.engine.no_kernel_hub import install as _install_no_kernel_hub
+
+    _install_no_kernel_hub()

@@ -41,7 +41,15 @@ from threedis.engine.loading import FluxComponents
 from threedis.engine.notices import records_warnings, warn
 from threedis.engine.profiles import Profile, apply_overrides, resolve_profile
 from threedis.engine.runtime import ModelManager
-from threedis.engine.stages import AuxModels, Stage1Options, raise_if_cancelled, run_sam, run_stage1
+from threedis.engine.stages import (
+    AuxModels,
+    Stage1Options,
+    default_stage1,
+    raise_if_cancelled,
+    run_sam,
+    run_stage1,
+)
+from threedis.engine.tiny_rules import is_tiny
 from threedis.kernels.rule import RuleError, Schedule
 
 __all__ = ["DepthResult", "Engine", "RenderCancelled", "RenderOptions", "RenderResult", "Stage1Options", "default_schedule",
@@ -149,12 +157,13 @@ def _depth_array_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(scaled * 255.0, 0, 255).round().astype(np.uint8)
 
 
-def _warn_if_stretched(size: tuple[int, int], width: int, height: int) -> None:
-    """A depth map of another shape is stretched to the layout: the scene would be distorted."""
+def _warn_if_stretched(size: tuple[int, int], width: int, height: int, what: str = "depth map") -> None:
+    """A depth map (or the photo it is estimated from) of another shape is stretched to the layout: the scene
+    would be distorted."""
     w, h = size
     if w > 0 and h > 0 and abs((w / h) / (width / height) - 1.0) > 0.01:
-        warn(f"the depth map is {w}x{h} but the layout is {width}x{height}: it is stretched to the layout's "
-             f"aspect ratio; crop it or give a depth map of the same shape")
+        warn(f"the {what} is {w}x{h} but the layout is {width}x{height}: it is stretched to the layout's "
+             f"aspect ratio; crop it or give a {what} of the same shape")
 
 
 def as_depth_image(depth: Any, width: int, height: int, processor: Any, check_aspect: bool = True) -> Image.Image:
@@ -397,12 +406,12 @@ class Engine:
         check_seed(seed)
         check_cancel(cancel)
         check_callback(on_stage1_step, "on_stage1_step")
-        stage1 = stage1 if stage1 is not None else Stage1Options()
-        if not isinstance(stage1, Stage1Options):
+        if stage1 is not None and not isinstance(stage1, Stage1Options):
             raise UserError(f"stage1 must be a threedis Stage1Options, got {type(stage1).__name__}")
+        spec = self.aux.spec("stage1")  # no stage 1 configured: say so before any work
+        stage1 = stage1 if stage1 is not None else default_stage1(spec)
         if stage1.seed is None:
             stage1 = replace(stage1, seed=seed)
-        self.aux.spec("stage1")  # no stage 1 configured: say so before any work
         with self._lock:
             prof = Profiler(device=self.device)
             try:
@@ -450,9 +459,11 @@ class Engine:
         """Render `layout`: depth (given, from a photo, or stage 1) -> SAM2 masks (when sam) -> FLUX.
 
         depth: a depth map (PIL image, path, array or tensor; near = bright). depth_from_photo:
-        a photo whose depth Depth Anything V2 estimates instead. With neither, stage 1 makes
-        the depth at stage1.size (Stage1Options; default 512 x 512 as the demos, seed = this
-        render's seed) and it is stretched to the layout size. settings["depth"] records
+        a photo whose depth Depth Anything V2 estimates instead (a photo of another aspect ratio
+        than the layout's is stretched, with a warning). With neither, stage 1 makes the depth at
+        stage1.size (Stage1Options; without one, stages.default_stage1: 512 x 512 for 30 steps as
+        the demos, 64 x 64 for 4 on a tiny checkpoint; seed = this render's seed) and it is
+        stretched to the layout size. settings["depth"] records
         which source was used. sam=True replaces the box of every instance without a user
         mask by SAM2's mask of that box on the (resized) depth map. options: the rarely
         changed knobs (RenderOptions). on_stage1_step(done, total) and
@@ -476,16 +487,19 @@ class Engine:
         depth_source: dict[str, Any] = {"source": "user"}
         depth_image = None
         if depth_from_photo is not None:
-            depth_image = self._depth_image(layout, self.depth_from_image(depth_from_photo,
-                                                                          size=(layout.width, layout.height)))
+            from threedis.engine.depth_estimation import open_image
+
+            rgb = open_image(depth_from_photo, "photo")
+            _warn_if_stretched(rgb.size, layout.width, layout.height, "photo")  # its depth comes at the layout size
+            depth_image = self._depth_image(layout, self.depth_from_image(rgb, size=(layout.width, layout.height)))
             photo = depth_from_photo if isinstance(depth_from_photo, (str, os.PathLike)) else None
             depth_source = {"source": "photo", "photo": None if photo is None else os.fspath(photo),
                             "model": self.aux.spec("depth")}
         elif depth is not None:
             depth_image = self._depth_image(layout, depth)
         if depth_image is None:
-            self.aux.spec("stage1")  # no stage 1 configured: say so before any work
-            stage1 = stage1 if stage1 is not None else Stage1Options()
+            spec = self.aux.spec("stage1")  # no stage 1 configured: say so before any work
+            stage1 = stage1 if stage1 is not None else default_stage1(spec)
             if stage1.seed is None:
                 stage1 = replace(stage1, seed=seed)
         else:
@@ -552,6 +566,10 @@ class Engine:
         sources = ["box" if m is None else "user" for m in masks]
         ran = bool(sam) and "box" in sources
         if ran:
+            if is_tiny(self.aux.spec("sam")):
+                warn(f"SAM2 is a tiny random-weight checkpoint ({self.aux.spec('sam')}): its masks are random "
+                     f"shapes, not the instances (see mask-*.png, regions.png); for masks that follow the "
+                     f"instances use the real SAM2, or leave SAM off")
             found = run_sam(self.aux, layout, depth_image, masks, prof)
             for i, mask in enumerate(found):
                 if mask is not None:

@@ -4,18 +4,20 @@ Engine.render and the CLI call these before any work, so a bad seed, guidance
 value, schedule, device or callback is reported in one line that says what to
 change, instead of as an AssertionError deep in torch or, worse, a black image
 saved as success. Layout files have their own checks (threedis.engine.layout).
+torch is imported only by the checks that need it (schedule, parse_device), so the
+CLI can make the others before it imports torch.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from threedis.engine.errors import UserError
-from threedis.kernels.rule import Schedule
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "GUIDANCE_MAX",
@@ -29,6 +31,8 @@ __all__ = [
     "check_schedule",
     "check_seed",
     "check_steps",
+    "device_type",
+    "no_cuda_message",
     "parse_device",
 ]
 
@@ -95,6 +99,8 @@ def check_schedule(schedule: Any, steps: int) -> None:
     """A Schedule (not a dict) whose switch counts fit in `steps`: a count above it means a typo."""
     if schedule is None:
         return
+    from threedis.kernels.rule import Schedule  # torch: only when there is a schedule to check
+
     if not isinstance(schedule, Schedule):
         raise UserError(f"schedule must be a threedis.kernels.rule.Schedule, got {_type_name(schedule)}; "
                         f"build one with Schedule(steps=..., hard=..., i2i=..., i2t=..., t2i=..., t2t=...)")
@@ -155,6 +161,8 @@ def parse_device(device: Any, flag: str = "--device") -> torch.device:
     One place for Engine and CLI, so `--device cuda` on a machine without CUDA says so
     instead of failing an assertion inside torch at the first tensor.
     """
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, torch.device):
@@ -170,7 +178,7 @@ def parse_device(device: Any, flag: str = "--device") -> torch.device:
         return parsed
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+            raise UserError(no_cuda_message(device, flag))
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
             raise UserError(f"{flag} {device}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
@@ -181,3 +189,23 @@ def parse_device(device: Any, flag: str = "--device") -> torch.device:
             raise UserError(f"{flag} {device}: Apple MPS is not available on this machine; use {flag} cpu")
         return parsed
     raise UserError(f"{flag} {device}: threedis renders on cpu, cuda or mps, not {parsed.type}")
+
+
+def no_cuda_message(device: Any, flag: str = "--device") -> str:
+    return f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu"
+
+
+def device_type(device: Any) -> str | None:
+    """The kind of a device without importing torch: "cuda:1" -> "cuda", a torch.device -> its type.
+
+    None for None (the engine's default) and for text that is no device name (parse_device says why).
+    """
+    if device is None:
+        return None
+    kind = getattr(device, "type", None)
+    if isinstance(kind, str):
+        return kind
+    if not isinstance(device, str):
+        return None
+    name, _, index = device.strip().lower().partition(":")
+    return name if name.isalpha() and (not index or index.isdigit()) else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import threading
@@ -21,11 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from threedis.engine import tiny_rules
+from threedis.engine.cli_args import SAM_DEFAULT, add_lora_argument, add_sam_argument, loras, sam_spec
 from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.layout import Layout, LayoutError, list_examples
 from threedis.engine.profiles import list_profiles, load_profile, resolved_toml
 
 EXIT_USER_ERROR = 2
+EXIT_PLAN_DOES_NOT_FIT = 3  # `threedis plan`: the plan was made, and it exceeds the profile's VRAM or this RAM
 
 DESCRIPTION = """\
 threedis-flux: multi-instance layout-to-image generation (3DIS-FLUX) on small GPUs.
@@ -65,10 +67,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _add_render_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rendering")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed = same image as diffusers)")
-    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default 20; {tiny_rules.STEPS} on a tiny random-weight FLUX checkpoint)")
     g.add_argument("--guidance", type=float, default=10.0, help="distilled guidance scale (default 10.0)")
     g.add_argument("--chunk", type=int, default=200, help="T5 tokens kept per prompt (default 200)")
-    g.add_argument("--hard", type=int, default=None, help="hard-control steps: masked attention for s < HARD (default: all)")
+    g.add_argument("--hard", type=int, default=None,
+                   help="hard-control steps: masked attention for s < HARD (default: all)")
     g.add_argument("--i2i", type=int, default=None,
                    help="steps with image->image restriction on (default 4, or --steps if fewer)")
     g.add_argument("--i2t", type=int, default=None, help="steps with image->text restriction on (default: all)")
@@ -85,16 +89,11 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. --set transformer.weights=nf4 (repeatable)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--lora", default=None, help="FLUX LoRA (diffusers format) file or directory")
-    r.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    add_lora_argument(r, old_scale_flag=True)
     r.add_argument("--local-files-only", action="store_true", help="never try to download weights")
 
 
-_SAM_DEFAULT = "(default)"  # --sam without a value: the engine's default SAM2 id
-
-# The tiny checkpoints only exercise the code: sizes and step counts that keep the demo to seconds on a CPU.
-_TINY_STEPS, _TINY_STAGE1_STEPS, _TINY_MIGC_STEPS, _TINY_STAGE1_SIZE = 4, 4, 2, 64
-_TINY_MAX_SIDE = 256  # the demo layout's long side on the tiny checkpoint
+_TINY_STAGE1 = "on a tiny random-weight stage-1 checkpoint"
 
 
 def _size_arg(text: str) -> tuple[int, int]:
@@ -117,37 +116,30 @@ def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
                    help="depth estimator for --depth-from-photo (default depth-anything/Depth-Anything-V2-Large-hf "
                         "or $THREEDIS_DEPTH_MODEL)")
     g.add_argument("--stage1", default=os.environ.get("THREEDIS_STAGE1"), metavar="PATH_OR_ID", help=stage1_help)
-    g.add_argument("--stage1-steps", type=int, default=None, help="stage-1 steps (default 30)")
+    g.add_argument("--stage1-steps", type=int, default=None,
+                   help=f"stage-1 steps (default 30; {tiny_rules.STAGE1_STEPS} {_TINY_STAGE1})")
     g.add_argument("--stage1-guidance", type=float, default=6.5, help="stage-1 CFG scale (default 6.5)")
     g.add_argument("--migc-steps", type=int, default=None,
-                   help="stage-1 steps with the layout adapter on (default 16)")
+                   help=f"stage-1 steps with the layout adapter on (default 16; {tiny_rules.MIGC_STEPS} "
+                        f"{_TINY_STAGE1})")
     g.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
-                   help="stage-1 generation size, stretched to the layout size after (default 512)")
+                   help=f"stage-1 generation size, stretched to the layout size after (default 512; "
+                        f"{tiny_rules.STAGE1_SIZE} {_TINY_STAGE1})")
     g.add_argument("--stage1-seed", type=int, default=None, help="stage-1 seed (default: --seed)")
     g.add_argument("--stage1-negative", default=None, metavar="TEXT",
                    help="stage-1 negative prompt (default: the authors' demos' 'worst quality, low quality, ...')")
     g.add_argument("--no-phase-augment", action="store_true",
                    help="do not repeat instance phrases for stage 1 (the authors' phase augmentation)")
-    g.add_argument("--sam", nargs="?", const=_SAM_DEFAULT, default=None, metavar="PATH_OR_ID",
-                   help="tighten instance regions with SAM2 masks of the boxes on the depth map "
-                        "(default model facebook/sam2.1-hiera-large)")
+    add_sam_argument(g, "tighten instance regions with SAM2 masks of the boxes on the depth map "
+                        "(model: PATH_OR_ID, or facebook/sam2.1-hiera-large without one)")
 
 
 def _demo_help(p: argparse.ArgumentParser) -> None:
-    """The demo's own defaults in its --help: the tiny checkpoints run at other sizes than `render`."""
-    helps = {
-        "steps": f"denoising steps (default {_TINY_STEPS} on the tiny checkpoint, 20 with --model)",
-        "stage1_steps": f"stage-1 steps (default {_TINY_STAGE1_STEPS} on the tiny checkpoint, 30 with --model)",
-        "migc_steps": f"stage-1 steps with the layout adapter on (default {_TINY_MIGC_STEPS} on the tiny "
-                      "checkpoint, 16 with --model)",
-        "stage1_size": f"stage-1 generation size, stretched to the layout size after (default "
-                       f"{_TINY_STAGE1_SIZE} on the tiny checkpoint, 512 with --model)",
-        "sam": "tighten instance regions with SAM2 masks (default: on with the tiny SAM2 checkpoint without "
-               "--model, off with --model unless given; model facebook/sam2.1-hiera-large)",
-    }
+    """The demo's own SAM help: off unless asked, since the tiny SAM2's masks are random."""
     for action in p._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
+        if action.dest == "sam":
+            action.help = ("tighten instance regions with SAM2 masks (off unless given; without --model, a bare --sam "
+                           "uses the tiny random-weight SAM2, whose masks are random shapes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,20 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="render an example layout end to end (tiny checkpoint if no weights)",
                        description="Render a shipped example layout. Without --model it uses tiny "
-                                   "random-weight checkpoints (FLUX, stage 1, SAM2) at sizes that take seconds "
-                                   f"on a CPU: the layout shrunk to <= {_TINY_MAX_SIDE} px, {_TINY_STEPS} steps, "
-                                   f"stage 1 at {_TINY_STAGE1_SIZE}x{_TINY_STAGE1_SIZE} for {_TINY_STAGE1_STEPS} "
-                                   "steps, SAM2 on; the picture is noise-like, but every stage runs. With --model "
-                                   "it renders like `threedis render`.")
+                                   "random-weight checkpoints (FLUX and stage 1) at sizes that take seconds "
+                                   f"on a CPU: the layout shrunk to <= {tiny_rules.DEMO_MAX_SIDE} px, "
+                                   f"{tiny_rules.STEPS} steps, stage 1 at {tiny_rules.STAGE1_SIZE}x"
+                                   f"{tiny_rules.STAGE1_SIZE} for {tiny_rules.STAGE1_STEPS} steps; the picture is "
+                                   "noise-like, but every stage runs. SAM2 runs only with --sam (the tiny SAM2's "
+                                   "masks are random shapes). With --model it renders like `threedis render`.")
     p.add_argument("--example", default="two_birds", help="example layout name (see `threedis validate --list`)")
     p.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                    help="real FLUX.1-Depth-dev folder or hub id (default: the tiny checkpoint)")
     p.add_argument("--out", type=Path, default=Path("threedis-out/demo"), help="output folder")
     _add_depth_options(p, "stage-1 model (default: the tiny checkpoint without --model, else the authors' "
                           "release or $THREEDIS_STAGE1)")
-    p.add_argument("--no-sam", action="store_true", help="tiny demo: skip SAM2 (on by default there)")
+    p.add_argument("--no-sam", action="store_true", help=argparse.SUPPRESS)  # SAM2 is off by default now
     _add_render_options(p)
-    p.set_defaults(steps=None)
     _demo_help(p)
 
     from threedis.engine.batch.command import add_batch_parser
@@ -202,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the depth map of PHOTO (grey, near = bright), as used by --depth.")
     p.add_argument("photo", type=Path, help="photo (PNG/JPEG)")
     p.add_argument("--out", type=Path, default=Path("depth.png"), help="depth image to write (default depth.png)")
-    p.add_argument("--model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
-                   help="Depth Anything V2 folder or hub id (default depth-anything/Depth-Anything-V2-Large-hf "
-                        "or $THREEDIS_DEPTH_MODEL)")
+    p.add_argument("--depth-model", "--model", dest="model", default=os.environ.get("THREEDIS_DEPTH_MODEL"),
+                   metavar="PATH_OR_ID", help="Depth Anything V2 folder or hub id, as for render's --depth-model "
+                                              "(default depth-anything/Depth-Anything-V2-Large-hf or "
+                                              "$THREEDIS_DEPTH_MODEL)")
     p.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="output size (default: the photo's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -231,23 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to write: new or empty, not a system folder, not named like the real model")
     p.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same bytes)")
 
-    p = sub.add_parser("validate", help="check layout files and explain any problem")
+    p = sub.add_parser("validate", help="check layout files and explain any problem",
+                       description="Check layout files (and batch job files, .jsonl) without loading anything: "
+                                   "each problem on a line of its own. Exit 0 when every file is fine, 2 otherwise.")
     p.add_argument("layouts", type=Path, nargs="*", help="layout JSON files (or .jsonl batch job files)")
     p.add_argument("--list", action="store_true", help="list the shipped example layouts")
 
-    p = sub.add_parser("plan", help="predict peak VRAM and RAM per stage before loading anything")
+    p = sub.add_parser("plan", help="predict peak VRAM and RAM per stage before loading anything",
+                       description="Predict the peak GPU memory and host RAM of each stage of a render of LAYOUT "
+                                   "with a profile, from exact parameter counts, before anything is downloaded. "
+                                   "The flags read as render's: --stage1, --sam and --depth-from-photo add those "
+                                   "stages (a local model folder given to them is priced as it is). Exit 0 when the "
+                                   f"plan fits, {EXIT_PLAN_DOES_NOT_FIT} when it exceeds the profile's VRAM "
+                                   f"budget or this machine's RAM (the plan is still printed), {EXIT_USER_ERROR} "
+                                   "for a usage error.")
     p.add_argument("layout", type=Path, help="layout JSON file (size and instance count are used)")
-    p.add_argument("--profile", default="12gb", help="profile name or TOML file (default 12gb)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--chunk", type=int, default=200)
-    p.add_argument("--stage1", action="store_true", help="include stage 1 (layout -> depth: render without --depth)")
-    p.add_argument("--stage1-size", type=_size_arg, default=(512, 512), metavar="WxH",
-                   help="stage-1 generation size, 512 or 768x512 (default 512)")
-    p.add_argument("--sam", action="store_true", help="include SAM2 mask enhancement")
-    p.add_argument("--depth-from-photo", action="store_true", help="include the Depth Anything estimator")
+    p.add_argument("--profile", default="auto",
+                   help="memory profile name or TOML file (default: auto, the one a render here would pick)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile key, e.g. --set transformer.weights=nf4 (repeatable)")
+    p.add_argument("--chunk", type=int, default=200, help="T5 tokens kept per prompt (default 200)")
+    p.add_argument("--stage1", nargs="?", const="auto", default=None, metavar="PATH_OR_ID",
+                   help="include stage 1 (render without --depth), with its model if given")
+    p.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
+                   help=f"stage-1 generation size, 512 or 768x512 (default 512; {tiny_rules.STAGE1_SIZE} "
+                        f"{_TINY_STAGE1})")
+    add_sam_argument(p, "include SAM2 mask enhancement, with its model if given")
+    p.add_argument("--depth-from-photo", nargs="?", const="photo", default=None, metavar="PHOTO",
+                   help="include the Depth Anything estimator (the photo itself is not read)")
+    p.add_argument("--depth-model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
+                   help="the estimator for --depth-from-photo (default: Depth-Anything-V2-Large)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("profiles", help="list the built-in memory profiles, or show one resolved")
+    p = sub.add_parser("profiles", help="list the built-in memory profiles, or show one resolved",
+                       description="List the built-in memory profiles (where each model runs, in which weight "
+                                   "format, offloaded or not), or print every key of one with --show.")
     p.add_argument("--show", metavar="PROFILE", help="print every key of a profile (name or TOML file), "
                                                      "defaults filled in")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -262,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLUX.1-Depth-dev folder or hub id (default: the tiny checkpoints, or $THREEDIS_MODEL)")
     p.add_argument("--profile", default="auto", help="memory profile name or TOML file (default: auto)")
     p.add_argument("--stage1", default=os.environ.get("THREEDIS_STAGE1"), metavar="PATH_OR_ID",
-                   help="stage-1 model (default: the tiny one without --model, else the authors' release)")
-    p.add_argument("--sam", default=None, metavar="PATH_OR_ID", help="SAM2 model for jobs with sam: true")
+                   help="stage-1 model (default: the tiny one without --model, else the authors' release or "
+                        "$THREEDIS_STAGE1)")
+    add_sam_argument(p, "SAM2 model for jobs with sam: true (default, and a bare --sam: "
+                        "facebook/sam2.1-hiera-large; the tiny one without --model)")
     p.add_argument("--depth-model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
-                   help="Depth Anything V2 model for depth from a photo")
+                   help="Depth Anything V2 model for depth from a photo (default "
+                        "depth-anything/Depth-Anything-V2-Large-hf or $THREEDIS_DEPTH_MODEL)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--local-files-only", action="store_true", help="never try to download weights")
     p.add_argument("--out", type=Path, default=Path("threedis-out/serve"),
@@ -278,13 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
                    help="largest upload in pixels (default 4096*4096)")
 
-    p = sub.add_parser("bench", help="run a benchmark (attention)")
+    p = sub.add_parser("bench", help="run a benchmark (attention)",
+                       description="Run a benchmark; `threedis bench attention --help` lists its options.")
     p.add_argument("what", choices=["attention"], help="which benchmark")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     return parser
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _parse_device(args: argparse.Namespace) -> None:
+    """--device as a torch.device this machine has (imports torch; None stays the engine's default)."""
+    if args.device is not None:
+        from threedis.engine.checks import parse_device
+
+        args.device = parse_device(args.device)
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -326,49 +349,69 @@ class _ProgressBar:
             self.bar = None
 
 
-def _stage1_options(args: argparse.Namespace, steps: int, migc_steps: int, size: int | tuple[int, int]) -> Any:
-    """Stage-1 settings for Engine.render: the command's values, else the given defaults."""
-    from threedis.engine.api import Stage1Options
+def _stage1_options(args: argparse.Namespace, stage1: str | None) -> Any:
+    """Stage-1 settings for Engine.render: the command's values, else the model's defaults (stages.default_stage1)."""
+    from threedis.engine.stages import default_stage1
 
-    return Stage1Options(
-        steps=args.stage1_steps if args.stage1_steps is not None else steps,
-        migc_steps=args.migc_steps if args.migc_steps is not None else migc_steps,
-        size=args.stage1_size if args.stage1_size is not None else size,
-        guidance=args.stage1_guidance,
-        seed=args.stage1_seed,
-        phase_augment=not args.no_phase_augment,
-        negative_prompt=args.stage1_negative,
-    )
+    given = {"steps": args.stage1_steps, "migc_steps": args.migc_steps, "size": args.stage1_size}
+    return replace(default_stage1(stage1), **{k: v for k, v in given.items() if v is not None},
+                   guidance=args.stage1_guidance, seed=args.stage1_seed, phase_augment=not args.no_phase_augment,
+                   negative_prompt=args.stage1_negative)
 
 
-def _check_depth_inputs(args: argparse.Namespace) -> None:
-    for flag, path in (("--depth", args.depth), ("--depth-from-photo", args.depth_from_photo)):
-        if path is not None and not path.is_file():
-            raise UserError(f"{flag}: file not found: {path}")
+def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] (repeatable); the old --lora-scale still sets the scale, with a warning."""
+    if args.lora_scale is not None:
+        warnings.warn("--lora-scale is deprecated: write --lora PATH:SCALE", ThreedisWarning, stacklevel=2)
+    return loras(args.lora, args.lora_scale)
 
 
-def _render(args: argparse.Namespace, layout, model: str, steps: int, stage1: str | None, sam: str | None,
-            stage1_options: Any) -> int:
-    """Load the engine, get the depth (file, photo or stage 1), render, save, print the report."""
-    from threedis.engine.api import Engine, RenderOptions
+def _check_before_torch(args: argparse.Namespace, model: str | None, stage1: str | None, sam: str | None) -> None:
+    """What a render can be refused for without a model or torch, said before either is loaded (the output
+    folder is made only once every argument is checked, in _render).
+
+    model / stage1 / sam: those the user named (None: a tiny one comes later). The engine
+    checks all of it again; here it only comes seconds, or tens of seconds, sooner.
+    """
     from threedis.engine.checks import check_render_args
+    from threedis.engine.preflight import check_files, check_models, check_profile
+
+    stage1_runs = args.depth is None and args.depth_from_photo is None
+    check_files({"--depth": args.depth, "--depth-from-photo": args.depth_from_photo})
+    check_models(model=model, stage1=stage1 if stage1_runs else None, sam=sam,
+                 depth_model=args.depth_model if args.depth_from_photo is not None else None,
+                 loras=[path for path, _ in args.lora])
+    check_render_args(steps=tiny_rules.steps_for(model, args.steps), seed=args.seed, guidance=args.guidance,
+                      chunk=args.chunk)
+    check_profile(args.profile, _parse_overrides(args.overrides), args.device)
+
+
+def _render(args: argparse.Namespace, layout, model: str, stage1: str | None, sam: str | None) -> int:
+    """Load the engine, get the depth (file, photo or stage 1), render, save, print the report.
+
+    sam: the SAM2 model when SAM is on (SAM_DEFAULT: the engine's default model), None when off.
+    """
+    from threedis.engine.checks import check_schedule, parse_device
     from threedis.engine.outputs import check_output_folder
 
-    _check_depth_inputs(args)
+    args.device = parse_device(args.device)  # torch from here on
+    from threedis.engine.api import Engine, RenderOptions
+
+    steps = tiny_rules.steps_for(model, args.steps)
     schedule = _schedule(args, steps)
-    check_render_args(steps=steps, seed=args.seed, guidance=args.guidance, schedule=schedule,
-                      chunk=args.chunk)  # before anything loads (stage 1's settings were checked when made)
-    check_output_folder(args.out)  # a full or read-only folder is found now, not after the render
+    check_schedule(schedule, steps)
+    stage1_options = _stage1_options(args, stage1) if args.depth is None and args.depth_from_photo is None else None
+    check_output_folder(args.out)  # made now that every argument is checked; a full or read-only one is found now
     overrides = _parse_overrides(args.overrides)
     engine = Engine.from_pretrained(
         model, profile=args.profile, overrides=overrides or None, device=args.device,
         local_files_only=args.local_files_only, backend=args.backend, stage1=stage1,
-        sam=None if sam in (None, _SAM_DEFAULT) else sam, depth_estimator=args.depth_model,
+        sam=sam_spec(sam), depth_estimator=args.depth_model,
     )
     print(f"profile {engine.profile.name} ({engine.profile.origin or 'built-in'}); "
           f"attention backend {engine.backend} ({engine.backend_reason})")
-    if args.lora:
-        engine.load_lora(args.lora, scale=args.lora_scale)
+    for path, scale in _loras(args):
+        engine.load_lora(path, scale=scale)
     if args.depth_from_photo is not None:
         print(f"estimating the depth map of {args.depth_from_photo}")
     options = RenderOptions(chunk=args.chunk, append_instances=not args.no_append_instances,
@@ -419,7 +462,9 @@ _FROM_ALLOWED = {"command", "layout", "from_png", "model", "out", "depth", "devi
 def _rerender(args: argparse.Namespace) -> int:
     """`render --from IMAGE.png`: the same render again from the image's metadata and the files beside it."""
     from threedis.engine.api import Engine
+    from threedis.engine.checks import parse_device
     from threedis.engine.outputs import check_output_folder, rerender_from_png
+    from threedis.engine.preflight import check_files
 
     if args.layout is not None:
         raise UserError("give either a layout file or --from IMAGE.png, not both")
@@ -428,8 +473,9 @@ def _rerender(args: argparse.Namespace) -> int:
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise UserError(f"--from takes the render settings from the image; drop {flags} (or render the layout)")
-    _check_depth_inputs(args)
+    check_files({"--depth": args.depth})
     check_output_folder(args.out)
+    args.device = parse_device(args.device)
     plan = rerender_from_png(args.from_png, depth=args.depth, replace_loras=bool(args.lora))
     engine_kwargs = dict(plan.engine)
     recorded = engine_kwargs.pop("path_or_id")
@@ -445,8 +491,7 @@ def _rerender(args: argparse.Namespace) -> int:
     offline = args.local_files_only or not args.allow_downloads
     with _offline_hint(offline):
         engine = Engine.from_pretrained(model, device=args.device, local_files_only=offline, **engine_kwargs)
-        loras = [(str(args.lora), args.lora_scale)] if args.lora else plan.loras
-        for path, scale in loras:
+        for path, scale in _loras(args) if args.lora else plan.loras:
             engine.load_lora(path, scale=scale)
         result = _render_with_progress(engine, **plan.render)
     result.settings["rerendered_from"] = str(args.from_png.resolve())
@@ -467,8 +512,6 @@ def _offline_hint(offline: bool) -> Iterator[None]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from threedis.engine.layout import Layout
-
     if args.from_png is not None:
         return _rerender(args)
     if args.layout is None:
@@ -477,62 +520,60 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("no model given: pass --model with a FLUX.1-Depth-dev folder or hub id "
                         "(or set $THREEDIS_MODEL); `threedis demo` runs on a tiny test checkpoint")
-    return _render(args, layout, args.model, args.steps, args.stage1 or "auto", args.sam,
-                   _stage1_options(args, steps=30, migc_steps=16, size=512))
-
-
+    stage1 = args.stage1 or "auto"
+    _check_before_torch(args, args.model, stage1, sam_spec(args.sam))
+    return _render(args, layout, args.model, stage1, args.sam)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from threedis.engine.layout import Layout, example_path
+    from threedis.engine.layout import example_path
 
     layout = Layout.load(example_path(args.example))
+    sam = None if args.no_sam else args.sam
+    _check_before_torch(args, args.model, args.stage1, sam_spec(sam))  # the tiny models come after
     if args.model:
-        model, steps, sam = args.model, args.steps or 20, args.sam
-        stage1 = args.stage1 or "auto"
-        stage1_options = _stage1_options(args, steps=30, migc_steps=16, size=512)
-    else:
-        from threedis.engine.tiny.flux import tiny_flux_path
-        from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
-        from threedis.engine.tiny.sam2 import tiny_sam2_path
+        return _render(args, layout, args.model, args.stage1 or "auto", sam)
+    from threedis.engine.tiny.flux import tiny_flux_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
+    from threedis.engine.tiny.sam2 import tiny_sam2_path
 
-        model, steps = str(tiny_flux_path()), args.steps or _TINY_STEPS
-        layout = _shrink_for_tiny(layout)
-        print(f"no --model given: using the tiny random-weight checkpoint at {model}")
-        stage1 = args.stage1
-        if stage1 is None and args.depth is None and args.depth_from_photo is None:
-            stage1 = str(tiny_ldm3d_path())
-            print(f"stage 1: tiny random-weight LDM3D checkpoint at {stage1}")
-        if args.depth_from_photo is not None and args.depth_model is None:
-            from threedis.engine.tiny.depth import tiny_depth_anything_path
+    model = str(tiny_flux_path())
+    layout = _shrink_for_tiny(layout)
+    print(f"no --model given: using the tiny random-weight checkpoint at {model}")
+    stage1 = args.stage1
+    if stage1 is None and args.depth is None and args.depth_from_photo is None:
+        stage1 = str(tiny_ldm3d_path())
+        print(f"stage 1: tiny random-weight LDM3D checkpoint at {stage1}")
+    if args.depth_from_photo is not None and args.depth_model is None:
+        from threedis.engine.tiny.depth import tiny_depth_anything_path
 
-            args.depth_model = str(tiny_depth_anything_path())
-            print(f"depth estimator: tiny random-weight Depth Anything at {args.depth_model}")
-        sam = args.sam
-        if sam is None and not args.no_sam:
-            sam = str(tiny_sam2_path())
-            print(f"SAM2: tiny random-weight checkpoint at {sam}")
-        stage1_options = _stage1_options(args, steps=_TINY_STAGE1_STEPS, migc_steps=_TINY_MIGC_STEPS,
-                                         size=_TINY_STAGE1_SIZE)
-    if args.no_sam:
-        sam = None
-    return _render(args, layout, model, steps, stage1, sam, stage1_options)
+        args.depth_model = str(tiny_depth_anything_path())
+        print(f"depth estimator: tiny random-weight Depth Anything at {args.depth_model}")
+    if sam == SAM_DEFAULT:  # asked for SAM2 without naming one: the tiny one, said to be random
+        sam = str(tiny_sam2_path())
+        print(f"SAM2: tiny random-weight checkpoint at {sam} (its masks are random shapes, not the instances)")
+    return _render(args, layout, model, stage1, sam)
 
 
 def _shrink_for_tiny(layout):
-    """Same layout at <= _TINY_MAX_SIDE px on the long side (multiple of 16), so the demo runs in seconds on CPU."""
-    scale = min(1.0, _TINY_MAX_SIDE / max(layout.width, layout.height))
+    """Same layout at <= DEMO_MAX_SIDE px on the long side (multiple of 16), so the demo runs in seconds on CPU."""
+    scale = min(1.0, tiny_rules.DEMO_MAX_SIDE / max(layout.width, layout.height))
     width = max(16, int(layout.width * scale) // 16 * 16)
     height = max(16, int(layout.height * scale) // 16 * 16)
     return replace(layout, width=width, height=height)
 
 
 def cmd_depth(args: argparse.Namespace) -> int:
-    from threedis.engine.depth_estimation import DEFAULT_DEPTH_MODEL, DepthEstimator, open_image
-    from threedis.engine.outputs import save_image_new
+    from threedis.engine.model_paths import depth_model_folder
 
     if args.out.exists() and not args.overwrite:  # before loading anything
         raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    if args.model:
+        depth_model_folder(args.model)  # a folder that is not there: said before torch is imported
+    _parse_device(args)
+    from threedis.engine.depth_estimation import DEFAULT_DEPTH_MODEL, DepthEstimator, open_image
+    from threedis.engine.outputs import save_image_new
+
     photo = open_image(args.photo, "photo")
     estimator = DepthEstimator.from_pretrained(args.model or DEFAULT_DEPTH_MODEL, device=args.device,
                                                local_files_only=args.local_files_only)
@@ -598,18 +639,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from threedis.engine.planner import models_for, plan  # imports torch
+    from threedis.engine.planner import DEFAULT_CONFIGS, STAGE2_MODELS, aux_configs, models_for, plan
 
     layout = Layout.load(args.layout)
-    profile = load_profile(args.profile, _parse_overrides(args.overrides) or None)
-    models = models_for(stage1=args.stage1, sam2=args.sam, depth_estimator=args.depth_from_photo)
+    profile = load_profile(args.profile, _parse_overrides(args.overrides) or None)  # auto: torch only if CUDA may be
+    stage1 = None if args.stage1 in (None, "auto") else args.stage1
+    keys = models_for(stage1=args.stage1 is not None, sam2=args.sam is not None,
+                      depth_estimator=args.depth_from_photo is not None)
+    folders = {"stage1": stage1, "sam": sam_spec(args.sam), "depth": args.depth_model}
+    models = {**{k: DEFAULT_CONFIGS[k] for k in STAGE2_MODELS},
+              **aux_configs([k for k in keys if k not in STAGE2_MODELS], folders)}  # a local folder: its config
+    size = args.stage1_size
+    if size is None and tiny_rules.is_tiny(stage1):  # what a render on that checkpoint would use
+        size = (tiny_rules.STAGE1_SIZE,) * 2
     result = plan(profile, layout.width, layout.height, len(layout.instances), chunk=args.chunk, models=models,
-                  stage1_size=args.stage1_size)
+                  **({"stage1_size": size} if size else {}))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.table())
-    return 0
+    return EXIT_PLAN_DOES_NOT_FIT if result.warnings else 0
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
@@ -628,12 +677,15 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from threedis.engine.batch.command import cmd_batch as run
 
+    _parse_device(args)
     return run(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from threedis.engine.serve.server import config_from_args, require_dependencies, serve
 
+    _parse_device(args)
+    args.sam = sam_spec(args.sam)  # a bare --sam: the default model, as no --sam
     require_dependencies()
     serve(config_from_args(args), open_browser=args.open)
     return 0
@@ -675,9 +727,6 @@ def _print_threedis_warnings() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # bitsandbytes warns at import (pulled in by diffusers) that an optional CPU kernel package is
-    # missing; it is noise for every command and would make a user error two lines.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     with warnings.catch_warnings():  # the CLI owns its process: every threedis warning is shown, one line each
         warnings.showwarning = _print_threedis_warnings()
         warnings.simplefilter("always", ThreedisWarning)
@@ -689,11 +738,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         with terminate_like_interrupt():  # SIGTERM cleans up as Ctrl-C does: no partial outputs, no temp folders
-            if getattr(args, "device", None) is not None:
-                from threedis.engine.checks import parse_device
-
-                args.device = parse_device(args.device)
-            return COMMANDS[args.command](args)
+            return COMMANDS[args.command](args)  # each command reads --device once it has checked the rest
     except _user_errors() as err:
         print(f"threedis: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

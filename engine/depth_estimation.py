@@ -13,7 +13,6 @@ Runs through transformers' AutoImageProcessor + AutoModelForDepthEstimation
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,18 +29,12 @@ from threedis.engine.loading import (
     loading_component,
     read_component_config,
 )
-from threedis.engine.tiny import tiny_hint
+from threedis.engine.model_paths import DEFAULT_DEPTH_MODEL, hf_how_to_get, hf_model_folder
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DepthEstimator", "normalize_depth", "open_image", "resolve_hf_model"]
 
-DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Large-hf"
-
 _HUB_FILES = ["config.json", "preprocessor_config.json", "processor_config.json",
               "*.safetensors", "*.safetensors.index.json"]
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text))
 
 
 def _missing_files(folder: Path) -> list[str]:
@@ -64,21 +57,16 @@ def _missing_files(folder: Path) -> list[str]:
 
 
 def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str,
-                     local_files_only: bool = False, tiny_hint: str = "") -> Path:
+                     local_files_only: bool = False, tiny_kind: str = "depth") -> Path:
     """Local folder holding a complete transformers checkpoint, or one UserError saying how to get it.
 
-    `what` names the model in messages ("depth model", "SAM2 model"); pickled weights
-    (*.bin) are never fetched or accepted.
+    `what` names the model in messages ("depth model", "SAM2 model"), `tiny_kind` its tiny
+    stand-in (threedis.engine.tiny_rules); pickled weights (*.bin) are never fetched or accepted.
     """
     text = os.fspath(path_or_id)
-    how = (f"download it with `hf download {default_id} --local-dir DIR` on a connected "
-           f"machine and pass DIR{tiny_hint}")
-    path = Path(text).expanduser()
-    if path.is_file():
-        raise UserError(f"{what} path {text} is a file; give the folder holding config.json and model.safetensors")
-    if not path.is_dir():
-        if not _looks_like_hub_id(text) or text.startswith((".", "/", "~")):
-            raise UserError(f"{what} folder not found: {text}; {how}")
+    how = hf_how_to_get(default_id, tiny_kind)
+    path = hf_model_folder(text, what, default_id, tiny_kind)  # a local folder, a UserError, or None for a hub id
+    if path is None:
         from huggingface_hub import snapshot_download
 
         try:
@@ -132,7 +120,7 @@ def open_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str
 
     Its config is compared with the bundled real one (config_name) before anything is built.
     """
-    folder = resolve_hf_model(path_or_id, what, default_id, local_files_only, tiny_hint=f"; {tiny_hint(tiny_kind)}")
+    folder = resolve_hf_model(path_or_id, what, default_id, local_files_only, tiny_kind=tiny_kind)
     device = torch.device(device) if device is not None else default_device()
     read_component_config(what, folder / "config.json", config_name)
     return folder, device, dtype or default_dtype(device)

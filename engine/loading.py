@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,7 +25,7 @@ import torch
 
 from threedis.engine.config_check import check_config, read_json
 from threedis.engine.errors import UserError
-from threedis.engine.tiny import tiny_hint
+from threedis.engine.model_paths import DEFAULT_MODEL_ID, flux_folder, flux_how_to_get
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -52,7 +51,6 @@ __all__ = [
     "SUBFOLDERS",
 ]
 
-DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-Depth-dev"
 
 # Subfolder -> what must be in it. "weights" entries are safetensors stems: either
 # `<stem>.safetensors` or `<stem>.safetensors.index.json` plus every shard it names.
@@ -236,31 +234,16 @@ def check_configs(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
 # ------------------------------------------------------------------ finding the files
 
 
-def _how_to_get(target: str, repo: str = DEFAULT_MODEL_ID) -> str:
-    return (
-        f"download it with `hf download {repo} --local-dir {target}` "
-        f"(accept the model licence on huggingface.co first); {tiny_hint('flux')}"
-    )
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text)) and not text.startswith(".")
-
-
 def resolve_checkpoint(path_or_id: str | os.PathLike, local_files_only: bool = False) -> Path:
     """Local folder for a checkpoint: the folder itself, or the hub snapshot of an id.
 
     Only the diffusers subfolders are fetched (the hub repo also holds a 24 GB
     single-file checkpoint we do not need).
     """
+    folder = flux_folder(path_or_id)  # a local folder, a UserError, or None for a hub id
+    if folder is not None:
+        return folder
     text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists():
-        raise UserError(f"model path {text} is a file; give the checkpoint folder (with transformer/, vae/, ...)")
-    if not _looks_like_hub_id(text):
-        raise UserError(f"model folder not found: {text}; {_how_to_get(text)}")
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", *(f"{part}/*" for part in ALL_PARTS)]
@@ -273,7 +256,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, local_files_only: bool = F
         mode = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
         raise UserError(
             f"cannot get model {text!r} {mode}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-            f"{_how_to_get('DIR', text)}; then pass DIR"
+            f"{flux_how_to_get('DIR', text)}"
         ) from None
     return Path(folder)
 
@@ -351,7 +334,7 @@ def check_checkpoint(root: Path, parts: Iterable[str] = ALL_PARTS) -> None:
         absent = [m for m in missing if m not in broken]
         what = "; ".join(f"{label} {', '.join(items)}" for label, items in (("missing", absent), ("incomplete", broken))
                          if items)
-        raise UserError(f"incomplete FLUX depth checkpoint at {root}: {what}; {_how_to_get(str(root))}")
+        raise UserError(f"incomplete FLUX depth checkpoint at {root}: {what}; {flux_how_to_get(str(root))}")
     check_configs(root, parts)
 
 

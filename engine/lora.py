@@ -10,34 +10,17 @@ Files are read with safetensors only (never unpickled).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from threedis.engine.errors import UserError
+from threedis.engine.model_paths import lora_file
 
 __all__ = ["load_lora", "lora_file", "set_lora_scale", "unload_loras"]
 
 _SCALES_ATTR = "_threedis_lora_scales"  # adapter name -> scale, kept on the transformer it belongs to
 _PREFIX = "transformer."
-
-
-def lora_file(path: str | os.PathLike) -> Path:
-    """The .safetensors file of a LoRA given as a file or a folder holding exactly one."""
-    path = Path(path)
-    if path.is_dir():
-        preferred = path / "pytorch_lora_weights.safetensors"
-        candidates = [preferred] if preferred.is_file() else sorted(path.glob("*.safetensors"))
-        if len(candidates) != 1:
-            found = ", ".join(p.name for p in candidates) or "none"
-            raise UserError(f"LoRA folder {path} must hold one .safetensors file (found: {found}); pass the file")
-        return candidates[0]
-    if not path.is_file():
-        raise UserError(f"LoRA file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise UserError(f"LoRA {path} is not a .safetensors file; pickled LoRAs (.bin/.pt/.ckpt) are not loaded")
-    return path
 
 
 def _require_peft() -> None:

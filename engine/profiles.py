@@ -511,23 +511,49 @@ def _pick_cpu(profiles: Sequence[Profile]) -> Profile:
     raise UserError("no CPU profile is installed; reinstall threedis-flux")
 
 
+def _device_type(device: Any) -> str:
+    """"cuda", "cpu", ... for `device` (None: cuda if present, else cpu), without torch where the answer is sure."""
+    from threedis.engine.checks import device_type
+    from threedis.engine.cuda_probe import cuda_surely_absent
+
+    if device is None and cuda_surely_absent():
+        return "cpu"
+    kind = device_type(device)
+    if kind is not None:
+        return kind
+    import torch
+
+    if device is not None:
+        return torch.device(device).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_profile_device(profile: Profile, device_type: str) -> None:
+    """A profile that puts models on the GPU, for an engine off CUDA: one line saying what to use instead."""
+    if device_type != "cuda" and profile.uses_gpu:
+        gpu_models = [k for k, p in profile.models.items() if p.device.on_gpu]
+        raise UserError(f"profile {profile.name!r} puts {', '.join(gpu_models)} on the GPU but the device is "
+                        f"{device_type}; use --profile cpu (or auto)")
+
+
 def resolve_profile(name_or_path: str | Path, device: Any = None,
                     overrides: Mapping[str, Any] | None = None) -> Profile:
-    """The profile an engine on `device` should use; "auto" measures free VRAM (origin says why)."""
-    import torch  # local: profiles stay importable for planning without touching CUDA
+    """The profile an engine on `device` should use; "auto" measures free VRAM (origin says why).
 
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    torch is imported only to measure VRAM or to find out whether there is CUDA, so that
+    `threedis plan` and the CLI's early checks answer at once on a machine without CUDA.
+    """
+    kind = _device_type(device)
     if str(name_or_path).strip().lower() == "auto":
         free = total = None
-        if dev.type == "cuda" and torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info(dev)
+        if kind == "cuda":
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info(torch.device(device) if device is not None else None)
         profile, reason = select_auto_profile(free, total)
         profile = replace(profile, origin=f"auto: {reason}")
     else:
         profile = load_profile(name_or_path)
-    if dev.type != "cuda" and profile.uses_gpu:
-        gpu_models = [k for k, p in profile.models.items() if p.device.on_gpu]
-        raise UserError(f"profile {profile.name!r} puts {', '.join(gpu_models)} on the GPU but the device is "
-                        f"{dev.type}; use --profile cpu (or auto)")
+    check_profile_device(profile, kind)
     return apply_overrides(profile, overrides)

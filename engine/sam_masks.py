@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from threedis.engine.depth_estimation import open_hf_model, open_image
 from threedis.engine.errors import UserError
 from threedis.engine.config_check import read_json
+from threedis.engine import model_paths
 from threedis.engine.loading import checked_from_pretrained
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "token_regions",
 ]
 
-DEFAULT_SAM_MODEL = "facebook/sam2.1-hiera-large"
+DEFAULT_SAM_MODEL = model_paths.DEFAULT_SAM_MODEL
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

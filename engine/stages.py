@@ -27,12 +27,15 @@ from threedis.engine.denoise import RenderCancelled
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import Profile
 from threedis.engine.sizes import parse_size
+from threedis.engine.tiny_rules import MIGC_STEPS, STAGE1_SIZE, STAGE1_STEPS, is_tiny
 
 __all__ = [
     "AUX_KINDS",
     "PROFILE_KEYS",
     "AuxModels",
     "Stage1Options",
+    "TINY_STAGE1",
+    "default_stage1",
     "mask_images",
     "raise_if_cancelled",
     "run_sam",
@@ -85,6 +88,18 @@ class Stage1Options:
         out = asdict(self)
         out["size"] = list(self.size)
         return out
+
+
+# What a tiny random-weight stage-1 checkpoint runs at unless told otherwise (tiny_rules: seconds on a CPU).
+TINY_STAGE1 = Stage1Options(steps=STAGE1_STEPS, migc_steps=MIGC_STEPS, size=STAGE1_SIZE)
+
+
+def default_stage1(model: str | os.PathLike[str] | None) -> Stage1Options:
+    """Stage 1's settings where the caller gives none: the authors' demos', or TINY_STAGE1 for a tiny checkpoint.
+
+    One rule for Engine.render, the CLI, batch jobs and the service; a caller's own values replace these.
+    """
+    return TINY_STAGE1 if is_tiny(model) else Stage1Options()
 
 
 class AuxModels:

@@ -327,10 +327,11 @@ def write_rows(rows: Sequence[dict], out_dir: Path, device: torch.device) -> Pat
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="threedis bench attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to measure on (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--backends", default="flash,triton,flex,sdpa",
@@ -339,12 +340,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phases", default="early,late", help="early = all four switches on; late = I2I off")
     parser.add_argument("--heads", type=int, default=HEADS,
                         help=f"attention heads (FLUX: {HEADS}; fewer for a quick run)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls per backend and case before timing (default 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed calls per backend and case: p20/p50/p80 over these (default 30 on CUDA, 3 on CPU)")
     parser.add_argument("--out", type=Path, default=Path("."),
                         help="folder for the JSON-lines results (default: the current folder; "
                              "`--out bench/results` in a checkout adds them to the committed results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

@@ -146,6 +146,21 @@ def test_depth_writes_once_and_never_overwrites_silently(photo, tmp_path, capsys
     assert "photo not found" in one_error_line(capsys.readouterr().err)
 
 
+def test_depth_error_names_a_flag_that_depth_takes(photo, tmp_path, capsys):
+    """The missing-model hint says `--depth-model FOLDER`; `threedis depth` takes that flag (and --model)."""
+    import re
+
+    from threedis.engine.tiny.depth import tiny_depth_anything_path
+
+    assert main(["depth", str(photo), "--out", str(tmp_path / "d.png"),
+                 "--model", str(tmp_path / "no-model")]) == EXIT_USER_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    flag = re.search(r"then pass `(--[\w-]+) ", line).group(1)
+    assert flag == "--depth-model", line
+    assert main(["depth", str(photo), "--out", str(tmp_path / "d.png"), flag, str(tiny_depth_anything_path()),
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ rendering end to end
 
 
@@ -163,19 +178,27 @@ def test_render_without_depth_runs_stage1_and_sam(layout_file, tiny_flux_dir, tm
     assert meta["depth"]["steps"] == 2 and meta["sam"]["ran"] is True
     for i, source in enumerate(meta["masks"]):
         assert (out / f"mask-{i}.png").exists() == (source == "sam")
+    # the tiny SAM2's masks are random shapes: the output says so, on the terminal and in the image
+    assert "threedis: warning: SAM2 is a tiny random-weight checkpoint" in capsys.readouterr().err
+    assert any("tiny random-weight" in w for w in meta["warnings"])
     stages = [s["name"] for s in json.loads((out / "report.json").read_text())["stages"]]
     assert {"stage1", "sam", "encode", "step", "decode"} <= set(stages)
 
 
-def test_stage1_model_from_the_environment(layout_file, tiny_flux_dir, tmp_path, monkeypatch, capsys):
+def test_stage1_model_from_the_environment_and_tiny_defaults(layout_file, tiny_flux_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    """On tiny checkpoints, steps and stage 1's size and steps are the demo's unless given (not 20 / 512 px x 30)."""
+    from threedis.engine import tiny_rules
     from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
 
     monkeypatch.setenv("THREEDIS_STAGE1", str(tiny_ldm3d_path()))
     out = tmp_path / "env"
     assert main(["render", str(layout_file), "--model", str(tiny_flux_dir), "--out", str(out),
-                 *FAST, *FAST_STAGE1]) == 0, capsys.readouterr().err
+                 "--chunk", "16", "--backend", "sdpa", "--device", "cpu"]) == 0, capsys.readouterr().err
     meta = read_metadata(out / "image.png")
     assert meta["depth"]["model"] == str(tiny_ldm3d_path()) and meta["sam"]["ran"] is False
+    assert meta["steps"] == tiny_rules.STEPS == 4
+    assert (meta["depth"]["steps"], meta["depth"]["migc_steps"], meta["depth"]["size"]) == (4, 2, [64, 64])
 
 
 def test_render_depth_from_photo(layout_file, tiny_flux_dir, photo, tmp_path, capsys):
@@ -187,6 +210,10 @@ def test_render_depth_from_photo(layout_file, tiny_flux_dir, photo, tmp_path, ca
     meta = read_metadata(out / "image.png")
     assert meta["depth"]["source"] == "photo" and meta["depth"]["photo"] == str(photo)
     assert not (out / "stage1-rgb.png").exists()
+    # a 40x30 photo on a 64x64 layout: its depth map is stretched, as a --depth map of that shape would be
+    warned = "the photo is 40x30 but the layout is 64x64: it is stretched to the layout's aspect ratio"
+    assert f"threedis: warning: {warned}" in capsys.readouterr().err
+    assert any(w.startswith(warned) for w in meta["warnings"])
     with Image.open(out / "depth.png") as depth:
         assert depth.size == (64, 64)
         assert np.asarray(depth.convert("L")).std() > 0
@@ -199,17 +226,29 @@ def test_demo_runs_every_stage_on_tiny_checkpoints(tmp_path, capsys):
     assert {"image.png", "depth.png", "stage1-rgb.png", "layout.png", "report.json", "memory.png",
             "regions.png", "attention.png"} <= names
     meta = read_metadata(out / "image.png")
-    assert meta["depth"]["source"] == "stage1" and meta["sam"]["ran"] is True
+    # no SAM2 unless asked: a random-weight SAM2 draws blobs that contradict layout.png
+    assert meta["depth"]["source"] == "stage1" and meta["sam"]["ran"] is False
+    assert not list(out.glob("mask-*.png"))
     with Image.open(out / "image.png") as image:
         assert max(image.size) <= 256
     printed = capsys.readouterr().out
-    assert "tiny random-weight" in printed and "stage1" in printed
+    assert "tiny random-weight" in printed and "stage1" in printed and "SAM2" not in printed
     assert "profile cpu (auto: " in printed and "attention backend " in printed  # the choices, said up front
     assert any(line.split()[:2] == ["save", "1"] for line in printed.splitlines())  # the terminal table has it
     report = json.loads((out / "report.json").read_text())
     steps = [s for s in report["stages"] if s["name"] == "step" and s["info"].get("masked")]
     assert steps and all(0 < s["info"]["tile_fraction"] <= 1 and 0 < s["info"]["density"] <= 1 for s in steps)
     assert report["stages"][-1]["name"] == "save"
+
+
+def test_demo_runs_the_tiny_sam2_only_when_asked_and_says_its_masks_are_random(tmp_path, capsys):
+    out = tmp_path / "demo-sam"
+    assert main(["demo", "--sam", "--out", str(out), "--steps", "1", "--stage1-steps", "1", "--migc-steps", "1",
+                 "--chunk", "16"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "SAM2: tiny random-weight checkpoint" in captured.out and "random shapes" in captured.out
+    assert "threedis: warning: SAM2 is a tiny random-weight checkpoint" in captured.err
+    assert read_metadata(out / "image.png")["sam"]["ran"] is True
 
 
 def test_output_piped_into_a_reader_that_leaves_is_not_a_traceback(tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from threedis.engine.layout import example_path
 
 PROBE = """
@@ -44,7 +46,66 @@ def test_validate_and_help_import_no_torch(tmp_path):
 
 
 def test_plan_reads_stored_counts_without_diffusers_or_transformers(tmp_path):
-    result = _run("plan", str(example_path("two_birds")), "--json", "--stage1", "--sam", cwd=tmp_path)
-    assert result["code"] == 0
+    result = _run("plan", str(example_path("two_birds")), "--json", "--stage1", "--sam", "--profile", "12gb",
+                  cwd=tmp_path)
+    assert result["code"] in (0, 3)  # 3: the plan exceeds this machine's RAM
     assert not {"diffusers", "transformers", "torch"} & set(result["loaded"]), result["loaded"]
     assert json.loads(result["out"])["models"]["transformer"]["params"] == 11_901_604_928
+
+
+def test_plan_picks_auto_without_torch_where_there_is_surely_no_cuda(tmp_path):
+    from threedis.engine.cuda_probe import cuda_surely_absent
+
+    if not cuda_surely_absent():
+        pytest.skip("CUDA may be here: `auto` measures free VRAM with torch")
+    result = _run("plan", str(example_path("two_birds")), "--json", cwd=tmp_path)
+    assert result["code"] in (0, 3) and result["loaded"] == [], result["loaded"]
+    assert json.loads(result["out"])["profile_origin"] == "auto: picked cpu: no CUDA device"
+
+
+REFUSALS = """
+import contextlib, io, json, sys
+from threedis.engine.cli import main
+codes, errors = [], []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        codes.append(main(argv))
+    errors.append(err.getvalue())
+print(json.dumps({"codes": codes, "errors": errors, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_refusals_that_need_no_model_come_before_torch(tmp_path):
+    """A GPU profile on a CPU, model folders or files that are not there: refused without importing torch."""
+    layout = str(example_path("two_birds"))
+    empty = tmp_path / "flux"  # exists: the model check passes, the next check refuses
+    empty.mkdir()
+    missing = str(tmp_path / "missing")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"not read")
+    cases = {
+        "profile '12gb' puts": ["render", layout, "--model", str(empty), "--profile", "12gb", "--device", "cpu"],
+        "--device cuda:99": ["render", layout, "--model", str(empty), "--device", "cuda:99"],
+        "stage-1 base model folder not found": ["render", layout, "--model", str(empty), "--stage1", missing],
+        "model folder not found": ["render", layout, "--model", missing],
+        "SAM2 model folder not found": ["render", layout, "--model", str(empty), "--sam", missing],
+        "depth model folder not found": ["render", layout, "--model", str(empty), "--depth-from-photo", str(photo),
+                                         "--depth-model", missing],
+        "--depth: file not found": ["render", layout, "--model", str(empty), "--depth", missing],
+        "LoRA file not found": ["render", layout, "--model", str(empty), "--lora", missing + ":0.5"],
+        "steps must be": ["render", layout, "--model", str(empty), "--steps", "0"],
+        "is neither a built-in": ["demo", "--profile", "nope.toml"],  # the demo: before its tiny checkpoints
+        "depth model folder not found: ": ["depth", str(photo), "--depth-model", missing, "--out",
+                                           str(tmp_path / "d.png")],
+    }
+    done = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps(list(cases.values()))], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    for (expected, argv), code, err in zip(cases.items(), result["codes"], result["errors"]):
+        assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
+    from threedis.engine.cuda_probe import cuda_surely_absent
+
+    if cuda_surely_absent():  # else `--device cuda:3` needs torch to be refused, rightly
+        assert result["torch"] is False, "a refusal imported torch"

@@ -129,6 +129,13 @@ def test_depth_from_layout_is_stage_1_alone(engine, aux_paths):
         engine.depth_from_layout(scene(), seed=-1)
 
 
+def test_without_stage1_options_a_tiny_stage1_runs_at_the_demos_size(engine):
+    """Engine.render / depth_from_layout with no Stage1Options: the tiny checkpoint's 4 steps at 64 px."""
+    made = engine.depth_from_layout(scene(), seed=1)
+    assert (made.settings["steps"], made.settings["migc_steps"], made.settings["size"]) == (4, 2, [64, 64])
+    assert made.depth.size == (64, 64)
+
+
 def test_metadata_without_depth_reruns_stage1_to_the_same_image(engine, tmp_path):
     first = engine.render(scene(), seed=2, **{**FAST, "stage1": Stage1Options(negative_prompt="blurry, dark",
                                                                               **FAST_STAGE1)})

@@ -440,14 +440,48 @@ def test_plan_names_the_backend_renders_use(sizes):
 
 
 def test_plan_command_prints_the_warning_and_the_json_field(tmp_path, capsys):
+    """A plan that does not fit is printed whole and exits 3 (2 stays for usage errors): scripts can tell."""
+    from threedis.engine.cli import EXIT_PLAN_DOES_NOT_FIT, main
+
+    path = tmp_path / "layout.json"
+    path.write_text('{"prompt": "a room", "width": 512, "height": 512}')
+    assert EXIT_PLAN_DOES_NOT_FIT == 3
+    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8"]) == 3
+    assert "warning: peak GPU" in capsys.readouterr().out
+    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8", "--json"]) == 3
+    assert "budget" in json.loads(capsys.readouterr().out)["warnings"][0]
+    assert main(["plan", str(path), "--profile", "24gb"]) == 0  # fits: exit 0
+    capsys.readouterr()
+
+
+def test_plan_command_over_this_machines_ram_exits_3(tmp_path, capsys, monkeypatch):
     from threedis.engine.cli import main
 
     path = tmp_path / "layout.json"
     path.write_text('{"prompt": "a room", "width": 512, "height": 512}')
-    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8"]) == 0
-    assert "warning: peak GPU" in capsys.readouterr().out
-    assert main(["plan", str(path), "--profile", "12gb", "--set", "transformer.weights=fp8", "--json"]) == 0
-    assert "budget" in json.loads(capsys.readouterr().out)["warnings"][0]
+    monkeypatch.setattr(P, "host_ram_bytes", lambda: 2 * P.GIB)
+    assert main(["plan", str(path), "--profile", "cpu"]) == 3
+    assert "exceeds this machine's 2.00 GB of RAM" in capsys.readouterr().out
+    monkeypatch.setattr(P, "host_ram_bytes", lambda: 1024 * P.GIB)
+    assert main(["plan", str(path), "--profile", "cpu"]) == 0
+
+
+def test_plan_command_defaults_to_the_profile_a_render_picks_and_reads_renders_flags(tmp_path, capsys, monkeypatch):
+    """`plan` speaks render's language: --profile auto by default, --stage1 / --sam with or without a model."""
+    from threedis.engine.cli import main
+    from threedis.engine.profiles import resolve_profile
+
+    monkeypatch.setattr(P, "host_ram_bytes", lambda: 1024 * P.GIB)
+    path = tmp_path / "layout.json"
+    path.write_text('{"prompt": "a room", "width": 512, "height": 512, '
+                    '"instances": [{"prompt": "a lamp", "box": [0.1, 0.1, 0.4, 0.6]}]}')
+    assert main(["plan", str(path), "--json"]) in (0, 3)
+    data = json.loads(capsys.readouterr().out)
+    assert data["profile"] == resolve_profile("auto").name and data["profile_origin"].startswith("auto: ")
+    assert main(["plan", str(path), "--json", "--profile", "12gb", "--stage1", "auto", "--sam",
+                 "facebook/sam2.1-hiera-large", "--depth-from-photo", str(tmp_path / "photo.jpg")]) == 0
+    stages = {s["stage"] for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert {"ldm3d_denoise", "sam2_masks", "depth_estimate"} <= stages
 
 
 def test_cpu_engine_checks_host_ram_before_a_render(tiny_flux_dir, tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from threedis import UserError
+from threedis.engine.cli_args import add_lora_argument, add_sam_argument, loras, sam_spec
 
 EXAMPLES = """\
 examples:
@@ -42,16 +44,20 @@ def add_batch_parser(sub: Any) -> None:
     models.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                         help="FLUX.1-Depth-dev folder or hub id (default $THREEDIS_MODEL, else the tiny checkpoints)")
     models.add_argument("--stage1", default=os.environ.get("THREEDIS_STAGE1"), metavar="PATH_OR_ID",
-                        help="stage-1 model for jobs without a depth map (default: the authors' release)")
-    models.add_argument("--sam", default=None, metavar="PATH_OR_ID", help="SAM2 model for jobs with \"sam\": true")
+                        help="stage-1 model for jobs without a depth map (default: the tiny one without --model, "
+                             "else the authors' release or $THREEDIS_STAGE1)")
+    add_sam_argument(models, "SAM2 model for jobs with \"sam\": true (default, and a bare --sam: "
+                             "facebook/sam2.1-hiera-large; the tiny one without --model)")
     models.add_argument("--depth-model", default=os.environ.get("THREEDIS_DEPTH_MODEL"), metavar="PATH_OR_ID",
-                        help="depth estimator for jobs with depth_from_photo")
-    models.add_argument("--profile", default="auto", help="memory profile name or TOML file (default auto)")
+                        help="depth estimator for jobs with depth_from_photo (default "
+                             "depth-anything/Depth-Anything-V2-Large-hf or $THREEDIS_DEPTH_MODEL)")
+    models.add_argument("--profile", default="auto", help="memory profile name or TOML file (default: auto)")
     models.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a profile key (repeatable)")
-    models.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    models.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"])
-    models.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="FLUX LoRA (repeatable)")
+                        help="override a profile key, e.g. --set transformer.weights=nf4 (repeatable)")
+    models.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    models.add_argument("--backend", default="auto", choices=["auto", "triton", "flex", "sdpa"],
+                        help="masked-attention backend (auto: triton on CUDA, else flex/sdpa)")
+    add_lora_argument(models)
     models.add_argument("--local-files-only", action="store_true", help="never try to download weights")
     ray = p.add_argument_group("Ray")
     ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -62,24 +68,14 @@ def add_batch_parser(sub: Any) -> None:
                      help="GPUs per Ray worker (default 1, or 0 on a cluster without GPUs)")
 
 
-def _loras(values: list[str]) -> tuple[tuple[str, float], ...]:
-    """--lora PATH or PATH:SCALE -> (absolute path, scale) pairs."""
-    out = []
-    for value in values:
-        path, sep, scale = value.rpartition(":")
-        try:
-            out.append((str(Path(path).resolve()), float(scale)) if sep and path else (str(Path(value).resolve()), 1.0))
-        except ValueError:
-            out.append((str(Path(value).resolve()), 1.0))  # a ':' that is part of the path
-    return tuple(out)
-
-
 def cmd_batch(args: argparse.Namespace) -> int:
     from threedis.engine.batch.driver import run_batch
     from threedis.engine.batch.jobs import TINY_DEFAULTS, JobDefaults, load_jobs
     from threedis.engine.batch.seeds import parse_seeds
     from threedis.engine.batch.worker import EngineSpec
     from threedis.engine.profiles import parse_overrides
+    from threedis.engine.stages import default_stage1
+    from threedis.engine.tiny_rules import is_tiny
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise UserError("--workers and --gpus-per-worker apply to Ray mode; add --ray")
@@ -100,18 +96,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         jobs_path = args.jobs
     if args.out is None:
         raise UserError("give an output folder: --out DIR")
-    base = TINY_DEFAULTS if tiny else JobDefaults()
-    defaults = JobDefaults(seeds=parse_seeds(args.seeds, "--seeds"), steps=base.steps, stage1=base.stage1) \
-        if args.seeds is not None else base
+    base = TINY_DEFAULTS if tiny or is_tiny(args.model) else JobDefaults()
+    if args.stage1 is not None:  # the stage-1 model decides stage 1's numbers (stages.default_stage1)
+        base = replace(base, stage1=default_stage1(args.stage1))
+    defaults = replace(base, seeds=parse_seeds(args.seeds, "--seeds")) if args.seeds is not None else base
     jobs = load_jobs(jobs_path, defaults)
     if jobs.problems:
         print(f"{len(jobs.problems)} job(s) have problems and are recorded as failed "
               f"(threedis validate {jobs_path} lists them)")
     needs = frozenset().union(*(job.needs for job in jobs.jobs))
     spec = EngineSpec(model=args.model or None, profile=args.profile, overrides=parse_overrides(args.overrides),
-                      device=args.device, backend=args.backend, stage1=args.stage1, sam=args.sam,
+                      device=args.device, backend=args.backend, stage1=args.stage1, sam=sam_spec(args.sam),
                       depth_model=args.depth_model, local_files_only=args.local_files_only, needs=needs,
-                      loras=_loras(args.lora))
+                      loras=tuple(loras(args.lora, resolve=True)))
     if tiny:
         print("no --model given: rendering on the tiny random-weight checkpoints (noise-like pictures)")
     if args.ray is not None:

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 from threedis import Layout, RenderOptions, Stage1Options, UserError
 from threedis.engine.batch.seeds import parse_seeds
+from threedis.engine.stages import TINY_STAGE1
+from threedis.engine.tiny_rules import STEPS
 
 JOB_KEYS = ("id", "layout", "seeds", "depth", "depth_from_photo", "steps", "guidance", "sam", "schedule",
             "stage1", "options", "meta")
@@ -35,7 +37,7 @@ class JobDefaults:
     stage1: Stage1Options = field(default_factory=Stage1Options)
 
 
-TINY_DEFAULTS = JobDefaults(steps=4, stage1=Stage1Options(steps=4, migc_steps=2, size=64))
+TINY_DEFAULTS = JobDefaults(steps=STEPS, stage1=TINY_STAGE1)  # tiny_rules: seconds per item on a CPU
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from threedis.engine.serve.engines import default_factory
 from threedis.engine.serve.events import EventHub
 from threedis.engine.serve.history import History
 from threedis.engine.serve.jobs import API, JobManager
-from threedis.engine.serve.requests import TINY_DEFAULTS, Defaults, RequestError, resolve_layout
+from threedis.engine.serve.requests import RequestError, defaults_for, resolve_layout
 from threedis.engine.serve.security import Guard
 from threedis.engine.serve.system import plan_rows, system_info
 from threedis.engine.serve.uploads import UploadStore
@@ -80,7 +80,7 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Engine] | None 
     history = History(config.history_path)
     uploads = UploadStore(config.uploads_dir, history, config.max_upload_bytes, config.max_upload_pixels)
     hub = EventHub()
-    defaults = TINY_DEFAULTS if config.tiny else Defaults()
+    defaults = defaults_for(config.model, config.stage1)  # tiny checkpoints: tiny numbers (tiny_rules)
     jobs = JobManager(config, history, uploads, hub, engine_factory or default_factory(config), defaults)
 
     @contextlib.asynccontextmanager

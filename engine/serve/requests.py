@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from threedis import Layout, LayoutError, UserError
+from threedis.engine import tiny_rules
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
@@ -57,7 +58,22 @@ class Defaults:
     stage1_size: int = 512
 
 
-TINY_DEFAULTS = Defaults(steps=4, stage1_steps=4, stage1_migc_steps=2, stage1_size=64)
+TINY_DEFAULTS = Defaults(steps=tiny_rules.STEPS, stage1_steps=tiny_rules.STAGE1_STEPS,
+                         stage1_migc_steps=tiny_rules.MIGC_STEPS, stage1_size=tiny_rules.STAGE1_SIZE)
+
+
+def defaults_for(model: str | None, stage1: str | None) -> Defaults:
+    """The tiny numbers where the model is a tiny checkpoint (tiny_rules): None is the built-in tiny one.
+
+    The FLUX model decides the denoising steps, the stage-1 model stage 1's (without --model the
+    service runs the tiny stage 1 unless --stage1 names another).
+    """
+    real = Defaults()
+    flux_tiny = model is None or tiny_rules.is_tiny(model)
+    stage1_tiny = (model is None and stage1 is None) or tiny_rules.is_tiny(stage1)
+    pick = TINY_DEFAULTS if stage1_tiny else real
+    return Defaults(steps=(TINY_DEFAULTS if flux_tiny else real).steps, stage1_steps=pick.stage1_steps,
+                    stage1_migc_steps=pick.stage1_migc_steps, stage1_size=pick.stage1_size)
 
 
 def _whole(value: Any, low: int, high: int) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from threedis.engine.errors import UserError
+from threedis.engine.model_paths import is_hub_id
 
 __all__ = [
     "ADAPTER_FILENAME",
@@ -216,11 +216,6 @@ def load_adapter_weights(processors: Mapping[str, nn.Module], state: Mapping[str
     for layer, proc in processors.items():
         prefix = f"{layer}.attn2.processor."
         proc.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-
-
-def is_hub_id(text: str) -> bool:
-    """True for text shaped like a hub repo id ("owner/name")."""
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text)) and not text.startswith(".")
 
 
 def resolve_weight_file(spec: str | os.PathLike[str], filename: str, local_files_only: bool = False) -> Path:

@@ -28,7 +28,6 @@ from threedis.engine.stage1.checkpoint import (
     ADAPTER_FILENAME,
     UNET_FILENAME,
     WEIGHTS_REPO_ID,
-    is_hub_id,
     load_adapter_weights,
     load_state_file,
     load_unet_weights,
@@ -36,7 +35,8 @@ from threedis.engine.stage1.checkpoint import (
 )
 from threedis.engine.stage1.masks import BoxMasks, to_xxyy
 from threedis.engine.stage1.processors import RenderState, Stage1Call, install_processors, make_adapters
-from threedis.engine.tiny import tiny_hint
+from threedis.engine.model_paths import DEFAULT_BASE_ID, stage1_folder
+from threedis.engine.tiny_rules import tiny_hint
 
 __all__ = [
     "DEFAULT_BASE_ID",
@@ -50,7 +50,6 @@ __all__ = [
     "augment_phrase",
 ]
 
-DEFAULT_BASE_ID = "Intel/ldm3d-4c"
 DEFAULT_NEGATIVE = "worst quality, low quality, bad anatomy, watermark, text, blurry, extra hands"
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 6.5
@@ -99,14 +98,10 @@ def _default_device() -> torch.device:
 
 
 def _resolve_base(path_or_id: str | os.PathLike[str], local_files_only: bool, unet_weights: bool) -> Path:
+    folder = stage1_folder(path_or_id)  # a local folder, a UserError, or None for a hub id
+    if folder is not None:
+        return folder
     text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or not is_hub_id(text):
-        raise UserError(f"stage-1 base model folder not found: {text}; give an LDM3D-4c folder in diffusers "
-                        f"layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or the hub id {DEFAULT_BASE_ID}; "
-                        f"{tiny_hint('ldm3d')}")
     from huggingface_hub import snapshot_download
 
     parts = [p for p in _PARTS if p != "unet"]

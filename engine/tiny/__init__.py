@@ -19,10 +19,11 @@ from threedis.engine.tiny import depth, flux, ldm3d, sam2
 from threedis.engine.tiny.flux import (
     MARKER, TINY_FLUX, TINY_VERSION, is_tiny_checkpoint, tiny_flux_path, write_tiny_flux,
 )
-from threedis.engine.tiny.store import cache_root, check_new_folder
+from threedis.engine.tiny.store import check_new_folder
+from threedis.engine.tiny_rules import OPTIONS, suggested_folder, tiny_hint
 
 __all__ = ["KINDS", "MARKER", "TINY_FLUX", "TINY_VERSION", "TinyKind", "is_tiny_checkpoint", "tiny_flux_path",
-           "tiny_hint", "write_tiny", "write_tiny_flux"]
+           "suggested_folder", "tiny_hint", "write_tiny", "write_tiny_flux"]
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,14 @@ class TinyKind:
 
 
 KINDS: dict[str, TinyKind] = {
-    "flux": TinyKind("FLUX.1-Depth-dev", flux.write_tiny_flux, flux.tiny_flux_path, flux.STANDS_IN_FOR, "--model"),
+    "flux": TinyKind("FLUX.1-Depth-dev", flux.write_tiny_flux, flux.tiny_flux_path, flux.STANDS_IN_FOR,
+                     OPTIONS["flux"]),
     "ldm3d": TinyKind("stage-1 LDM3D-4c + adapter", ldm3d.write_tiny_ldm3d, ldm3d.tiny_ldm3d_path,
-                      ldm3d.STANDS_IN_FOR, "--stage1"),
-    "sam2": TinyKind("SAM2", sam2.write_tiny_sam2, sam2.tiny_sam2_path, sam2.STANDS_IN_FOR, "--sam"),
+                      ldm3d.STANDS_IN_FOR, OPTIONS["ldm3d"]),
+    "sam2": TinyKind("SAM2", sam2.write_tiny_sam2, sam2.tiny_sam2_path, sam2.STANDS_IN_FOR, OPTIONS["sam2"]),
     "depth": TinyKind("Depth Anything V2", depth.write_tiny_depth_anything, depth.tiny_depth_anything_path,
-                      depth.STANDS_IN_FOR, "--depth-model"),
+                      depth.STANDS_IN_FOR, OPTIONS["depth"]),
 }
-
-
-def suggested_folder(kind: str) -> Path:
-    """A folder where a hint may safely tell the user to write a tiny `kind` (or "all"): under the cache."""
-    return cache_root() / "make-tiny" / kind
-
-
-def tiny_hint(kind: str) -> str:
-    """The clause error messages end with: how to get a tiny stand-in for `kind` from the CLI."""
-    folder = suggested_folder(kind)
-    return (f"for a test run without the real weights, `threedis make-tiny {kind} {folder}` writes a tiny "
-            f"random-weight stand-in, then pass `{KINDS[kind].option} {folder}` (`threedis demo` uses tiny "
-            f"checkpoints by itself)")
 
 
 def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[tuple[str, Path]]:

@@ -22,13 +22,14 @@ import torch
 from threedis.engine.tiny.flux import TINY_FLUX
 from threedis.engine.tiny.store import cached_build, mark_complete, quiet_saves, seeded, start_folder, write_json
 from threedis.engine.tiny.text import corpus, write_clip_tokenizer
+from threedis.engine.tiny_rules import LDM3D_MARKER
 
 __all__ = ["STANDS_IN_FOR", "TINY_LDM3D", "TINY_LDM3D_VERSION", "tiny_ldm3d_path", "write_tiny_ldm3d"]
 
 STANDS_IN_FOR = "Intel/ldm3d-4c"
 
 TINY_LDM3D_VERSION = 1
-MARKER = "threedis_tiny_ldm3d.json"  # written last: its presence means the folder is complete
+MARKER = LDM3D_MARKER  # written last: its presence means the folder is complete
 _DIR_NAME = f"tiny-ldm3d-v{TINY_LDM3D_VERSION}"
 
 _ro = MappingProxyType

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from threedis.engine.errors import UserError
+from threedis.engine.tiny_rules import MARKER, cache_root  # noqa: F401  (MARKER: written last = complete)
 
-MARKER = "threedis_tiny.json"  # written last: its presence means the checkpoint is complete
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what the real SAM2 and Depth Anything preprocessors normalise with
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -31,12 +31,6 @@ _SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/
                  "/usr")
 # ...and shared top-level folders, refused themselves (a subfolder such as /tmp/tiny is fine).
 _SHARED_ROOTS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var")
-
-
-def cache_root() -> Path:
-    """$THREEDIS_CACHE, else ~/.cache/threedis (read at each call: tests and apps may change it)."""
-    env = os.environ.get("THREEDIS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "threedis"
 
 
 def seeded(seed: int, offset: int) -> None:
