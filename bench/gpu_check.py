@@ -4,9 +4,10 @@ Usage:
   python bench/gpu_check.py --out DIR [--budget-s 480] [--parts 1,3,4] [--dry-run]
 
 Runs, in this order of value, each part in a fresh process (a crash, a dead CUDA context
-or a memory cap stays inside its part) and each only when its estimated time still fits
-the budget; a part that does not fit, or a measurement inside one, is written as a row
-"not measured" with the reason:
+or a memory cap stays inside its part; this process never touches CUDA, so it holds no
+memory on the card) and each only when its estimated time still fits the budget; a part
+that does not fit, or a measurement inside one, is written as a row "not measured" with
+the reason:
   1 environment         GPU, compute capability, memory, driver, versions, kernel configs, ceilings
   2 cuda-tests          pytest -m gpu, and the test modules that use CUDA when present
   3 kernel-correctness  Triton and FlexAttention vs a float32 reference at the real shapes
@@ -20,7 +21,9 @@ keeps every finished row. The run ends with a goal table (met / missed / not mea
 printed last and written to DIR/goals-<gpu>-<date>.md; pytest's output goes to
 DIR/pytest-<gpu>-<date>.txt. Three files: the device tool brings back at most eight.
 --dry-run runs every part on the CPU at tiny sizes (tiny checkpoints, small attention
-shapes) and marks the GPU measurements not measured: it is a test of the check itself.
+shapes), all in one process (one import of torch and diffusers), and marks the GPU
+measurements not measured: it is a test of the check itself (tests/test_gpu_check.py).
+A run on a machine without CUDA and without --dry-run stops after part 1 with exit code 2.
 This file imports no torch: the parts do, in their own processes (bench/gpucheck_*.py).
 """
 
@@ -66,9 +69,9 @@ class Part:
 
 PARTS: tuple[Part, ...] = (
     Part(1, ENV, "gpucheck_env", "environment", 25, 10, 60),
-    Part(2, TESTS, "gpucheck_env", "cuda_tests", 120, 25, 200),
-    Part(3, KERNELS, "gpucheck_kernels", "kernel_correctness", 60, 15, 150),
-    Part(4, ATTENTION, "gpucheck_kernels", "attention_bench", 60, 10, 140),
+    Part(2, TESTS, "gpucheck_env", "cuda_tests", 120, 25, 170),
+    Part(3, KERNELS, "gpucheck_kernels", "kernel_correctness", 60, 15, 120),
+    Part(4, ATTENTION, "gpucheck_kernels", "attention_bench", 60, 10, 100),
     Part(5, RENDERS, "gpucheck_models", "renders", 120, 30, None, keep_s=45),
     Part(6, STAGE1, "gpucheck_models", "stage1_sam2", 45, 15, None),
 )
@@ -200,7 +203,9 @@ def _spawn(parts: Sequence[Part], args: argparse.Namespace, rows_path: Path, dea
         Rows(rows_path, name, "unknown", run).not_measured(
             name, f"cut at its deadline after {time.time() - start:.0f} s; its finished rows are kept")
         return
-    if code < 0 or code > 1:  # 1: a part failed and wrote its row; anything else died before it could
+    wrote = any(r.get("run") == run and r.get("what") in {p.name for p in parts} and r.get("status") == "error"
+                for r in read_rows(rows_path))
+    if code != 0 and not wrote:  # it died before it could say why (a crash, a failed import)
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         Rows(rows_path, name, "unknown", run).emit(
             name, "error", error=f"the process ended with {how} (its traceback, if any, is in the log)")
