@@ -72,7 +72,7 @@ PARTS: tuple[Part, ...] = (
     Part(2, TESTS, "gpucheck_env", "cuda_tests", 120, 25, 170),
     Part(3, KERNELS, "gpucheck_kernels", "kernel_correctness", 60, 15, 120),
     Part(4, ATTENTION, "gpucheck_kernels", "attention_bench", 60, 10, 100),
-    Part(5, RENDERS, "gpucheck_models", "renders", 120, 30, None, keep_s=45),
+    Part(5, RENDERS, "gpucheck_models", "renders", 90, 30, None, keep_s=45),
     Part(6, STAGE1, "gpucheck_models", "stage1_sam2", 45, 15, None),
 )
 
@@ -126,14 +126,16 @@ def schedule(parts: Sequence[Part], deadline: float, budget_s: float, rows_path:
              runner: Callable[[Part, float], None]) -> bool:
     """Run the parts in order, each only when its estimate fits; False when a GPU run finds no CUDA."""
     for i, part in enumerate(parts):
-        left = deadline - time.time()
+        keep = part.keep_s if parts[i + 1:] else 0.0
+        left = deadline - time.time() - keep
         estimate = part.estimate(dry)
         if left < estimate:
             print(f"[{part.number} {part.name}] not started: needs ~{estimate:.0f} s, {left:.0f} s left", flush=True)
             Rows(rows_path, part.name, "unknown", run).not_measured(
-                part.name, f"budget: needs ~{estimate:.0f} s, {left:.0f} s of {budget_s:.0f} s left")
+                part.name, f"budget: needs ~{estimate:.0f} s, {left:.0f} s of {budget_s:.0f} s left"
+                           + (f" (keeping {keep:.0f} s for the parts after it)" if keep else ""))
             continue
-        part_deadline = deadline - (part.keep_s if parts[i + 1:] else 0.0)
+        part_deadline = deadline - keep
         if part.cap_s is not None:
             part_deadline = min(part_deadline, time.time() + part.cap_s)
         print(f"[{part.number} {part.name}] started: estimate ~{estimate:.0f} s, "

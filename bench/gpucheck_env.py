@@ -90,19 +90,11 @@ def _kernel_configs(torch: Any, device: Any) -> dict[str, Any]:
 
 
 def _event_ms(torch: Any, fn: Any, reps: int) -> float:
-    """Median milliseconds of fn() over reps, with CUDA events, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of fn() over reps, timed with CUDA events, after two warm-up calls."""
+    from threedis.kernels.bench_attention import time_calls
+
+    times = sorted(time_calls(fn, torch.device("cuda"), warmup=2, reps=reps))
+    return times[len(times) // 2] * 1e3
 
 
 def _copy_ms(torch: Any, device: Any) -> float:

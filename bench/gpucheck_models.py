@@ -45,7 +45,7 @@ def renders(ctx: Any) -> None:
     cuda = ctx.device.type == "cuda"
     size, steps, chunk = (1024, 4, 200) if cuda else (64, 1, 8)
     configs = None if cuda else str(tiny_flux_path())  # CPU: the tiny checkpoint's configs, random weights
-    row_s = 120.0 if cuda else 15.0  # the first row: build (quantize) the models, a cold and a warm render
+    row_s = 90.0 if cuda else 15.0  # the first row (the part's estimate): build and quantize, a cold and a warm render
     for label, name, overrides, cap, instances in RENDER_ROWS:
         if not cuda and label not in DRY_ROWS:
             ctx.rows.not_measured("render", f"dry run: only {', '.join(DRY_ROWS)}", label=label)

@@ -95,7 +95,8 @@ def _quantiles_ms(times_s: Sequence[float]) -> tuple[float, float, float]:
     return q[1] * 1e3, statistics.median(ordered) * 1e3, q[7] * 1e3
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, reps: int) -> list[float]:
+def time_calls(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Seconds per call after `warmup` calls: CUDA events around each call on a GPU, the host clock elsewhere."""
     for _ in range(warmup):
         fn()
     times = []
@@ -302,7 +303,7 @@ def _measure(backend: str, inp: _CaseInputs, warmup: int, reps: int, flash_ms: f
             def fn():
                 return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
     extra = _extra_memory(fn, device)
-    times = _time(fn, device, warmup, reps)
+    times = time_calls(fn, device, warmup, reps)
     p20, p50, p80 = _quantiles_ms(times)
     if backend == "flash":
         flash_ms = p50
