@@ -137,11 +137,19 @@ def environment(ctx: Any) -> None:
     if cuda:
         row["gpu"] = _gpu(torch, device)
     ctx.rows.emit("environment", **row)
+    gpu = row.get("gpu")
+    card = (f"{gpu['name']} sm_{gpu['capability'].replace('.', '')} {gpu['memory_gb']} GB, driver {gpu['driver']}"
+            if gpu else "no CUDA device")
+    print(f"  {card}, torch {torch.__version__}; imports: "
+          + ", ".join(f"{k} {v}" for k, v in row["imports"].items() if k != "bitsandbytes_library"), flush=True)
     if not cuda:
         ctx.rows.not_measured("ceilings", "no CUDA device: copy bandwidth and matmul rate are GPU figures")
         return
     try:
-        ctx.rows.emit("ceilings", **_ceilings(torch, device))
+        ceilings = _ceilings(torch, device)
+        ctx.rows.emit("ceilings", **ceilings)
+        print(f"  copy {ceilings['copy_gb_per_s']} GB/s, bf16 matmul {ceilings['bf16_matmul_tflops']} TFLOP/s",
+              flush=True)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a smaller card: a row, then carry on
         ctx.rows.emit("ceilings", "error", error=first_line(exc))
 
