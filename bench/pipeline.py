@@ -21,16 +21,18 @@ Modes:
                  gpu-then-freed models park in host RAM instead of being freed (VRAM is the
                  same). --vram-cap-gb 12 caps this process's CUDA memory
                  (torch.cuda.set_per_process_memory_fraction) from engine creation on, to
-                 imitate a 12 GB card.
+                 imitate a 12 GB card: the allocator gets 12 GB minus what the process
+                 holds outside it (CUDA context, library handles), measured first.
 
 Rows go to bench/results/pipeline-<mode>.jsonl (one JSON object a line, overwritten per
 run) and are printed as a table. Columns: s/step p20/p50/p80 (warm render), load and
 quantize seconds (cold render), peak VRAM allocated / reserved (warm, GB = 2**30 B),
 the planner's predicted peak, and plan/meas: the planned peak over the measured device
 peak (largest reserved of both renders + what the process held outside PyTorch's
-allocator at the row's start: CUDA context, cuBLAS), the number for the planner's 10%
-goal; steps the step cache reused. --images DIR saves each row's warm image (compare
-step-cache kinds by eye or by pixel difference).
+allocator, the larger of the row's start and end: CUDA context, cuBLAS), the number for
+the planner's 10% goal; steps the step cache reused (s_per_computed_step leaves them
+out). --images DIR saves each row's warm image (compare step-cache kinds by eye or by
+pixel difference).
 
 Usage:
   python bench/pipeline.py                                   # tiny checkpoint, all profiles, CPU or CUDA
@@ -56,11 +58,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
+from threedis.engine.api import RenderOptions
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import GIB, Profile, apply_overrides, list_profiles, load_profile
 from threedis.kernels.bench_attention import versions as base_versions
-from threedis.engine.api import RenderOptions
 
 RUNTIME_MODELS = ("transformer", "t5", "clip", "vae")
 REAL_CONFIGS = {"transformer": "flux_depth_transformer", "t5": "t5_xxl_encoder", "clip": "clip_l_text",
@@ -143,45 +144,57 @@ def _config(key: str, configs: str | None) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def random_model(key: str, configs: str | None, weights: str, device: torch.device) -> tuple[Any, float, float]:
-    """(model with random weights in the profile's format, on the host; materialise s, quantize s).
+def materialize_random(model: Any, dtype: torch.dtype, device: torch.device, seed: int = 0, what: str = "model") -> Any:
+    """Give a model built on the meta device random weights on `device`, in `dtype`; returns it in eval mode.
 
-    Parameters are created one by one in the target dtype (no float32 copy of the whole
-    model). On CUDA they are drawn and quantized on the GPU, then the model moves to
-    the host; quanto formats are always quantized on the host (on CUDA quanto may repack
-    weights into kernel-specific layouts).
+    Parameters are created one by one in the target dtype (no float32 copy of the whole model):
+    matrices and kernels N(0, 0.02), vectors ones (weights: norms stay identities) or zeros
+    (biases). Tied parameters (T5's shared / embed_tokens) stay tied. Buffers get the rule of
+    their name; an unknown buffer is an error rather than a silent garbage value.
     """
     from torch import nn
 
-    from threedis.engine.offload import move_model
-    from threedis.engine.planner import instantiate_meta
-    from threedis.engine.quantize import PLAIN_SCHEMES, apply_quantization
-
-    build = device if device.type == "cuda" and not weights.startswith("quanto-") else torch.device("cpu")
-    start = time.perf_counter()
-    model = instantiate_meta(_config(key, configs), key)
-    gen = torch.Generator(device=build).manual_seed(0)
-    dtype = PLAIN_SCHEMES.get(weights, torch.bfloat16)
-    made_for: dict[int, nn.Parameter] = {}  # tied parameters (T5's shared / embed_tokens) stay tied
+    gen = torch.Generator(device=device).manual_seed(seed)
+    made_for: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is None:
                 continue
             if id(p) not in made_for:
                 if p.dim() >= 2:
-                    value = torch.empty(p.shape, dtype=dtype, device=build).normal_(0.0, 0.02, generator=gen)
+                    value = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
                 else:
-                    value = (torch.ones if name == "weight" else torch.zeros)(p.shape, dtype=dtype, device=build)
+                    value = (torch.ones if name == "weight" else torch.zeros)(p.shape, dtype=dtype, device=device)
                 made_for[id(p)] = nn.Parameter(value, requires_grad=False)
             module._parameters[name] = made_for[id(p)]
         for name, b in list(module._buffers.items()):
             if b is None:
                 continue
-            if name == "position_ids":  # CLIP's only buffer: arange over positions
-                module._buffers[name] = torch.arange(b.shape[-1], device=build).expand(b.shape).contiguous()
+            if name == "position_ids":  # CLIP: arange over positions
+                module._buffers[name] = torch.arange(b.shape[-1], device=device).expand(b.shape).contiguous()
+            elif name == "positional_embedding":  # SAM2's random Fourier features: N(0, 1), as at init
+                module._buffers[name] = torch.empty(b.shape, dtype=dtype, device=device).normal_(generator=gen)
             else:
-                raise RuntimeError(f"{key}: buffer {name} has no random-init rule")
-    model.eval().requires_grad_(False)
+                raise RuntimeError(f"{what}: buffer {name} has no random-init rule")
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_model(key: str, configs: str | None, weights: str, device: torch.device) -> tuple[Any, float, float]:
+    """(model with random weights in the profile's format, on the host; materialise s, quantize s).
+
+    Weights as `materialize_random` gives them. On CUDA they are drawn and quantized on the GPU, then the model moves to
+    the host; quanto formats are always quantized on the host (on CUDA quanto may repack
+    weights into kernel-specific layouts).
+    """
+    from threedis.engine.offload import move_model
+    from threedis.engine.planner import instantiate_meta
+    from threedis.engine.quantize import PLAIN_SCHEMES, apply_quantization
+
+    build = device if device.type == "cuda" and not weights.startswith("quanto-") else torch.device("cpu")
+    start = time.perf_counter()
+    model = materialize_random(instantiate_meta(_config(key, configs), key), PLAIN_SCHEMES.get(weights, torch.bfloat16),
+                               build, what=key)
     _sync(build)
     made = time.perf_counter() - start
     start = time.perf_counter()
@@ -208,7 +221,6 @@ def _release(device: torch.device) -> None:
 
 def random_components(profile: Profile, configs: str | None, device: torch.device) -> tuple[Any, float, float]:
     from diffusers import FlowMatchEulerDiscreteScheduler
-
     from threedis.engine.loading import FluxComponents, TextEncoders
     from threedis.engine.tiny import TINY_FLUX
 
@@ -225,13 +237,48 @@ def random_components(profile: Profile, configs: str | None, device: torch.devic
 
 # -- one row ------------------------------------------------------------------------------------
 
-def set_cap(device: torch.device, cap_gb: float | None) -> None:
-    """Cap this process's CUDA memory at cap_gb GB (2**30 B) like a smaller card; None lifts it."""
+CAP_METHOD = ("torch.cuda.set_per_process_memory_fraction: PyTorch's caching allocator may reserve at most the cap "
+              "minus what this process holds outside it (CUDA context, library handles; outside_allocator_gb), so "
+              "reserved + outside stays within the cap, as on a card of that size with nothing else on it")
+
+
+def set_cap(device: torch.device, cap_gb: float | None, outside: int = 0) -> int | None:
+    """Cap this process's CUDA memory at cap_gb GB (2**30 B) like a smaller card; None lifts it.
+
+    `outside`: bytes the process holds outside PyTorch's allocator; the allocator gets the rest
+    (CAP_METHOD). Returns the allocator's limit in bytes (None: no cap, or not CUDA).
+    """
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_gb is None:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return None
+    limit = max(0, min(total, int(cap_gb * GIB) - outside))
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit
+
+
+def outside_allocator(device: torch.device) -> int:
+    """Device memory in use outside this process's caching allocator (its CUDA context, library handles,
+    and any other process on the card)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device))
+
+
+def warm_cuda_libraries(device: torch.device) -> None:
+    """Create cuBLAS(Lt), cuDNN and SDPA state once, so their memory outside the allocator is there before a
+    row measures it (else it appears mid-render, past the cap)."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = 1.0 if cap_gb is None else min(1.0, cap_gb * GIB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    a = torch.randn(256, 256, device=device, dtype=torch.bfloat16)
+    (a @ a).float().sum().item()
+    image = torch.randn(1, 8, 32, 32, device=device, dtype=torch.bfloat16)
+    torch.nn.functional.conv2d(image, torch.randn(8, 8, 3, 3, device=device, dtype=torch.bfloat16)).sum().item()
+    q = torch.randn(1, 2, 64, 64, device=device, dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
+    del a, image, q
+    _release(device)
 
 
 def _bigger(a: int | None, b: int | None) -> int | None:
@@ -272,6 +319,13 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
     layout, depth = grid_layout(width, height, instances), depth_ramp(width, height)
     kwargs = dict(depth=depth, steps=args.steps, seed=0, options=RenderOptions(chunk=args.chunk))
     outside = 0  # device memory this process holds outside PyTorch's allocator (CUDA context, cuBLAS)
+    plan = None
+    if args.random_real:  # the planner prices the configs the models come from; beside failed rows too
+        from threedis.engine.planner import plan as make_plan
+
+        models = None if args.configs is None else {k: Path(args.configs) / SUBFOLDERS[k] for k in RUNTIME_MODELS}
+        plan = make_plan(profile, width, height, instances, args.chunk, models)
+        row.update(planned_peak_gpu_gb=_gb(plan.peak_gpu_bytes), planned_peak_stage=plan.peak_stage)
     with tempfile.TemporaryDirectory(prefix="threedis-bench-") as cache:
         try:
             _release(device)  # the previous row's models are gone before this row measures
@@ -280,10 +334,10 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
             components = None
             if args.random_real:
                 components, made, quantized = random_components(profile, args.configs, device)
-            set_cap(device, args.vram_cap_gb)
             if device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(device)
-                outside = max(0, total - free - torch.cuda.memory_reserved(device))
+                warm_cuda_libraries(device)
+                outside = outside_allocator(device)
+                row["allocator_limit_gb"] = _gb(set_cap(device, args.vram_cap_gb, outside))
                 torch.cuda.reset_peak_memory_stats(device)
             if components is not None:
                 engine = Engine.from_components(components, profile=profile, device=device, cache_dir=cache,
@@ -296,39 +350,43 @@ def run_row(args: argparse.Namespace, profile: Profile, width: int, height: int,
             warm = engine.render(layout, **kwargs)
         except (UserError, RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as exc:
             row["status"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            row["outside_allocator_gb"] = _gb(outside)
             if args.verbose:
                 traceback.print_exc()
             return row
+        finally:
+            outside_end = outside_allocator(device) if device.type == "cuda" else 0
+            set_cap(device, None)
     steps = [s.wall_s for s in warm.report.stages if s.name == "step"]
     loads = [s.wall_s for s in cold.report.stages if s.name.startswith("load ")]
     quants = [s.wall_s for s in cold.report.stages if s.name.startswith("quantize ")]
     alloc, reserved, rss = _peaks(warm.report)
     cold_alloc, cold_reserved, _ = _peaks(cold.report)
-    if args.random_real and args.configs is not None:  # the planner prices the configs the models came from
-        from threedis.engine.planner import plan as make_plan
-
-        plan = make_plan(profile, width, height, instances, args.chunk,
-                         {k: Path(args.configs) / SUBFOLDERS[k] for k in RUNTIME_MODELS})
-    else:
+    if plan is None:
         plan = engine.models.plan(width, height, instances, args.chunk)
     cache = warm.settings["step_cache"]
+    computed = [s.wall_s for s in warm.report.stages
+                if s.name == "step" and s.info.get("step") not in set(cache["reused_steps"])]
     measured = None
     if _bigger(reserved, cold_reserved) is not None:
-        measured = _bigger(reserved, cold_reserved) + outside
+        measured = _bigger(reserved, cold_reserved) + max(outside, outside_end)
     if args.images is not None:
         args.images.mkdir(parents=True, exist_ok=True)
         tag = "-".join(f"{k}={v}" for k, v in sorted(args.overrides.items())).replace("/", "_")
         warm.image.save(args.images / f"{profile.name}-{width}x{height}-n{instances}{'-' + tag if tag else ''}.png")
     row.update({
         "status": "ok",
-        "s_per_step": _pcts(steps),
+        "s_per_step": _pcts(steps), "s_per_computed_step": _pcts(computed),
         "load_s": round(sum(loads) + made, 4), "quantize_s": round(sum(quants) + quantized, 4),
         "peak_allocated_gb": _gb(alloc), "peak_reserved_gb": _gb(reserved), "peak_rss_gb": _gb(rss),
         "cold_peak_allocated_gb": _gb(cold_alloc), "cold_peak_reserved_gb": _gb(cold_reserved),
         "planned_peak_gpu_gb": _gb(plan.peak_gpu_bytes), "planned_peak_stage": plan.peak_stage,
         "measured_peak_device_gb": _gb(measured), "outside_allocator_gb": _gb(outside),
+        "outside_allocator_end_gb": _gb(outside_end),
+        "vram_cap_method": CAP_METHOD if args.vram_cap_gb is not None and device.type == "cuda" else None,
         "plan_vs_measured": None if not measured else round(plan.peak_gpu_bytes / measured, 4),
-        "backend": warm.settings["backend"], "weights": {k: v["weights"] for k, v in warm.settings["placement"].items()},
+        "backend": warm.settings["backend"],
+        "weights": {k: v["weights"] for k, v in warm.settings["placement"].items()},
         "step_cache": cache["kind"], "reused_steps": len(cache["reused_steps"]),
         "report": {"stages": [{"name": s.name, "wall_s": s.wall_s} for s in warm.report.stages
                               if s.name != "step"]},

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def _quantiles_ms(times_s: Sequence[float]) -> tuple[float, float, float]:
     return q[1] * 1e3, statistics.median(ordered) * 1e3, q[7] * 1e3
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, reps: int) -> list[float]:
+def time_calls(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Seconds per call after `warmup` calls: CUDA events around each call on a GPU, the host clock elsewhere."""
     for _ in range(warmup):
         fn()
     times = []
@@ -200,70 +201,125 @@ def flex_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: rule.
     return fn
 
 
+def compile_flex(device: torch.device) -> Callable | None:
+    """`torch.compile(flex_attention)` on CUDA (its fused kernel exists only compiled), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5, only for flex
+
+    return torch.compile(flex_attention, dynamic=False)  # one graph per shape, like a real render
+
+
+def many_compiles() -> Any:
+    """Dynamo config for a run where every (case, phase) is a new shape or mask: keep every compiled
+    graph rather than fall back to eager at the default recompile limit."""
+    dynamo_config = torch._dynamo.config
+    limits = {"recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit": 256}
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        limits["accumulated_recompile_limit"] = 4096
+    return dynamo_config.patch(**limits)
+
+
 def run_case(case: Case, phase_name: str, backends: Sequence[str], dtype: torch.dtype, device: torch.device,
              warmup: int, reps: int, batch: int = 1, compiled_flex: Callable | None = None,
              heads: int = HEADS) -> list[dict]:
     """All requested backends on one (case, phase): same q/k/v, same permuted token order.
 
     compiled_flex: `torch.compile(flex_attention)` on CUDA (its fused kernel exists only compiled), else None.
+    A backend that fails (out of memory, a compile error) gives a row with "error" instead of ending the run.
     """
     phases = PHASES[phase_name]
     h, w = case.grid
     regions = rule.box_regions(layout_boxes(case.instances), h, w)
     order = rule.membership_order(regions)
     raster = rule.TokenLayout.build(regions, chunk=case.chunk)
-    length = raster.length
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(batch, length, heads, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = (torch.randn(batch, raster.length, heads, HEAD_DIM, generator=gen).to(device=device, dtype=dtype)
                for _ in range(3))  # [B, L, H, D]
-    exact = density(raster, phases)
+    inputs = _CaseInputs(case, phase_name, phases, regions, order, raster, q, k, v, density(raster, phases))
     rows = []
     flash_ms = None
     for backend in backends:
-        tokens = rule.TokenLayout.build(regions, chunk=case.chunk, order=order).to(device)
-        tile_fraction = tile_fraction_raster = 1.0
-        tiles = None
-        if backend == "flash":
-            def fn():
-                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            reason = "unmasked SDPA (flash where the device has it)"
-        else:
-            available, reason = _backend_reason(backend, device, dtype)
-            if not available:
-                rows.append(_skipped_row(case, phase_name, backend, dtype, device, reason))
-                continue
-            if backend in ("triton", "flex"):
-                from threedis.kernels.triton_attention import choose_config  # imports triton, optional
-
-                cfg = choose_config(device, dtype, HEAD_DIM)
-                tiles = (cfg.block_m, cfg.block_n) if backend == "triton" else flex_tiles(device, dtype)
-                tile_fraction = build_block_table(tokens, phases, *tiles).tile_fraction
-                tile_fraction_raster = build_block_table(raster, phases, *tiles).tile_fraction
-            if backend == "flex":
-                fn = flex_runner(q, k, v, tokens, phases, tiles, compiled_flex)
-                reason += f"; {'compiled' if compiled_flex else 'eager'}, {tiles[0]}x{tiles[1]} tiles"
-            else:
-                def fn(tokens=tokens, backend=backend):
-                    return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
-        extra = _extra_memory(fn, device)
-        times = _time(fn, device, warmup, reps)
-        p20, p50, p80 = _quantiles_ms(times)
-        if backend == "flash":
-            flash_ms = p50
-        flops = 4 * batch * heads * HEAD_DIM * length * length * tile_fraction
-        speed = device.type == "cuda"  # eager CPU kernels: their speed says nothing about the GPU's
-        rows.append({
-            "bench": "attention", "backend": backend, "case": case.name, "phase": phase_name,
-            "shape": {"B": batch, "L": length, "H": heads, "D": HEAD_DIM, "width": case.width,
-                      "height": case.height, "instances": case.instances, "chunk": case.chunk},
-            "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions(),
-            "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": reps,
-            "ratio_to_flash": None if flash_ms is None or not speed else p50 / flash_ms,
-            "tflops_computed": flops / (p50 / 1e3) / 1e12 if speed else None,
-            "extra_mem_bytes": extra, "tile_fraction": tile_fraction, "tiles": None if tiles is None else list(tiles),
-            "tile_fraction_raster": tile_fraction_raster, "density": exact, "note": reason,
-        })
+        try:
+            row = _measure(backend, inputs, warmup, reps, flash_ms, compiled_flex)
+        except Exception as exc:  # noqa: BLE001 - one failing backend is a finding, not the end of the run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            row = {"bench": "attention", "backend": backend, "case": case.name, "phase": phase_name,
+                   "error": f"{type(exc).__name__}: {first}"[:500], "dtype": str(dtype).removeprefix("torch."),
+                   **device_info(device), "versions": versions()}
+        if backend == "flash" and "p50_ms" in row:
+            flash_ms = row["p50_ms"]
+        rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class _CaseInputs:
+    """What every backend of one (case, phase) shares: the rule, the token orders, q/k/v [B, L, H, D]."""
+
+    case: Case
+    phase_name: str
+    phases: rule.Phases
+    regions: torch.Tensor
+    order: torch.Tensor  # membership order of the image cells
+    raster: rule.TokenLayout
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    density: float
+
+
+def _measure(backend: str, inp: _CaseInputs, warmup: int, reps: int, flash_ms: float | None,
+             compiled_flex: Callable | None) -> dict:
+    """One backend's row: times, memory beyond q/k/v/out, tiles; a skipped row where it cannot run here."""
+    q, k, v, case, phases = inp.q, inp.k, inp.v, inp.case, inp.phases
+    batch, length, heads, _ = q.shape
+    device, dtype = q.device, q.dtype
+    # a fresh layout per backend: its cold call (extra memory) builds its own tables
+    tokens = rule.TokenLayout.build(inp.regions, chunk=case.chunk, order=inp.order).to(device)
+    tile_fraction = tile_fraction_raster = 1.0
+    tiles = None
+    if backend == "flash":
+        def fn():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        reason = "unmasked SDPA (flash where the device has it)"
+    else:
+        available, reason = _backend_reason(backend, device, dtype)
+        if not available:
+            return _skipped_row(case, inp.phase_name, backend, dtype, device, reason)
+        if backend in ("triton", "flex"):
+            from threedis.kernels.triton_attention import choose_config  # imports triton, optional
+
+            cfg = choose_config(device, dtype, HEAD_DIM)
+            tiles = (cfg.block_m, cfg.block_n) if backend == "triton" else flex_tiles(device, dtype)
+            tile_fraction = build_block_table(tokens, phases, *tiles).tile_fraction
+            tile_fraction_raster = build_block_table(inp.raster, phases, *tiles).tile_fraction
+        if backend == "flex":
+            fn = flex_runner(q, k, v, tokens, phases, tiles, compiled_flex)
+            reason += f"; {'compiled' if compiled_flex else 'eager'}, {tiles[0]}x{tiles[1]} tiles"
+        else:
+            def fn():
+                return masked_joint_attention(q, k, v, tokens, phases, backend=backend)
+    extra = _extra_memory(fn, device)
+    times = time_calls(fn, device, warmup, reps)
+    p20, p50, p80 = _quantiles_ms(times)
+    if backend == "flash":
+        flash_ms = p50
+    flops = 4 * batch * heads * HEAD_DIM * length * length * tile_fraction
+    speed = device.type == "cuda"  # eager CPU kernels: their speed says nothing about the GPU's
+    return {
+        "bench": "attention", "backend": backend, "case": case.name, "phase": inp.phase_name,
+        "shape": {"B": batch, "L": length, "H": heads, "D": HEAD_DIM, "width": case.width,
+                  "height": case.height, "instances": case.instances, "chunk": case.chunk},
+        "dtype": str(dtype).removeprefix("torch."), **device_info(device), "versions": versions(),
+        "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "reps": reps,
+        "ratio_to_flash": None if flash_ms is None or not speed else p50 / flash_ms,
+        "tflops_computed": flops / (p50 / 1e3) / 1e12 if speed else None,
+        "extra_mem_bytes": extra, "tile_fraction": tile_fraction, "tiles": None if tiles is None else list(tiles),
+        "tile_fraction_raster": tile_fraction_raster, "density": inp.density, "note": reason,
+    }
 
 
 _API_HINT = ". Use backend="  # select_backend's advice to Python callers; a bench user picks --backends
@@ -291,6 +347,9 @@ def format_table(rows: Sequence[dict]) -> str:
         if "skipped" in r:
             key = (r["backend"], r["skipped"])
             skipped[key] = skipped.get(key, 0) + 1
+            continue
+        if "error" in r:
+            lines.append(f"{r['case']:<14} {r['phase']:<6} {r['backend']:<8} failed: {r['error']}")
             continue
         ratio = "-" if r["ratio_to_flash"] is None else f"{r['ratio_to_flash']:.2f}"
         tflops = "-" if r["tflops_computed"] is None else f"{r['tflops_computed']:.2f}"
@@ -372,18 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     reps = args.reps if args.reps is not None else (30 if cuda else 3)
 
-    compiled_flex = None
-    if cuda and "flex" in backends:
-        from torch.nn.attention.flex_attention import flex_attention  # torch >= 2.5, only for flex
-
-        compiled_flex = torch.compile(flex_attention, dynamic=False)  # one graph per shape, like a real render
+    compiled_flex = compile_flex(device) if "flex" in backends else None
     rows: list[dict] = []
-    # Every (case, phase) is a new shape or mask: let Dynamo keep them all rather than fall back to eager.
-    dynamo_config = torch._dynamo.config
-    limits = {"recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit": 256}
-    if hasattr(dynamo_config, "accumulated_recompile_limit"):
-        limits["accumulated_recompile_limit"] = 4096
-    with dynamo_config.patch(**limits):
+    with many_compiles():
         for name in names:
             for phase in args.phases.split(","):
                 rows.extend(run_case(known[name], phase, backends, dtype, device, warmup, reps,

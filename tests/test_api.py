@@ -347,6 +347,7 @@ def test_cli_render_from_png_reproduces_it(tiny_flux_dir, depth_image_64, tmp_pa
     assert main(["render", "--from", str(image), "--seed", "3", "--out", str(again)]) == 2  # settings come from it
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_on_a_streamed_transformer_runs_on_cuda(tiny_flux_dir, depth_image_64, tmp_path):
     """16gb streams fp8 blocks with diffusers' group offloading; LoRA matrices added later must reach the GPU."""

@@ -31,7 +31,8 @@ LAYOUTS = [
     (1, 1, 1, 1, None),  # L = 3
     (6, 13, 11, 7, "random"),  # L = 192: several 128 (and 16) tiles, last one ragged
 ]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 def make_layout(n: int, h: int, w: int, chunk: int, order: str | None, seed: int = 0) -> TokenLayout:

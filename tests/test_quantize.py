@@ -393,6 +393,7 @@ def test_tiny_flux_checkpoint_round_trip(tiny_flux_dir: Path, tmp_path: Path) ->
     assert len(calls) == 4  # a quantization per scheme, and a float reference each
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
 def test_quantizing_on_the_gpu_leaves_weights_on_the_host(scheme: str, float_models) -> None:

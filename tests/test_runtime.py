@@ -188,6 +188,7 @@ def test_block_offloader_keeps_two_groups_and_the_same_output(tiny_flux_dir):
     offloader.remove()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_models_stay_off_the_gpu_and_int8_moves_whole(tiny_flux_dir, tmp_path, depth_image_64):
     """On CUDA: a cpu-profiled model never reaches the GPU; int8 codes and scales follow model moves."""
