@@ -122,6 +122,9 @@ def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
     g.add_argument("--migc-steps", type=int, default=None,
                    help=f"stage-1 steps with the layout adapter on (default 16; {tiny_rules.MIGC_STEPS} "
                         f"{_TINY_STAGE1})")
+    g.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                   help="stage-1 steps with the refined shader on where the adapter is off (default: every step; "
+                        "0 = off; the authors' NaiveFuserSteps + 1)")
     g.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
                    help=f"stage-1 generation size, stretched to the layout size after (default 512; "
                         f"{tiny_rules.STAGE1_SIZE} {_TINY_STAGE1})")
@@ -356,7 +359,7 @@ def _stage1_options(args: argparse.Namespace, stage1: str | None) -> Any:
     given = {"steps": args.stage1_steps, "migc_steps": args.migc_steps, "size": args.stage1_size}
     return replace(default_stage1(stage1), **{k: v for k, v in given.items() if v is not None},
                    guidance=args.stage1_guidance, seed=args.stage1_seed, phase_augment=not args.no_phase_augment,
-                   negative_prompt=args.stage1_negative)
+                   negative_prompt=args.stage1_negative, refine_steps=args.refine_steps)
 
 
 def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:

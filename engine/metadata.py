@@ -72,6 +72,13 @@ def _text(max_len: int = 4096, optional: bool = False) -> Check:
     return check
 
 
+def _optional(check: Check) -> Check:
+    """`check`, or null (the setting's default)."""
+    def optional(key: str, value: Any) -> Any:
+        return None if value is None else check(key, value)
+    return optional
+
+
 def _choice(options: tuple[str, ...]) -> Check:
     def check(key: str, value: Any) -> str:
         if value not in options:
@@ -124,7 +131,7 @@ def _stage1_depth(key: str, value: Any) -> dict:
     fields: dict[str, Check] = {
         "source": _choice(DEPTH_SOURCES), "model": _text(optional=True), "photo": _text(optional=True),
         "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, GUIDANCE_MAX), "migc_steps": _int(0, MAX_STEPS),
-        "phase_augment": _bool, "size": pair, "seed": _int(0, MAX_SEED),
+        "phase_augment": _bool, "size": pair, "seed": _int(0, MAX_SEED), "refine_steps": _optional(_int(0, MAX_STEPS)),
         "negative_prompt": _text(optional=True), "prompt": _text(20_000, optional=True),
     }
     return _mapping(fields, key, value, ("source",))

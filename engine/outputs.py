@@ -324,7 +324,8 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None, base_dir: str | o
         kwargs["sam"] = True
     stage1 = meta.get("depth") or {}
     if stage1.get("source") == "stage1" and depth is None:
-        fields = ("steps", "guidance", "seed", "migc_steps", "phase_augment", "size", "negative_prompt")
+        fields = ("steps", "guidance", "seed", "migc_steps", "phase_augment", "size", "negative_prompt",
+                  "refine_steps")
         kwargs["stage1"] = Stage1Options(**{k: stage1[k] for k in fields if stage1.get(k) is not None})
     if depth is not None:
         kwargs["depth"] = depth
