@@ -97,11 +97,15 @@ _TINY_STAGE1 = "on a tiny random-weight stage-1 checkpoint"
 
 
 def _size_arg(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height): the API's reading (stages.parse_size)."""
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height): the API's reading (sizes.parse_size).
+
+    argparse names the flag before the message ("argument --size: the size must be ..."), so the
+    message names no option of its own: the same type serves --stage1-size and depth's --size.
+    """
     from threedis.engine.sizes import parse_size
 
     try:
-        return parse_size(text)
+        return parse_size(text, "the size")
     except UserError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -737,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from threedis.engine.interrupts import Terminated, terminate_like_interrupt
+    from threedis.engine.interrupts import Terminated, interrupt_message, terminate_like_interrupt
 
     try:
         with terminate_like_interrupt():  # SIGTERM cleans up as Ctrl-C does: no partial outputs, no temp folders
@@ -745,12 +749,9 @@ def _run(args: argparse.Namespace) -> int:
     except _user_errors() as err:
         print(f"threedis: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Terminated:
-        print("threedis: terminated (SIGTERM); nothing partial was written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("threedis: interrupted; nothing partial was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): say what is whole, if anything
+        print(interrupt_message(err), file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # `threedis profiles | head -1`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again

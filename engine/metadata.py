@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, Callable
 
-from threedis.engine.checks import CHUNK_MAX, GUIDANCE_MAX, MAX_STEPS, SEED_MAX as MAX_SEED
+from threedis.engine.checks import CHUNK_MAX, GUIDANCE_MAX, LORA_SCALE_MAX, MAX_STEPS, SEED_MAX as MAX_SEED
 from threedis.engine.errors import UserError
 
 __all__ = ["MAX_METADATA_BYTES", "MAX_STEPS", "MetadataError", "parse_metadata", "parse_metadata_text"]
@@ -146,7 +146,8 @@ def _list_of(item: Check, max_len: int) -> Check:
 
 
 def _lora(key: str, value: Any) -> dict:
-    return _mapping({"path": _text(), "scale": _float(-100.0, 100.0), "name": _text(256)}, key, value, ("path",))
+    scale = _float(-LORA_SCALE_MAX, LORA_SCALE_MAX)  # the range load_lora accepts (checks.check_lora_scale)
+    return _mapping({"path": _text(), "scale": scale, "name": _text(256)}, key, value, ("path",))
 
 
 def _sam(key: str, value: Any) -> dict:

@@ -67,7 +67,7 @@ def test_render_missing_model_or_depth_file(layout_file, tiny_flux_dir, tmp_path
     assert "--model" in one_error_line(capsys.readouterr().err)
     assert main(["render", str(layout_file), "--model", str(tiny_flux_dir),
                  "--depth", str(tmp_path / "nope.png")]) == EXIT_USER_ERROR
-    assert "--depth: file not found" in one_error_line(capsys.readouterr().err)
+    assert f"--depth {tmp_path / 'nope.png'}: not found" in one_error_line(capsys.readouterr().err)
 
 
 def test_render_bad_layout_in_a_subprocess(bad_layout):
@@ -144,7 +144,7 @@ def test_depth_writes_once_and_never_overwrites_silently(photo, tmp_path, capsys
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".threedis-")]
     assert main(["depth", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "d.png"),
                  "--model", model]) == EXIT_USER_ERROR
-    assert "photo not found" in one_error_line(capsys.readouterr().err)
+    assert "missing.jpg: not found" in one_error_line(capsys.readouterr().err)
 
 
 def test_depth_error_names_a_flag_that_depth_takes(photo, tmp_path, capsys):

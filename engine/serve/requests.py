@@ -15,6 +15,7 @@ from typing import Any
 
 from threedis import Layout, LayoutError, UserError
 from threedis.engine import tiny_rules
+from threedis.engine.checks import check_lora_scale
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
@@ -212,9 +213,12 @@ def _check_loras(value: Any, problems: _Problems) -> list[dict]:
             problems.add(f"{name}.path", "must be the path of a FLUX LoRA file or folder on the service's machine")
             continue
         scale = item.get("scale", 1.0)
-        if not _number(scale, -10, 10):
-            problems.add(f"{name}.scale", "must be a number from -10 to 10")
-        out.append({"path": item["path"], "scale": float(scale) if _number(scale, -10, 10) else 1.0})
+        try:  # the engine's one range, which an image's metadata can record (render --from)
+            scale = check_lora_scale(scale, "scale")
+        except UserError as err:
+            problems.add(f"{name}.scale", str(err).removeprefix("scale "))
+            scale = 1.0
+        out.append({"path": item["path"], "scale": scale})
     return out
 
 
