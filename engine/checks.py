@@ -95,7 +95,9 @@ def check_lora_scale(value: Any, name: str = "LoRA scale") -> float:
     if not _is_real(value):
         raise UserError(f"{name} must be a number, got {_type_name(value)} {value!r}")
     number = float(value)
-    if not math.isfinite(number) or not -LORA_SCALE_MAX <= number <= LORA_SCALE_MAX:
+    if not math.isfinite(number):
+        raise UserError(f"{name} is {number!r}; give a finite number in -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g}")
+    if not -LORA_SCALE_MAX <= number <= LORA_SCALE_MAX:
         raise UserError(f"{name} = {number:g} is outside -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g}; LoRAs are made for "
                         f"scales around 1 (0 turns one off)")
     return number
