@@ -23,8 +23,9 @@ from PIL import Image
 
 from threedis import __version__
 from threedis.engine import loading
-from threedis.engine.checks import check_render_args, parse_device
+from threedis.engine.checks import check_lora_scale, check_render_args, parse_device
 from threedis.engine.options import RenderOptions
+from threedis.engine.paths import input_file
 from threedis.engine.denoise import (
     DenoiseSettings,
     RenderCancelled,
@@ -108,8 +109,10 @@ def default_schedule(steps: int) -> Schedule:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("THREEDIS_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "threedis"
+    """$THREEDIS_CACHE, else ~/.cache/threedis (threedis.engine.paths.cache_root)."""
+    from threedis.engine.paths import cache_root
+
+    return cache_root()
 
 
 def _unit_range(values: np.ndarray) -> np.ndarray:
@@ -177,9 +180,7 @@ def as_depth_image(depth: Any, width: int, height: int, processor: Any, check_as
     if depth is None:
         raise UserError("no depth map given; pass depth=... (a depth image, near = bright)")
     if isinstance(depth, (str, os.PathLike)):
-        path = Path(depth)
-        if not path.is_file():
-            raise UserError(f"depth map not found: {path}")
+        path = input_file(depth, "depth map")
         try:
             with Image.open(path) as img:
                 depth = img.copy()
@@ -354,6 +355,7 @@ class Engine:
         """Add a FLUX LoRA (diffusers or kohya keys) to this engine's transformer; returns its adapter name."""
         from threedis.engine.lora import load_lora
 
+        scale = check_lora_scale(scale)  # before the transformer is touched
         name = load_lora(self.components.transformer, path, scale=scale, adapter_name=f"lora{len(self.loras)}")
         self.models.settle_added_weights("transformer", lambda param: ".lora_" in param)
         self.loras.append({"path": str(Path(path).expanduser().resolve()), "scale": float(scale), "name": name})

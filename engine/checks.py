@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GUIDANCE_MAX",
+    "LORA_SCALE_MAX",
     "MAX_STEPS",
     "SEED_MAX",
     "check_callback",
     "check_cancel",
     "check_chunk",
     "check_guidance",
+    "check_lora_scale",
     "check_render_args",
     "check_schedule",
     "check_seed",
@@ -41,6 +43,8 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit unsigned seed
 GUIDANCE_MAX = 100.0
 MAX_STEPS = 1000  # far beyond any useful flow-matching schedule; bounds a typo or tampered metadata
 CHUNK_MAX = 512  # T5 tokens per prompt: FLUX's T5 sequence length (encoding.T5_MAX_LENGTH)
+# LoRAs are trained for scales around 1; far beyond, bf16 activations overflow into a black image.
+LORA_SCALE_MAX = 100.0
 
 
 def _type_name(value: Any) -> str:
@@ -79,6 +83,23 @@ def check_guidance(value: Any, name: str = "guidance", high: float = GUIDANCE_MA
         raise UserError(f"{name} is {number!r}; give a finite number such as 3.5 or 10")
     if not 0.0 <= number <= high:
         raise UserError(f"{name} = {number:g} is outside 0..{high:g}; typical values are 3.5 to 10")
+    return number
+
+
+def check_lora_scale(value: Any, name: str = "LoRA scale") -> float:
+    """A finite number in -LORA_SCALE_MAX..LORA_SCALE_MAX: the range an image's metadata may record.
+
+    One range for load_lora, the CLI, batch lines, the service and `render --from`, so a
+    scale that renders can always be rendered again from its image.
+    """
+    if not _is_real(value):
+        raise UserError(f"{name} must be a number, got {_type_name(value)} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UserError(f"{name} is {number!r}; give a finite number in -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g}")
+    if not -LORA_SCALE_MAX <= number <= LORA_SCALE_MAX:
+        raise UserError(f"{name} = {number:g} is outside -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g}; LoRAs are made for "
+                        f"scales around 1 (0 turns one off)")
     return number
 
 

@@ -97,11 +97,15 @@ _TINY_STAGE1 = "on a tiny random-weight stage-1 checkpoint"
 
 
 def _size_arg(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height): the API's reading (stages.parse_size)."""
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height): the API's reading (sizes.parse_size).
+
+    argparse names the flag before the message ("argument --size: the size must be ..."), so the
+    message names no option of its own: the same type serves --stage1-size and depth's --size.
+    """
     from threedis.engine.sizes import parse_size
 
     try:
-        return parse_size(text)
+        return parse_size(text, "the size")
     except UserError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -122,6 +126,9 @@ def _add_depth_options(p: argparse.ArgumentParser, stage1_help: str) -> None:
     g.add_argument("--migc-steps", type=int, default=None,
                    help=f"stage-1 steps with the layout adapter on (default 16; {tiny_rules.MIGC_STEPS} "
                         f"{_TINY_STAGE1})")
+    g.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                   help="stage-1 steps with the refined shader on where the adapter is off (default: every step; "
+                        "0 = off; the authors' NaiveFuserSteps + 1)")
     g.add_argument("--stage1-size", type=_size_arg, default=None, metavar="WxH",
                    help=f"stage-1 generation size, stretched to the layout size after (default 512; "
                         f"{tiny_rules.STAGE1_SIZE} {_TINY_STAGE1})")
@@ -356,7 +363,7 @@ def _stage1_options(args: argparse.Namespace, stage1: str | None) -> Any:
     given = {"steps": args.stage1_steps, "migc_steps": args.migc_steps, "size": args.stage1_size}
     return replace(default_stage1(stage1), **{k: v for k, v in given.items() if v is not None},
                    guidance=args.stage1_guidance, seed=args.stage1_seed, phase_augment=not args.no_phase_augment,
-                   negative_prompt=args.stage1_negative)
+                   negative_prompt=args.stage1_negative, refine_steps=args.refine_steps)
 
 
 def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -734,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from threedis.engine.interrupts import Terminated, terminate_like_interrupt
+    from threedis.engine.interrupts import Terminated, interrupt_message, terminate_like_interrupt
 
     try:
         with terminate_like_interrupt():  # SIGTERM cleans up as Ctrl-C does: no partial outputs, no temp folders
@@ -742,12 +749,9 @@ def _run(args: argparse.Namespace) -> int:
     except _user_errors() as err:
         print(f"threedis: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Terminated:
-        print("threedis: terminated (SIGTERM); nothing partial was written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("threedis: interrupted; nothing partial was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): say what is whole, if anything
+        print(interrupt_message(err), file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # `threedis profiles | head -1`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again

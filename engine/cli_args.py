@@ -8,9 +8,11 @@ parsers are built for `--help` too.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from threedis.engine.checks import check_lora_scale
+from threedis.engine.errors import UserError
 
 __all__ = ["LORA_METAVAR", "SAM_DEFAULT", "add_lora_argument", "add_sam_argument", "lora_arg", "loras", "sam_spec"]
 
@@ -39,9 +41,10 @@ def lora_arg(text: str) -> tuple[str, float | None]:
         value = float(scale)
     except ValueError:
         return text, None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"LoRA scale in {text!r} must be a finite number, e.g. {path}:0.8")
-    return path, value
+    try:  # the engine's one range (checks.check_lora_scale): what an image's metadata can record
+        return path, check_lora_scale(value, f"the LoRA scale in {text!r}")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(f"{err}; e.g. {path}:0.8") from None
 
 
 def add_lora_argument(group: Any, old_scale_flag: bool = False) -> None:
@@ -56,6 +59,6 @@ def add_lora_argument(group: Any, old_scale_flag: bool = False) -> None:
 def loras(given: Sequence[tuple[str, float | None]], old_scale: float | None = None,
           resolve: bool = False) -> list[tuple[str, float]]:
     """--lora values as (path, scale) pairs: a LoRA without its own scale gets --lora-scale, else 1.0."""
-    fallback = 1.0 if old_scale is None else float(old_scale)
+    fallback = 1.0 if old_scale is None else check_lora_scale(old_scale, "--lora-scale")
     return [(str(Path(path).resolve()) if resolve else path, fallback if scale is None else scale)
             for path, scale in given]

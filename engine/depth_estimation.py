@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from threedis.engine.errors import UserError
+from threedis.engine.errors import NonFiniteError, UserError
 from threedis.engine.config_check import read_json
+from threedis.engine.paths import input_file
 from threedis.engine.loading import (
     checked_from_pretrained,
     default_device,
@@ -87,27 +89,64 @@ def open_image(image: Any, what: str = "image") -> Any:
     from PIL import Image, ImageOps
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image, what)
     if isinstance(image, (str, os.PathLike)):
+        input_file(image, what, "give the path of a PNG/JPEG file")  # before opening: a pipe would block
         try:
             with Image.open(image) as opened:
-                return ImageOps.exif_transpose(opened).convert("RGB")
-        except FileNotFoundError:
-            raise UserError(f"{what} not found: {os.fspath(image)}; give the path of a PNG/JPEG file") from None
+                opened = ImageOps.exif_transpose(opened)
+                opened.load()
         except Exception as exc:
             raise UserError(f"cannot read {what} {os.fspath(image)}: {type(exc).__name__}: {exc}; "
                             "give a PNG/JPEG file") from None
+        return _to_rgb(opened, f"{what} {os.fspath(image)}")
     raise UserError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
+_WIDE_MODES = ("F", "I", "I;16", "I;16B", "I;16L", "I;16N")  # one channel of 16/32-bit integers or floats
+
+
+def _to_rgb(image: Any, what: str) -> Any:
+    """8-bit RGB of any image; a float or 16/32-bit one by its real range, NaN/Inf refused.
+
+    PIL's own convert clips such values to 0..255 and turns NaN into 0, so a float photo
+    in 0..1 came out black and a half-NaN one half black, with no word said.
+    """
+    from PIL import Image
+
+    if image.mode not in _WIDE_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)  # [H, W]
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - finite.sum())
+        raise UserError(f"{what} holds NaN or infinite values in {bad} of its {values.size} pixels "
+                        f"({100 * bad / values.size:.0f}%); give an ordinary photo (PNG/JPEG, 8 or 16 bits)")
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= 0 and hi <= 1 and image.mode == "F":  # a float image in 0..1
+        scaled = values * 255.0
+    elif lo >= 0 and hi <= 255:
+        scaled = values
+    elif lo >= 0 and hi <= 65535:  # 16-bit
+        scaled = values / 257.0
+    else:
+        scaled = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
+    return Image.fromarray(np.round(scaled).clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
 def normalize_depth(depth: torch.Tensor) -> Any:
     """Float map [H, W] (larger = nearer) -> 8-bit grey PIL image, min -> 0, max -> 255.
 
     A constant map carries no depth; it becomes all black rather than dividing by zero.
+    NaN/Inf (a model whose weights hold them, or whose dtype overflowed) is an error, not
+    a black picture.
     """
     from PIL import Image
 
-    d = torch.nan_to_num(depth.detach().to(torch.float64).cpu())  # d: [H, W]
+    d = depth.detach().to(torch.float64).cpu()  # d: [H, W]
+    if not bool(torch.isfinite(d).all()):
+        raise NonFiniteError("the depth model's prediction holds NaN/Inf: its weights hold NaN/Inf (re-download "
+                             "them), or its dtype overflowed (try depth_estimator.weights=fp32 in the profile)")
     lo, hi = d.min(), d.max()
     scaled = (d - lo) / (hi - lo) * 255.0 if hi > lo else torch.zeros_like(d)
     return Image.fromarray(scaled.round().clamp(0, 255).to(torch.uint8).numpy())  # 2-D uint8 -> mode "L"

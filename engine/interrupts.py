@@ -15,9 +15,10 @@ import signal
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Terminated", "terminate_like_interrupt", "uninterruptible"]
+__all__ = ["Terminated", "interrupt_message", "mark_completed", "terminate_like_interrupt", "uninterruptible"]
 
 _HELD = (signal.SIGINT, signal.SIGTERM)
+_COMPLETED = "threedis_completed"  # attribute of an interrupt: what was finished before it was acted on
 
 
 class Terminated(KeyboardInterrupt):
@@ -67,3 +68,18 @@ def uninterruptible() -> Iterator[None]:
                 handler(signum, frame)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(signum)  # the default action (SIGTERM: exit), now that the set is whole
+
+
+def mark_completed(err: BaseException, lines: list[str]) -> None:
+    """Record on an interrupt that was held until work was whole (a set moved in) what that work left, one line each."""
+    setattr(err, _COMPLETED, [*getattr(err, _COMPLETED, []), *lines])
+
+
+def interrupt_message(err: KeyboardInterrupt) -> str:
+    """The lines a command prints when a signal ends it: nothing partial, or what was completed first."""
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    done = getattr(err, _COMPLETED, [])
+    if not done:
+        return f"threedis: {what}; nothing partial was written"
+    head = f"threedis: {what} once the outputs were complete; they are whole:"
+    return "\n".join([head, *(f"  {line}" for line in done)])

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import file_problem
 
 # The attention rule's limit (threedis.kernels.rule.MAX_INSTANCES), restated so that validating a
 # layout never imports torch; tests/test_layout.py checks that the two agree.
@@ -248,11 +249,12 @@ def _check_mask(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_LI
     if not text.strip():
         raise _fail(field, "is an empty path; give a mask image path or remove the key")
     path = Path(text)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem is not None:
         where = f" (resolved to {path.resolve()})" if not path.is_absolute() else ""
         raise _fail(
             field,
-            f"mask file not found: {text}{where}; relative paths are resolved against the layout file's "
+            f"mask file {text}{where}: {problem}; relative paths are resolved against the layout file's "
             f"folder (the current folder for layouts not loaded from a file)",
         )
     from PIL import Image
@@ -459,9 +461,9 @@ class Layout:
         """
         limits = limits or DEFAULT_LAYOUT_LIMITS
         path = Path(path)
-        if not path.is_file():
-            hint = " (it is a folder)" if path.is_dir() else ""
-            raise LayoutError(f"layout file not found: {path}{hint}; give the path to a .json layout")
+        problem = file_problem(path)
+        if problem is not None:
+            raise LayoutError(f"layout file {path}: {problem}; give the path to a .json layout")
         too_big = f"{path}: the file is larger than the limit of {limits.max_file_bytes} bytes for a layout; " \
                   f"is this the right file?"
         try:

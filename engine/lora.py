@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from threedis.engine.checks import check_lora_scale
 from threedis.engine.errors import UserError
 from threedis.engine.model_paths import lora_file
 
@@ -71,6 +72,7 @@ def load_lora(transformer: Any, path: str | os.PathLike, scale: float = 1.0, ada
     import safetensors.torch
     from diffusers.loaders import FluxLoraLoaderMixin
 
+    scale = check_lora_scale(scale)  # before anything loads: NaN or 1e30 would only show as a black image
     _require_peft()
     file = lora_file(path)
     name = adapter_name or file.stem
@@ -100,7 +102,7 @@ def set_lora_scale(transformer: Any, name: str, scale: float) -> None:
     scales = _scales(transformer)
     if name not in scales:
         raise UserError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(scales) or 'none'})")
-    scales[name] = float(scale)
+    scales[name] = check_lora_scale(scale)
     _activate(transformer)
 
 

@@ -14,7 +14,7 @@ import json
 import math
 from typing import Any, Callable
 
-from threedis.engine.checks import CHUNK_MAX, GUIDANCE_MAX, MAX_STEPS, SEED_MAX as MAX_SEED
+from threedis.engine.checks import CHUNK_MAX, GUIDANCE_MAX, LORA_SCALE_MAX, MAX_STEPS, SEED_MAX as MAX_SEED
 from threedis.engine.errors import UserError
 
 __all__ = ["MAX_METADATA_BYTES", "MAX_STEPS", "MetadataError", "parse_metadata", "parse_metadata_text"]
@@ -72,6 +72,13 @@ def _text(max_len: int = 4096, optional: bool = False) -> Check:
     return check
 
 
+def _optional(check: Check) -> Check:
+    """`check`, or null (the setting's default)."""
+    def optional(key: str, value: Any) -> Any:
+        return None if value is None else check(key, value)
+    return optional
+
+
 def _choice(options: tuple[str, ...]) -> Check:
     def check(key: str, value: Any) -> str:
         if value not in options:
@@ -124,7 +131,7 @@ def _stage1_depth(key: str, value: Any) -> dict:
     fields: dict[str, Check] = {
         "source": _choice(DEPTH_SOURCES), "model": _text(optional=True), "photo": _text(optional=True),
         "steps": _int(1, MAX_STEPS), "guidance": _float(0.0, GUIDANCE_MAX), "migc_steps": _int(0, MAX_STEPS),
-        "phase_augment": _bool, "size": pair, "seed": _int(0, MAX_SEED),
+        "phase_augment": _bool, "size": pair, "seed": _int(0, MAX_SEED), "refine_steps": _optional(_int(0, MAX_STEPS)),
         "negative_prompt": _text(optional=True), "prompt": _text(20_000, optional=True),
     }
     return _mapping(fields, key, value, ("source",))
@@ -139,7 +146,8 @@ def _list_of(item: Check, max_len: int) -> Check:
 
 
 def _lora(key: str, value: Any) -> dict:
-    return _mapping({"path": _text(), "scale": _float(-100.0, 100.0), "name": _text(256)}, key, value, ("path",))
+    scale = _float(-LORA_SCALE_MAX, LORA_SCALE_MAX)  # the range load_lora accepts (checks.check_lora_scale)
+    return _mapping({"path": _text(), "scale": scale, "name": _text(256)}, key, value, ("path",))
 
 
 def _sam(key: str, value: Any) -> dict:

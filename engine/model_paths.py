@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import input_file
 from threedis.engine.tiny_rules import tiny_hint
 
 __all__ = ["DEFAULT_BASE_ID", "DEFAULT_DEPTH_MODEL", "DEFAULT_MODEL_ID", "DEFAULT_SAM_MODEL", "STAGE1_FOLDER",
@@ -97,8 +98,7 @@ def lora_file(path: str | os.PathLike[str]) -> Path:
             found = ", ".join(p.name for p in candidates) or "none"
             raise UserError(f"LoRA folder {path} must hold one .safetensors file (found: {found}); pass the file")
         return candidates[0]
-    if not path.is_file():
-        raise UserError(f"LoRA file not found: {path}")
+    input_file(path, "LoRA file")
     if path.suffix != ".safetensors":
         raise UserError(f"LoRA {path} is not a .safetensors file; pickled LoRAs (.bin/.pt/.ckpt) are not loaded")
     return path

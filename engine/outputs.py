@@ -29,6 +29,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import file_problem, folder_problem, input_file, make_folder
 
 __all__ = [
     "METADATA_KEY",
@@ -170,11 +171,8 @@ def check_output_folder(out_dir: str | os.PathLike, need_bytes: int = 64 << 20) 
     Creates the folder, proves it writable with a real file, and checks the free space
     (a render's files are a few MB at 1024^2; need_bytes leaves room for the temp copy).
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output folder {out} is a file; give a folder")
+    out = make_folder(out_dir, "output folder", "choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=f"{_TEMP_PREFIX}{os.getpid()}-probe-")
         try:
             os.write(fd, b"threedis")
@@ -183,7 +181,7 @@ def check_output_folder(out_dir: str | os.PathLike, need_bytes: int = 64 << 20) 
             os.unlink(probe)
         free = shutil.disk_usage(out).free
     except OSError as exc:
-        raise UserError(f"cannot write to the output folder {out}: {exc.strerror or exc}; choose another --out") \
+        raise UserError(f"cannot write to the output folder {out}: {folder_problem(out, exc)}; choose another --out") \
             from None
     if free < need_bytes:
         raise UserError(f"the output folder {out} has {free / 1e6:.0f} MB free; a render needs about "
@@ -192,23 +190,32 @@ def check_output_folder(out_dir: str | os.PathLike, need_bytes: int = 64 << 20) 
 
 
 def _place_set(staged: dict[str, Path], targets: dict[str, Path], overwrite: bool) -> None:
-    """Move a staged set to its final names, all or nothing (an interrupt waits until it is done)."""
-    from threedis.engine.interrupts import uninterruptible
+    """Move a staged set to its final names, all or nothing (an interrupt waits until it is done).
+
+    An interrupt that came meanwhile is raised once the set is whole, carrying the set's
+    paths (interrupts.mark_completed): the command says the set is complete and where.
+    """
+    from threedis.engine.interrupts import mark_completed, uninterruptible
 
     placed: list[Path] = []
-    with uninterruptible():
-        try:
-            for kind, path in staged.items():
-                if overwrite:
-                    os.replace(path, targets[kind])
-                else:
-                    _place_exclusive(path, targets[kind])
-                placed.append(targets[kind])
-        except BaseException:  # a clash, a full disk: take back what was placed, keep no half set
-            if not overwrite:
-                for target in placed:
-                    target.unlink(missing_ok=True)
-            raise
+    try:
+        with uninterruptible():
+            try:
+                for kind, path in staged.items():
+                    if overwrite:
+                        os.replace(path, targets[kind])
+                    else:
+                        _place_exclusive(path, targets[kind])
+                    placed.append(targets[kind])
+            except BaseException:  # a clash, a full disk: take back what was placed, keep no half set
+                if not overwrite:
+                    for target in placed:
+                        target.unlink(missing_ok=True)
+                raise
+    except KeyboardInterrupt as err:
+        if len(placed) == len(staged):  # held during the move: the whole set is in place
+            mark_completed(err, [f"{kind:<12} {target}" for kind, target in targets.items()])
+        raise
 
 
 def save_result(result: Any, out_dir: str | os.PathLike, overwrite: bool = False, pictures: bool = True,
@@ -259,7 +266,7 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
         raise UserError(f"{target} is a folder; give a file name such as {target / 'depth.png'}")
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; choose another name or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent, "folder", f"choose another place for {target.name}")
     remove_stale_temp(target.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{_TEMP_PREFIX}{os.getpid()}-",
                                suffix=target.suffix or ".png")
@@ -285,7 +292,7 @@ def read_metadata(png_path: str | os.PathLike) -> dict:
     """The settings stored in an image written by save_result, checked key by key (threedis.engine.metadata)."""
     from threedis.engine.metadata import parse_metadata_text
 
-    path = Path(png_path)
+    path = input_file(png_path, "image")
     try:
         with Image.open(path) as image:
             image.load()
@@ -324,7 +331,8 @@ def render_kwargs_from_metadata(meta: dict, depth: Any = None, base_dir: str | o
         kwargs["sam"] = True
     stage1 = meta.get("depth") or {}
     if stage1.get("source") == "stage1" and depth is None:
-        fields = ("steps", "guidance", "seed", "migc_steps", "phase_augment", "size", "negative_prompt")
+        fields = ("steps", "guidance", "seed", "migc_steps", "phase_augment", "size", "negative_prompt",
+                  "refine_steps")
         kwargs["stage1"] = Stage1Options(**{k: stage1[k] for k in fields if stage1.get(k) is not None})
     if depth is not None:
         kwargs["depth"] = depth
@@ -374,6 +382,26 @@ def _inside(folder: Path, path: Path) -> bool:
         return False
 
 
+def _saved_file(image: Path, folder: Path, name: str) -> Path | None:
+    """The file `name` of the image's saved set (same suffix), or None when there is none.
+
+    One rule for every file `render --from` reads beside an image: it must be a regular
+    file inside the image's folder once links are followed. A link to a file elsewhere (a
+    depth.png pointing at ~/.ssh/id_rsa.png, say) is refused, never read.
+    """
+    saved = _sibling(image, name)
+    if not saved.exists() and not saved.is_symlink():
+        return None
+    if not _inside(folder, saved):
+        raise UserError(f"{image}: {saved.name} beside it links to {os.path.realpath(saved)}, outside the image's "
+                        f"folder; files of a saved set are read only from its folder: copy the file there, or pass "
+                        f"it explicitly")
+    problem = file_problem(saved)
+    if problem is not None:
+        raise UserError(f"{image}: {saved.name} beside it: {problem}; replace it with the file the set was saved with")
+    return saved.resolve()
+
+
 def rerender_from_png(png_path: str | os.PathLike, depth: Any = None, replace_loras: bool = False) -> Rerender:
     """Everything needed to render the image at `png_path` again, from its metadata and the files beside it.
 
@@ -390,8 +418,8 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None, replace_lo
     folder = path.resolve().parent
     meta = read_metadata(path)
     source = (meta.get("depth") or {}).get("source")
-    if depth is None and _sibling(path, "depth.png").is_file():
-        depth = _sibling(path, "depth.png")
+    if depth is None:
+        depth = _saved_file(path, folder, "depth.png")
     if depth is None and source != "stage1":
         raise UserError(f"{path}: the depth map it was rendered from ({_sibling(path, 'depth.png').name}, saved "
                         f"beside it) is missing; pass it (--depth FILE, or depth=...)")
@@ -403,12 +431,13 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None, replace_lo
         for i, item in enumerate(instances):
             if not isinstance(item, dict) or "mask" not in item:
                 continue
-            saved = _sibling(path, f"mask-{i}.png")
-            if i < len(origins) and origins[i] == "user" and saved.is_file() and _inside(folder, saved):
-                item["mask"] = str(saved.resolve())
+            saved = _saved_file(path, folder, f"mask-{i}.png")
+            if i < len(origins) and origins[i] == "user" and saved is not None:
+                item["mask"] = str(saved)
             else:
-                raise UserError(f"{path}: instance {i} was rendered with a user mask, and {saved.name} is not "
-                                f"beside the image; masks named in the metadata are never opened")
+                raise UserError(f"{path}: instance {i} was rendered with a user mask, and "
+                                f"{_sibling(path, f'mask-{i}.png').name} is not beside the image; masks named in the "
+                                f"metadata are never opened")
         layout["instances"] = instances
     # with the saved depth, stage 1 (and its settings) is not needed again
     render = render_kwargs_from_metadata({**meta, "layout": layout}, depth=depth, base_dir=folder)

@@ -65,6 +65,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from threedis.engine.checks import check_chunk
 from threedis.engine.compute import QUANT_COMPUTE_DTYPE_NAME, T5_MAX_LENGTH, TEXT_BATCH, VAE_TILE_PX
 from threedis.engine.errors import UserError
 from threedis.engine.profiles import (
@@ -665,8 +666,7 @@ def plan(profile: Profile | str, width: int, height: int, num_instances: int, ch
         raise UserError(f"image size {width}x{height} must be positive multiples of 16")
     if not 0 <= num_instances <= MAX_INSTANCES:
         raise UserError(f"num_instances = {num_instances} must be between 0 and {MAX_INSTANCES}")
-    if chunk < 1:
-        raise UserError(f"chunk = {chunk} must be >= 1")
+    chunk = check_chunk(chunk)  # the render's own limit: a plan for a render that would be refused is no plan
     chosen = _model_request(models)
     if sizes is None:
         sizes = {k: measure_model(k, c) for k, c in chosen.items()}

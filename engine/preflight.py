@@ -9,7 +9,6 @@ engine still makes each of them when it loads, for callers of the Python API.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -17,6 +16,7 @@ from threedis.engine import model_paths
 from threedis.engine.checks import device_type, no_cuda_message
 from threedis.engine.cuda_probe import cuda_surely_absent
 from threedis.engine.errors import UserError
+from threedis.engine.paths import input_file
 
 __all__ = ["check_files", "check_models", "check_profile"]
 
@@ -37,10 +37,10 @@ def check_models(model: Any = None, stage1: Any = None, sam: Any = None, depth_m
 
 
 def check_files(files: Mapping[str, Path | None]) -> None:
-    """Input files named by a flag (flag -> path) that are not there."""
+    """Input files named by a flag (flag -> path) that are not there, or not files (threedis.engine.paths)."""
     for flag, path in files.items():
-        if path is not None and not Path(os.fspath(path)).is_file():
-            raise UserError(f"{flag}: file not found: {path}")
+        if path is not None:
+            input_file(path, flag)
 
 
 def check_profile(profile: str, overrides: Mapping[str, Any] | None, device: str | None) -> None:

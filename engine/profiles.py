@@ -29,8 +29,10 @@ from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import file_problem
 
 GIB = 1024**3
+MAX_PROFILE_BYTES = 1 << 20  # far above any profile; bounds what a wrong path makes us read
 
 # Every model the engine may load; each profile states a policy for all of them.
 MODEL_KEYS: tuple[str, ...] = (
@@ -395,6 +397,8 @@ def _from_text(text: str, where: str, default_name: str, origin: str) -> Profile
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{where}: not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise UserError(f"{where}: the TOML is nested too deeply to be a profile; is this the right file?") from None
     base = None
     if "base" in data:
         base_name = data["base"]
@@ -456,16 +460,31 @@ def load_profile(name_or_path: str | Path, overrides: Mapping[str, Any] | None =
         profile = _load_builtin(text.strip().lower())
     else:
         path = Path(text).expanduser()
-        if not path.is_file():
+        problem = file_problem(path)
+        if problem == "not found":
             names = list_profiles()
             raise UserError(f"profile {text!r} is neither a built-in ({', '.join(names)}, auto) nor a "
                             f"TOML file{_suggest(text.lower(), names + ['auto'])}")
-        try:
-            body = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot read profile file {path}: {exc}") from None
-        profile = _from_text(body, f"profile file {path}", path.stem, str(path))
+        if problem is not None:
+            raise UserError(f"profile file {path}: {problem}; give a TOML file or a built-in name "
+                            f"({', '.join(list_profiles())}, auto)")
+        profile = _from_text(_read_profile_file(path), f"profile file {path}", path.stem, str(path))
     return apply_overrides(profile, overrides)
+
+
+def _read_profile_file(path: Path) -> str:
+    """A profile file's text: at most MAX_PROFILE_BYTES of UTF-8 (a profile is a few hundred bytes)."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read profile file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise UserError(f"profile file {path} is larger than {MAX_PROFILE_BYTES} bytes; is this the right file?")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"profile file {path} is not UTF-8 text (byte {exc.start}); give a TOML profile") from None
 
 
 def resolved_toml(profile: Profile) -> str:

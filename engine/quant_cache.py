@@ -16,8 +16,8 @@ Verification on read (QuantCache(verify=...)):
             plus the last one (the whole file when under 18 MiB); misses most
             single-byte corruptions of a large file, but not a truncated or rewritten one.
 An entry that fails any check (meta.json unreadable or for another key, hash or size
-mismatch, unreadable tensors, tensors that do not fit the skeleton) is logged,
-deleted and rebuilt, never used. A cache folder that cannot be written (read-only,
+mismatch, unreadable tensors, a float tensor holding NaN/Inf, tensors that do not fit
+the skeleton) is logged, deleted and rebuilt, never used. A cache folder that cannot be written (read-only,
 full) only costs speed: the freshly quantized model is used as is, with one
 ThreedisWarning, and LoadResult.entry is None.
 """
@@ -192,8 +192,25 @@ def _load_aligned(path: Path) -> dict[str, torch.Tensor]:
 
 def default_cache_root() -> Path:
     """$THREEDIS_CACHE/quantized, else ~/.cache/threedis/quantized."""
-    env = os.environ.get("THREEDIS_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "threedis") / "quantized"
+    from threedis.engine.paths import cache_root
+
+    return cache_root() / "quantized"
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first float tensor holding NaN/Inf (fp8 read from its bits); integer storage cannot."""
+    for name, t in tensors.items():
+        if t.dtype == torch.float8_e4m3fn:  # no Inf; NaN is every exponent and mantissa bit set
+            bad = bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+        elif t.dtype == torch.float8_e5m2:  # Inf and NaN: the exponent bits all set
+            bad = bool(((t.view(torch.uint8) & 0x7C) == 0x7C).any())
+        elif t.is_floating_point():
+            bad = not bool(torch.isfinite(t).all())
+        else:
+            continue
+        if bad:
+            return name
+    return None
 
 
 class QuantCache:
@@ -227,6 +244,10 @@ class QuantCache:
                 self.discard(key, f"alias {name} -> {target} names no stored tensor")
                 return None
             tensors[name] = tensors[target]
+        bad = _first_non_finite(tensors)
+        if bad is not None:  # NaN/Inf stored under a matching hash: a render would blame the checkpoint
+            self.discard(key, f"{bad} holds NaN/Inf")
+            return None
         return tensors, meta
 
     def _check(self, entry: Path, key: str) -> dict[str, Any]:

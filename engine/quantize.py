@@ -331,6 +331,9 @@ class _Quanto:
     def _swap(self, model: nn.Module, cfg: QuantConfig) -> None:
         from optimum import quanto
 
+        from threedis.engine.quanto_build import place_quanto_builds
+
+        place_quanto_builds()  # a read-only install: quanto's first-use build goes to the cache instead
         names = [name for name, _ in _targets(model, cfg)]
         if names:  # include= takes fnmatch patterns; module names have no wildcard characters
             quanto.quantize(model, weights=getattr(quanto, self.qtype_name), include=names)

@@ -69,6 +69,9 @@ class Stage1Options:
     size: tuple[int, int] = (512, 512)  # (width, height) of the generated depth, before resizing to the layout
     seed: int | None = None  # None: the render's seed
     negative_prompt: str | None = None  # None: the demos' (stage1.pipeline.DEFAULT_NEGATIVE)
+    # Steps 0..refine_steps-1 use the refined shader where the adapter is not running (the
+    # authors' NaiveFuserSteps + 1); None: every step (the demos), 0: off (plain cross-attention).
+    refine_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
@@ -77,6 +80,8 @@ class Stage1Options:
 
         check_steps(self.steps, "stage1_steps")
         check_steps(self.migc_steps, "migc_steps", low=0)
+        if self.refine_steps is not None:
+            check_steps(self.refine_steps, "refine_steps", low=0)
         if self.seed is not None:
             check_seed(self.seed, "stage1_seed")
         object.__setattr__(self, "size", parse_size(self.size))
@@ -252,7 +257,7 @@ def run_stage1(aux: AuxModels, layout: Any, options: Stage1Options, append_insta
             layout.prompt, [inst.prompt for inst in layout.instances], layout.boxes, width=width, height=height,
             steps=options.steps, guidance=options.guidance, migc_steps=options.migc_steps,
             phase_augment=options.phase_augment, seed=options.seed, on_step=on_step, cancel=cancel,
-            append_instances=append_instances,
+            append_instances=append_instances, refine_steps=options.refine_steps,
             **({} if options.negative_prompt is None else {"negative_prompt": options.negative_prompt}),
         )
 

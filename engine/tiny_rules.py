@@ -17,6 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from threedis.engine.errors import UserError
+from threedis.engine.paths import cache_root  # the one place the cache folder is chosen
+
 __all__ = ["DEMO_MAX_SIDE", "LDM3D_MARKER", "MARKER", "MIGC_STEPS", "OPTIONS", "STAGE1_SIZE", "STAGE1_STEPS",
            "STEPS", "cache_root", "is_tiny", "steps_for", "suggested_folder", "tiny_hint"]
 
@@ -31,12 +34,6 @@ STAGE1_STEPS = 4  # stage-1 steps on a tiny stage-1 checkpoint (the real default
 MIGC_STEPS = 2  # of which with the layout adapter on (the real default: 16)
 STAGE1_SIZE = 64  # stage-1 generation size (the real default: 512)
 DEMO_MAX_SIDE = 256  # `threedis demo` shrinks its example layout to this long side on the tiny checkpoints
-
-
-def cache_root() -> Path:
-    """$THREEDIS_CACHE, else ~/.cache/threedis (read at each call: tests and apps may change it)."""
-    env = os.environ.get("THREEDIS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "threedis"
 
 
 def is_tiny(path: str | os.PathLike[str] | None) -> bool:
@@ -61,7 +58,10 @@ def suggested_folder(kind: str) -> Path:
 
 def tiny_hint(kind: str) -> str:
     """The clause error messages end with: how to get a tiny stand-in for `kind` from the CLI."""
-    folder = suggested_folder(kind)
+    try:
+        folder: Path | str = suggested_folder(kind)
+    except UserError:  # no cache folder (no home, no $THREEDIS_CACHE): the hint must not hide the error it ends
+        folder = "DIR"
     return (f"for a test run without the real weights, `threedis make-tiny {kind} {folder}` writes a tiny "
             f"random-weight stand-in, then pass `{OPTIONS[kind]} {folder}` (`threedis demo` uses tiny "
             f"checkpoints by itself)")

@@ -269,6 +269,9 @@ def test_lora_file_errors(engine, tmp_path):
     save_file({"text_encoder.foo.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "te.safetensors"))
     with pytest.raises(UserError):
         engine.load_lora(tmp_path / "te.safetensors")
+    for scale in (float("nan"), 1e30):  # refused at once, not blamed later on bf16 overflow and guidance
+        with pytest.raises(UserError, match="LoRA scale"):
+            engine.load_lora(tmp_path / "te.safetensors", scale=scale)
     assert engine.loras == []
 
 

@@ -277,7 +277,7 @@ def test_cli_batch_without_model_uses_tiny_checkpoints_and_stage1(tmp_path, caps
     jobs_path = tmp_path / "jobs.jsonl"
     jobs_path.write_text(json.dumps({"id": "s1", "layout": {"prompt": "a cat", "width": 64, "height": 64,
                                      "instances": [{"prompt": "a cat", "box": [0.2, 0.2, 0.8, 0.8]}]},
-                                     "steps": 1, "stage1": {"steps": 1, "migc_steps": 1}}) + "\n")
+                                     "steps": 1, "stage1": {"steps": 1, "migc_steps": 1, "refine_steps": 0}}) + "\n")
     out = tmp_path / "out"
     assert main(["batch", str(jobs_path), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert "tiny random-weight" in capsys.readouterr().out
@@ -288,3 +288,4 @@ def test_cli_batch_without_model_uses_tiny_checkpoints_and_stage1(tmp_path, caps
     with Image.open(out / row["files"]["image"]) as img:
         depth = json.loads(img.text["threedis"])["depth"]
     assert depth["source"] == "stage1" and depth["size"] == [64, 64]  # the tiny default stage-1 size
+    assert depth["refine_steps"] == 0  # the line's stage-1 options reach the render

@@ -14,7 +14,8 @@ from PIL import Image
 
 from threedis.engine.cli import EXIT_USER_ERROR, main
 from threedis.engine.layout import example_path
-from threedis.engine.outputs import read_metadata
+from threedis.engine.outputs import read_metadata, render_kwargs_from_metadata
+from threedis.engine.stages import Stage1Options
 
 FAST = ["--steps", "1", "--chunk", "16", "--backend", "sdpa", "--device", "cpu"]
 FAST_STAGE1 = ["--stage1-steps", "2", "--migc-steps", "1", "--stage1-size", "64"]
@@ -66,7 +67,7 @@ def test_render_missing_model_or_depth_file(layout_file, tiny_flux_dir, tmp_path
     assert "--model" in one_error_line(capsys.readouterr().err)
     assert main(["render", str(layout_file), "--model", str(tiny_flux_dir),
                  "--depth", str(tmp_path / "nope.png")]) == EXIT_USER_ERROR
-    assert "--depth: file not found" in one_error_line(capsys.readouterr().err)
+    assert f"--depth {tmp_path / 'nope.png'}: not found" in one_error_line(capsys.readouterr().err)
 
 
 def test_render_bad_layout_in_a_subprocess(bad_layout):
@@ -143,7 +144,7 @@ def test_depth_writes_once_and_never_overwrites_silently(photo, tmp_path, capsys
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".threedis-")]
     assert main(["depth", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "d.png"),
                  "--model", model]) == EXIT_USER_ERROR
-    assert "photo not found" in one_error_line(capsys.readouterr().err)
+    assert "missing.jpg: not found" in one_error_line(capsys.readouterr().err)
 
 
 def test_depth_error_names_a_flag_that_depth_takes(photo, tmp_path, capsys):
@@ -170,12 +171,16 @@ def test_render_without_depth_runs_stage1_and_sam(layout_file, tiny_flux_dir, tm
 
     out = tmp_path / "out"
     code = main(["render", str(layout_file), "--model", str(tiny_flux_dir), "--out", str(out),
-                 "--stage1", str(tiny_ldm3d_path()), "--sam", str(tiny_sam2_path()), *FAST, *FAST_STAGE1])
+                 "--stage1", str(tiny_ldm3d_path()), "--sam", str(tiny_sam2_path()), *FAST, *FAST_STAGE1,
+                 "--refine-steps", "1"])
     assert code == 0, capsys.readouterr().err
     assert {"image.png", "depth.png", "stage1-rgb.png", "layout.png", "report.json"} <= {p.name for p in out.iterdir()}
     meta = read_metadata(out / "image.png")
     assert meta["depth"]["source"] == "stage1" and meta["depth"]["model"] == str(tiny_ldm3d_path())
     assert meta["depth"]["steps"] == 2 and meta["sam"]["ran"] is True
+    assert meta["depth"]["refine_steps"] == 1  # the shader's step count is recorded and read back
+    assert render_kwargs_from_metadata(meta)["stage1"] == Stage1Options(steps=2, migc_steps=1, size=64, seed=0,
+                                                                        refine_steps=1)
     for i, source in enumerate(meta["masks"]):
         assert (out / f"mask-{i}.png").exists() == (source == "sam")
     # the tiny SAM2's masks are random shapes: the output says so, on the terminal and in the image

@@ -92,8 +92,8 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path):
         "SAM2 model folder not found": ["render", layout, "--model", str(empty), "--sam", missing],
         "depth model folder not found": ["render", layout, "--model", str(empty), "--depth-from-photo", str(photo),
                                          "--depth-model", missing],
-        "--depth: file not found": ["render", layout, "--model", str(empty), "--depth", missing],
-        "LoRA file not found": ["render", layout, "--model", str(empty), "--lora", missing + ":0.5"],
+        f"--depth {missing}: not found": ["render", layout, "--model", str(empty), "--depth", missing],
+        f"LoRA file {missing}: not found": ["render", layout, "--model", str(empty), "--lora", missing + ":0.5"],
         "steps must be": ["render", layout, "--model", str(empty), "--steps", "0"],
         "is neither a built-in": ["demo", "--profile", "nope.toml"],  # the demo: before its tiny checkpoints
         "depth model folder not found: ": ["depth", str(photo), "--depth-model", missing, "--out",

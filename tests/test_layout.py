@@ -301,9 +301,9 @@ def test_save_load_round_trip_with_mask(tmp_path):
 
 
 def test_load_missing_file(tmp_path):
-    with pytest.raises(LayoutError, match="layout file not found"):
+    with pytest.raises(LayoutError, match="layout file .*missing.json: not found"):
         Layout.load(tmp_path / "missing.json")
-    with pytest.raises(LayoutError, match="it is a folder"):
+    with pytest.raises(LayoutError, match="is a folder, not a file"):
         Layout.load(tmp_path)
 
 

@@ -21,7 +21,7 @@ from threedis.engine import outputs
 from threedis.engine.api import Engine, RenderOptions
 from threedis.engine.cli import EXIT_USER_ERROR, main
 from threedis.engine.errors import UserError
-from threedis.engine.interrupts import Terminated, terminate_like_interrupt, uninterruptible
+from threedis.engine.interrupts import Terminated, interrupt_message, terminate_like_interrupt, uninterruptible
 from threedis.engine.layout import Instance, Layout
 from threedis.engine.metadata import MetadataError, parse_metadata
 from threedis.engine.outputs import METADATA_KEY, check_output_folder, remove_stale_temp
@@ -84,10 +84,42 @@ def test_signal_during_the_move_in_waits_until_the_set_is_whole(result, tmp_path
         real(src, dst)
 
     monkeypatch.setattr(outputs, "_place_exclusive", place)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         result.save(tmp_path)
     assert len(calls) > 3 and all(path.is_file() for path in calls)  # every file of the set is in place
     assert not [n for n in names(tmp_path) if n.startswith(".threedis-")]
+    said = interrupt_message(caught.value)  # what the command prints: the set is whole, and where
+    assert said.startswith("threedis: interrupted once the outputs were complete")
+    assert all(str(path) in said for path in calls)
+
+
+def test_ctrl_c_during_the_move_in_prints_the_whole_set_and_exits_130(tiny_flux_dir, tmp_path, monkeypatch, capsys):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # set here: the test relies on it
+    real = outputs._place_exclusive
+    calls: list[Path] = []
+
+    def place(src: Path, dst: Path) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        real(src, dst)
+
+    monkeypatch.setattr(outputs, "_place_exclusive", place)
+    layout = tmp_path / "layout.json"
+    scene().save(layout)
+    depth = tmp_path / "depth-in.png"
+    Image.linear_gradient("L").resize((64, 64)).save(depth)
+    out = tmp_path / "out"
+    try:
+        code = main(["render", str(layout), "--model", str(tiny_flux_dir), "--depth", str(depth), "--out", str(out),
+                     "--steps", "1", "--chunk", "8", *FAST])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "once the outputs were complete" in err and "nothing partial" not in err
+    assert f"image        {out / 'image.png'}" in err and all(str(path) in err for path in calls)
+    assert all(path.is_file() for path in calls)
 
 
 def test_a_failure_while_moving_in_takes_the_set_back(result, tmp_path, monkeypatch):
@@ -199,7 +231,7 @@ def test_output_folder_problems_are_found_before_any_work(tmp_path, monkeypatch,
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)  # root ignores chmod: simulate read-only
-    with pytest.raises(UserError, match="cannot write to the output folder.*Permission denied"):
+    with pytest.raises(UserError, match=r"cannot write to the output folder .*/ro: no permission to write in .*/ro;"):
         check_output_folder(tmp_path / "ro")
     monkeypatch.setattr(Engine, "from_pretrained", lambda *a, **k: pytest.fail("the engine was loaded"))
     layout = tmp_path / "layout.json"
@@ -305,6 +337,43 @@ def test_model_ids_in_metadata_stay_offline_unless_allowed(saved, tmp_path, monk
     assert calls == [True] and "--allow-downloads" in capsys.readouterr().err
     assert main(["render", "--from", str(png), "--out", str(tmp_path / "b"), "--allow-downloads", *FAST]) == 2
     assert calls == [True, False]
+
+
+def test_every_file_read_beside_the_image_follows_one_rule(saved, tmp_path, capsys):
+    """depth.png and mask-<i>.png: a link to a file outside the image's folder is refused, as a LoRA there is."""
+    outside = tmp_path / "elsewhere.png"
+    Image.new("L", (64, 64), 255).save(outside)
+    depth = saved.parent / "depth.png"
+    kept = tmp_path / "kept-depth.png"
+    depth.rename(kept)
+    depth.symlink_to(outside)
+    assert main(["render", "--from", str(saved), "--out", str(tmp_path / "a"), *FAST]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "depth.png beside it links to" in err and "outside the image's folder" in err
+    depth.unlink()
+    (saved.parent / "inside.png").write_bytes(kept.read_bytes())
+    depth.symlink_to(saved.parent / "inside.png")  # a link that stays inside the folder is fine
+    assert outputs.rerender_from_png(saved).render["depth"] == (saved.parent / "inside.png").resolve()
+    depth.unlink()
+    os.mkfifo(depth)  # not a file at all: said so, never opened (a pipe would block)
+    with pytest.raises(UserError, match="named pipe"):
+        outputs.rerender_from_png(saved)
+    depth.unlink()
+    depth.write_bytes(kept.read_bytes())
+
+    def user_mask(meta):
+        meta["masks"] = ["user", "box"]
+        meta["layout"]["instances"][0]["mask"] = "mine.png"
+
+    png = write_with_meta(saved, saved.parent / "image.png", user_mask)
+    mask = saved.parent / "mask-0.png"
+    mask.symlink_to(outside)
+    with pytest.raises(UserError, match="mask-0.png beside it links to .*outside the image's folder"):
+        outputs.rerender_from_png(png)
+    mask.unlink()
+    mask.write_bytes(outside.read_bytes())
+    plan = outputs.rerender_from_png(png)
+    assert plan.render["layout"].instances[0].mask == str(mask.resolve())
 
 
 def test_lora_outside_the_image_folder_is_refused(saved, tmp_path, capsys):

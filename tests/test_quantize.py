@@ -297,11 +297,23 @@ def test_bad_entry_detected_and_rebuilt(edit: str, ckpt: Path, tmp_path: Path, c
     assert _count_loads(ckpt, cache) == ([], True)
 
 
-def test_entry_with_wrong_tensors_rebuilt(ckpt: Path, tmp_path: Path, caplog) -> None:
-    """Hashes that match but tensors that do not fit the model: caught when assigning."""
-    from safetensors.torch import load_file, save_file
+def _rewrite_entry(entry: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Store `tensors` as the entry's weights with matching hashes in meta.json: only deeper checks can tell."""
+    from safetensors.torch import save_file
 
     from threedis.engine.quant_cache import _quick_fingerprint, _sha256_file
+
+    save_file(tensors, entry / WEIGHTS_FILE)
+    meta = json.loads((entry / META_FILE).read_text())
+    meta["files"][WEIGHTS_FILE] = {"size": (entry / WEIGHTS_FILE).stat().st_size,
+                                   "sha256": _sha256_file(entry / WEIGHTS_FILE),
+                                   "quick": _quick_fingerprint(entry / WEIGHTS_FILE)}
+    (entry / META_FILE).write_text(json.dumps(meta))
+
+
+def test_entry_with_wrong_tensors_rebuilt(ckpt: Path, tmp_path: Path, caplog) -> None:
+    """Hashes that match but tensors that do not fit the model: caught when assigning."""
+    from safetensors.torch import load_file
 
     cache = QuantCache(tmp_path)
     _count_loads(ckpt, cache)
@@ -309,16 +321,34 @@ def test_entry_with_wrong_tensors_rebuilt(ckpt: Path, tmp_path: Path, caplog) ->
     tensors = load_file(entry / WEIGHTS_FILE)
     dropped = next(k for k in tensors if k.endswith("SCB"))
     del tensors[dropped]
-    save_file(tensors, entry / WEIGHTS_FILE)
-    meta = json.loads((entry / META_FILE).read_text())
-    meta["files"][WEIGHTS_FILE] = {"size": (entry / WEIGHTS_FILE).stat().st_size,
-                                   "sha256": _sha256_file(entry / WEIGHTS_FILE),
-                                   "quick": _quick_fingerprint(entry / WEIGHTS_FILE)}
-    (entry / META_FILE).write_text(json.dumps(meta))
+    _rewrite_entry(entry, tensors)
     with caplog.at_level(logging.WARNING, logger="threedis.engine.quant_cache"):
         assert _count_loads(ckpt, cache) == ([1], False)
     assert "do not fit" in caplog.text
     assert _count_loads(ckpt, cache) == ([], True)
+
+
+@pytest.mark.parametrize("scheme, suffix", [("int8", "SCB"), ("fp8", "weight")])
+def test_entry_with_nan_is_rebuilt_not_blamed_on_the_checkpoint(scheme: str, suffix: str, ckpt: Path, tmp_path: Path,
+                                                              caplog) -> None:
+    """NaN stored under a matching hash (written from a bad copy in memory): never loaded, rebuilt from the source."""
+    from safetensors.torch import load_file
+
+    cache = QuantCache(tmp_path)
+    _count_loads(ckpt, cache, scheme=scheme)
+    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    tensors = load_file(entry / WEIGHTS_FILE)
+    name = next(k for k, t in tensors.items() if k.endswith(suffix) and t.is_floating_point())
+    poisoned = tensors[name].float().flatten()
+    poisoned[1] = float("nan")
+    tensors[name] = poisoned.reshape(tensors[name].shape).to(tensors[name].dtype)
+    _rewrite_entry(entry, tensors)
+    with caplog.at_level(logging.WARNING, logger="threedis.engine.quant_cache"):
+        assert _count_loads(ckpt, cache, scheme=scheme) == ([1], False)
+    assert f"{name} holds NaN/Inf" in caplog.text
+    assert _count_loads(ckpt, cache, scheme=scheme) == ([], True)  # the rebuilt entry is good
+    rebuilt = load_file(entry / WEIGHTS_FILE)
+    assert torch.isfinite(rebuilt[name].float()).all()
 
 
 def test_cache_writes_leave_no_temp_folders(ckpt: Path, tmp_path: Path) -> None:

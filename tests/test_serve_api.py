@@ -170,11 +170,12 @@ def test_cancel_a_queued_and_a_running_job(service, depth_id):
 
 def test_depth_job_then_render_on_its_depth(service):
     _, client, _, _, _ = service
-    stage1 = {"source": "stage1", "stage1": {"steps": 1, "size": 64}}
+    stage1 = {"source": "stage1", "stage1": {"steps": 1, "size": 64, "refine_steps": 0}}
     answer = client.post("/api/v1/depth", json={"layout": layout_dict(), "options": {"seed": 1, "depth": stage1}})
     assert answer.status_code == 202, answer.text
     depth_job = wait_final(client, answer.json()["id"])
     assert depth_job["status"] == "done", depth_job["error"]
+    assert depth_job["options"]["depth"]["stage1"]["refine_steps"] == 0
     assert set(depth_job["files"]) == {"depth.png", "stage1-rgb.png", "report.json"}
     with Image.open(io.BytesIO(client.get(depth_job["files"]["depth.png"]).content)) as depth:
         assert depth.size == (64, 64)
@@ -274,6 +275,8 @@ def test_bad_layout_gets_422_with_every_problem_as_validate_words_them(service, 
     ({"layout": {**layout_dict(), "instances": [{"prompt": "a", "box": [0, 0, 1, 1], "mask": "/etc/passwd"}]}},
      "instances[0].mask"),
     ({"layout": layout_dict(), "colour": "red"}, "colour"),
+    ({"layout": layout_dict(), "options": {"depth": {"source": "stage1", "stage1": {"refine_steps": -1}}}},
+     "options.depth.stage1.refine_steps"),
 ])
 def test_bad_job_bodies_get_a_4xx_naming_the_field(service, body, field):
     _, client, _, _, _ = service

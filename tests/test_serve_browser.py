@@ -177,6 +177,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
         stage1_steps = driver.find_element(By.ID, "s1-steps")
         stage1_steps.send_keys("2")
+        driver.find_element(By.ID, "s1-refine").send_keys("1")  # the refined shader for stage 1's first step
         driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
 
         # -- two boxes by mouse drags ---------------------------------------------------------
@@ -274,6 +275,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
             UI_S, "the history card has no thumbnail")
         driver.find_element(By.ID, "clear-layout").click()
         driver.find_element(By.ID, "steps").clear()
+        driver.execute_script("document.getElementById('s1-refine').value = '';")  # (inside the closed Advanced)
         assert _model(driver)["instances"] == []
         card.click()
         _wait(driver, lambda d: len(_model(d)["instances"]) == 2, UI_S, "clicking the history card restored nothing")
@@ -286,6 +288,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path):
         assert [f.get_attribute("value") for f in fields] == ["a red cardinal", "a blue jay"]
         assert driver.find_element(By.ID, "steps").get_attribute("value") == "3"
         assert driver.find_element(By.ID, "s1-steps").get_attribute("value") == "2"
+        assert driver.find_element(By.ID, "s1-refine").get_attribute("value") == "1"
         _wait(driver, lambda d: d.find_element(By.ID, "result").get_attribute("data-job") == job_id, UI_S,
               "the restored job's result is not shown")
         assert "stage 1" in driver.find_element(By.ID, "depth-source").text

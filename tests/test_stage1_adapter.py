@@ -77,12 +77,12 @@ def test_shader_weights_full_cover_by_hand():
     torch.testing.assert_close(w[1], torch.full((5,), e10 / (e1 + e10)))
 
 
-def _render(n: int, d: int, masks: BoxMasks, seed: int = 0, refine: bool = True) -> RenderState:
+def _render(n: int, d: int, masks: BoxMasks, seed: int = 0) -> RenderState:
     g = torch.Generator().manual_seed(123)
     return RenderState(torch.randn(n, 7, d, generator=g, dtype=torch.float64),
                        torch.randn(n, d, generator=g, dtype=torch.float64),
                        torch.rand(n, 4, generator=g, dtype=torch.float64), masks,
-                       torch.Generator().manual_seed(seed), refine)
+                       torch.Generator().manual_seed(seed))
 
 
 def test_refined_shader_matches_diffusers_attention_by_hand():
@@ -104,8 +104,8 @@ def test_refined_shader_matches_diffusers_attention_by_hand():
     got = attn(hidden, context, stage1=Stage1Call(render))
     torch.testing.assert_close(got[0], plain[0])  # the negative row is untouched
     torch.testing.assert_close(got[1], want)
-    # refine off, or no render: plain cross-attention
-    torch.testing.assert_close(attn(hidden, context, stage1=Stage1Call(_render(1, 12, masks, refine=False))), plain)
+    # the shader off this step, or no render: plain cross-attention
+    torch.testing.assert_close(attn(hidden, context, stage1=Stage1Call(render, refine_on=False)), plain)
     torch.testing.assert_close(attn(hidden, context, stage1=None), plain)
 
 

@@ -222,13 +222,123 @@ def test_engine_stage1_settings_reach_the_pipeline():
     aux.loaders["stage1"] = lambda spec: Recorder()
     layout = Layout(PROMPT, 64, 64, (Instance(INSTANCES[0], BOXES[0]),))
     options = Stage1Options(steps=7, guidance=3.0, migc_steps=3, phase_augment=False, size=(64, 32), seed=9,
-                            negative_prompt="blurry")
+                            negative_prompt="blurry", refine_steps=5)
     assert run_stage1(aux, layout, options, False, Profiler(enabled=False)) == "depth"
     assert {k: calls[0][k] for k in ("width", "height", "steps", "guidance", "migc_steps", "phase_augment", "seed",
-                                     "negative_prompt", "append_instances")} == dict(
+                                     "negative_prompt", "append_instances", "refine_steps")} == dict(
         width=64, height=32, steps=7, guidance=3.0, migc_steps=3, phase_augment=False, seed=9,
-        negative_prompt="blurry", append_instances=False)
+        negative_prompt="blurry", append_instances=False, refine_steps=5)
     run_stage1(aux, layout, Stage1Options(), True, Profiler(enabled=False))
     assert "negative_prompt" not in calls[1]  # the pipeline's default: the demos' negative prompt
     with pytest.raises(UserError, match="stage1_negative_prompt"):
         Stage1Options(negative_prompt=3)
+
+
+# ------------------------------------------------------------------ the refined shader's step count
+
+
+def _authors_branch(step: int, adapter_layer: bool, migc_steps_arg: int, naive_fuser_steps: int) -> str:
+    """The branch the authors' MIGCProcessor takes in a cross-attention layer at step `step` (0-based `ith`),
+    written from their code: a layer without MIGC is plain when `ith > NaiveFuserSteps`; a MIGC layer runs
+    MIGC until `ith > MIGCsteps`, then is plain when `ith > NaiveFuserSteps`, else the refined shader."""
+    not_use_migc = (not adapter_layer) or step > migc_steps_arg
+    if not_use_migc and step > naive_fuser_steps:
+        return "plain"
+    return "shader" if not_use_migc else "adapter"
+
+
+def _branches(pipe, monkeypatch, **kwargs) -> list[dict[str, int]]:
+    """Per step: how many cross-attention layers took the adapter, the refined shader, or plain attention."""
+    from threedis.engine.stage1.processors import CrossProcessor
+
+    steps: list[dict[str, int]] = [{"adapter": 0, "shader": 0, "plain": 0}]
+    real_shade, real_adapt = CrossProcessor._shade, CrossProcessor._adapt
+    real_call = CrossProcessor.__call__
+
+    def shade(*args):
+        steps[-1]["shader"] += 1
+        return real_shade(*args)
+
+    def adapt(*args):
+        steps[-1]["adapter"] += 1
+        return real_adapt(*args)
+
+    def call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, stage1=None):
+        # (diffusers hands a processor only the keyword arguments its signature names)
+        before = dict(steps[-1])
+        out = real_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, stage1)
+        if steps[-1] == before:
+            steps[-1]["plain"] += 1
+        return out
+
+    monkeypatch.setattr(CrossProcessor, "_shade", staticmethod(shade))
+    monkeypatch.setattr(CrossProcessor, "_adapt", staticmethod(adapt))
+    monkeypatch.setattr(CrossProcessor, "__call__", call)
+    from threedis.engine.stage1.processors import AdapterProcessor
+
+    monkeypatch.setattr(AdapterProcessor, "__call__", call)
+    pipe.generate(PROMPT, INSTANCES, BOXES, width=64, height=64,
+                  on_step=lambda done, total: steps.append({"adapter": 0, "shader": 0, "plain": 0}), **kwargs)
+    return steps[:-1]
+
+
+@pytest.mark.parametrize("steps, migc_steps, refine_steps", [(5, 2, 4), (4, 0, 2), (4, 3, 2)])
+def test_refined_shader_stops_at_refine_steps_as_the_authors_count(pipe, monkeypatch, steps, migc_steps,
+                                                                   refine_steps):
+    from threedis.engine.stage1.processors import ADAPTER_LAYERS
+
+    layers = [name.removesuffix(".processor").rpartition(".")[0] for name in pipe.unet.attn_processors
+              if name.endswith("attn2.processor")]
+    adapter_layers = [name in ADAPTER_LAYERS for name in layers]
+    got = _branches(pipe, monkeypatch, steps=steps, migc_steps=migc_steps, refine_steps=refine_steps)
+    want = []
+    for step in range(steps):  # the authors' MIGCsteps / NaiveFuserSteps are our counts minus one
+        branches = [_authors_branch(step, a, migc_steps - 1, refine_steps - 1) for a in adapter_layers]
+        want.append({kind: branches.count(kind) for kind in ("adapter", "shader", "plain")})
+    assert got == want
+    assert any(w["shader"] for w in want) and any(w["shader"] == 0 for w in want)  # the stop is inside the run
+
+
+def test_refine_steps_ends_are_on_and_off_and_the_stop_keeps_the_earlier_steps(pipe, monkeypatch):
+    from diffusers import UniPCMultistepScheduler
+
+    trail: list[torch.Tensor] = []
+    real_step = UniPCMultistepScheduler.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        trail.append(out.prev_sample.clone())
+        return out
+
+    monkeypatch.setattr(UniPCMultistepScheduler, "step", step)
+
+    def run(**kwargs):
+        trail.clear()
+        depth = pipe.generate(PROMPT, INSTANCES, BOXES, seed=6, migc_steps=1, width=64, height=64, steps=4,
+                              **kwargs).depth_array
+        return depth, list(trail)
+
+    on, on_trail = run()
+    off, off_trail = run(refine=False)
+    for count, want in ((None, on), (4, on), (1000, on), (0, off)):
+        np.testing.assert_allclose(run(refine_steps=count)[0], want, atol=1e-6, rtol=0)
+    two, two_trail = run(refine_steps=2)
+    for i in range(2):  # steps 0 and 1: the shader, exactly as with it on throughout
+        torch.testing.assert_close(two_trail[i], on_trail[i], atol=1e-6, rtol=0)
+    assert (two_trail[2] - on_trail[2]).abs().max() > 1e-4  # step 2: plain attention from here on
+    assert np.abs(two - on).max() > 1e-4 and np.abs(two - off).max() > 1e-4
+
+
+def test_refine_steps_checks(pipe):
+    from threedis.engine.stages import Stage1Options
+
+    with pytest.raises(UserError, match="refine=False turns the refined shader off"):
+        pipe.generate(PROMPT, INSTANCES, BOXES, refine=False, refine_steps=2, **FAST)
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(UserError, match="refine_steps"):
+            pipe.generate(PROMPT, INSTANCES, BOXES, refine_steps=bad, **FAST)
+        with pytest.raises(UserError, match="refine_steps"):
+            Stage1Options(refine_steps=bad)
+    assert Stage1Options(refine_steps=0).refine_steps == 0 and Stage1Options().refine_steps is None
+    settings = pipe.generate(PROMPT, INSTANCES, BOXES, refine_steps=99, **FAST).settings
+    assert settings["refine_steps"] == 3  # every step of 3

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from threedis import UserError
+from threedis.engine.paths import make_folder
 
 
 def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
@@ -23,8 +24,7 @@ def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
     stale: the item's files from an earlier manifest row (kind -> relative path);
     those the new set does not replace are removed, so no leftovers mix with it.
     """
-    folder = out / job_id
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(out / job_id, "job's output folder", f"move the file {out / job_id} away")
     written: dict[str, str] = {}
     for kind, (name, data) in files.items():
         if Path(name).name != name or name.startswith("."):

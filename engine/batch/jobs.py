@@ -20,6 +20,7 @@ from threedis import Layout, RenderOptions, Stage1Options, UserError
 from threedis.engine.batch.seeds import parse_seeds
 from threedis.engine.stages import TINY_STAGE1
 from threedis.engine.tiny_rules import STEPS
+from threedis.engine.paths import input_file
 
 JOB_KEYS = ("id", "layout", "seeds", "depth", "depth_from_photo", "steps", "guidance", "sam", "schedule",
             "stage1", "options", "meta")
@@ -108,9 +109,7 @@ class JobFile:
 def _file(value: Any, folder: Path, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise UserError(f"{name} must be a file path (text), got {value!r}")
-    path = (folder / value).expanduser()
-    if not path.is_file():
-        raise UserError(f"{name}: file not found: {path}")
+    path = input_file((folder / value).expanduser(), name)
     return str(path.resolve())
 
 
@@ -257,9 +256,7 @@ def load_jobs(path: str | Path, defaults: JobDefaults = JobDefaults()) -> JobFil
     Raises UserError only when the file itself cannot be read; bad lines come back as
     jobs with a problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"job file not found: {path}")
+    path = input_file(path, "job file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

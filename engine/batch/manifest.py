@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from threedis.engine.batch.jobs import Item
+from threedis.engine.paths import make_folder
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -93,7 +94,7 @@ class ManifestWriter:
 
     def __init__(self, out: Path) -> None:
         self.path = out / MANIFEST_NAME
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "output folder", "choose another --out")
         needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self._ends_with_newline()
         self._file = open(self.path, "a", encoding="utf-8")
         if needs_newline:  # a torn last line: start ours on a fresh line

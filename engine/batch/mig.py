@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from threedis import UserError
+from threedis.engine.paths import input_file, make_folder
 
 
 def _boxes(prompt: str, phrase: Any, boxes: Any) -> list[dict[str, Any]]:
@@ -40,9 +41,7 @@ def mig_jobs(path: str | Path, size: int = 512) -> list[dict[str, Any]]:
     """
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"COCO-MIG file not found: {path}")
+    path = input_file(path, "COCO-MIG file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -74,7 +73,7 @@ def write_jobs_jsonl(jobs: list[dict[str, Any]], path: str | Path, overwrite: bo
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another --write-jsonl name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "folder", "choose another --write-jsonl name")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
     tmp.replace(path)

@@ -361,4 +361,5 @@ def _give_back_memory() -> None:
 
 def _stage1_options(values: dict) -> Stage1Options:
     return Stage1Options(steps=values["steps"], size=tuple(values["size"]), seed=values["seed"],
-                         migc_steps=values["migc_steps"], guidance=values["guidance"])
+                         migc_steps=values["migc_steps"], guidance=values["guidance"],
+                         refine_steps=values.get("refine_steps"))

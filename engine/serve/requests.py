@@ -15,6 +15,7 @@ from typing import Any
 
 from threedis import Layout, LayoutError, UserError
 from threedis.engine import tiny_rules
+from threedis.engine.checks import check_lora_scale
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
@@ -145,19 +146,25 @@ def _check_stage1(value: Any, defaults: Defaults, problems: _Problems) -> dict:
 
     value = value if value is not None else {}
     if not isinstance(value, dict):
-        problems.add("options.depth.stage1", "must be an object {steps?, size?, seed?}")
+        problems.add("options.depth.stage1", "must be an object {steps?, size?, seed?, migc_steps?, refine_steps?, "
+                                             "guidance?}")
         return {}
+    allowed = ("steps", "size", "seed", "migc_steps", "refine_steps", "guidance")
     for key in value:
-        if key not in ("steps", "size", "seed", "migc_steps", "guidance"):
-            problems.add(f"options.depth.stage1.{key}", "unknown key; allowed: steps, size, seed, migc_steps, guidance")
+        if key not in allowed:
+            problems.add(f"options.depth.stage1.{key}", f"unknown key; allowed: {', '.join(allowed)}")
     out = {"steps": value.get("steps", defaults.stage1_steps), "size": value.get("size", defaults.stage1_size),
-           "seed": value.get("seed"), "migc_steps": value.get("migc_steps"), "guidance": value.get("guidance", 6.5)}
+           "seed": value.get("seed"), "migc_steps": value.get("migc_steps"), "guidance": value.get("guidance", 6.5),
+           "refine_steps": value.get("refine_steps")}
     if not _whole(out["steps"], 1, MAX_STEPS):
         problems.add("options.depth.stage1.steps", f"must be a whole number from 1 to {MAX_STEPS}")
     elif out["migc_steps"] is None:
         out["migc_steps"] = min(defaults.stage1_migc_steps, out["steps"])
     if out["migc_steps"] is not None and not _whole(out["migc_steps"], 0, MAX_STEPS):
         problems.add("options.depth.stage1.migc_steps", f"must be a whole number from 0 to {MAX_STEPS}")
+    if out["refine_steps"] is not None and not _whole(out["refine_steps"], 0, MAX_STEPS):
+        problems.add("options.depth.stage1.refine_steps",
+                     f"must be null (every step) or a whole number from 0 (off) to {MAX_STEPS}")
     if out["seed"] is not None and not _whole(out["seed"], 0, MAX_SEED):
         problems.add("options.depth.stage1.seed", "must be null or a whole number >= 0")
     if not _number(out["guidance"], 0, 100):
@@ -206,9 +213,12 @@ def _check_loras(value: Any, problems: _Problems) -> list[dict]:
             problems.add(f"{name}.path", "must be the path of a FLUX LoRA file or folder on the service's machine")
             continue
         scale = item.get("scale", 1.0)
-        if not _number(scale, -10, 10):
-            problems.add(f"{name}.scale", "must be a number from -10 to 10")
-        out.append({"path": item["path"], "scale": float(scale) if _number(scale, -10, 10) else 1.0})
+        try:  # the engine's one range, which an image's metadata can record (render --from)
+            scale = check_lora_scale(scale, "scale")
+        except UserError as err:
+            problems.add(f"{name}.scale", str(err).removeprefix("scale "))
+            scale = 1.0
+        out.append({"path": item["path"], "scale": scale})
     return out
 
 

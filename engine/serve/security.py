@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import make_folder
 
 TOKEN_FILE = ("serve", "token")
 
@@ -36,7 +37,7 @@ def load_or_create_token(cache_dir: Path) -> str:
         if token:
             os.chmod(path, 0o600)
             return token
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "cache folder for the service's token", "set $THREEDIS_CACHE to a folder you can write")
     token = secrets.token_urlsafe(32)
     tmp = path.with_name(f".token-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -60,8 +60,6 @@ def serve(config: ServeConfig, open_browser: bool = False, log_level: str = "inf
 
 def config_from_args(args: Any) -> ServeConfig:
     """ServeConfig from `threedis serve`'s arguments (the token made or read here)."""
-    from pathlib import Path
-
     from threedis.engine.api import default_cache_dir
     from threedis.engine.errors import UserError
     from threedis.engine.serve.config import MB
@@ -72,9 +70,12 @@ def config_from_args(args: Any) -> ServeConfig:
             raise UserError(f"{flag} must be positive, got {value}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    from threedis.engine.paths import make_folder
+
+    out = make_folder(args.out, "output folder", "choose another --out").resolve()  # before anything starts
     token = None if args.no_auth else load_or_create_token(default_cache_dir())
     return ServeConfig(
-        out=Path(args.out).expanduser().resolve(), host=args.host, port=args.port, token=token, model=args.model,
+        out=out, host=args.host, port=args.port, token=token, model=args.model,
         profile=args.profile, stage1=args.stage1, sam=args.sam, depth_model=args.depth_model, device=args.device,
         local_files_only=args.local_files_only, allow_origins=tuple(args.allow_origin),
         max_upload_bytes=int(args.max_upload_mb * MB), max_upload_pixels=args.max_upload_pixels,

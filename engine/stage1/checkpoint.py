@@ -21,6 +21,7 @@ from torch import nn
 
 from threedis.engine.errors import UserError
 from threedis.engine.model_paths import is_hub_id
+from threedis.engine.paths import input_file
 
 __all__ = [
     "ADAPTER_FILENAME",
@@ -73,9 +74,7 @@ def _torch_file_kind(path: Path) -> str | None:
 
 def read_pickle_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict, read with weights_only=True (memory-mapped when the format allows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+    path = input_file(path, "weights file")
     if _torch_file_kind(path) is None:
         raise UserError(f"{path} is not a torch checkpoint (neither a zip nor a pickle file); give the .ckpt file "
                         f"as downloaded from https://huggingface.co/{WEIGHTS_REPO_ID}")
@@ -107,8 +106,7 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors" and sibling.is_file():
         path = sibling
     if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise UserError(f"weights file not found: {path}")
+        input_file(path, "weights file")
         try:
             return load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own error types
@@ -155,10 +153,8 @@ def convert_release_files(path: str | os.PathLike[str], overwrite: bool = False)
                             f"downloaded them into (https://huggingface.co/{WEIGHTS_REPO_ID}) or a .ckpt file")
     elif path.suffix == ".safetensors":
         raise UserError(f"{path} is already safetensors; give the .ckpt file to convert")
-    elif not path.is_file():
-        raise UserError(f"weights file not found: {path}")
     else:
-        files = [path]
+        files = [input_file(path, "weights file")]
     done = []
     for file in files:
         out = file.with_suffix(".safetensors")
@@ -230,9 +226,8 @@ def resolve_weight_file(spec: str | os.PathLike[str], filename: str, local_files
                 return candidate
         raise UserError(f"{path} has no {filename}; download it from https://huggingface.co/{WEIGHTS_REPO_ID} "
                         f"into that folder")
-    if not is_hub_id(text):
-        raise UserError(f"weights file not found: {text}; give the path of {filename} "
-                        f"(from https://huggingface.co/{WEIGHTS_REPO_ID})")
+    if not is_hub_id(text) or path.exists():
+        input_file(path, "weights file", f"give the path of {filename} (from https://huggingface.co/{WEIGHTS_REPO_ID})")
     from huggingface_hub import hf_hub_download
 
     try:

@@ -56,6 +56,9 @@ DEFAULT_GUIDANCE = 6.5
 # The demos pass MIGCsteps=15 and test `step > 15` to turn the adapter off, so it runs
 # at steps 0..15: 16 of 30. Here the adapter is on while `step < migc_steps`.
 DEFAULT_MIGC_STEPS = 16
+# The refined shader is counted the same way: the authors' NaiveFuserSteps=K keeps it on
+# at steps 0..K (their test is `step > K` for plain cross-attention), i.e. refine_steps = K + 1.
+# The demos pass K=30 for 30 steps: on at every step, which refine_steps=None means here.
 _PARTS = {
     "unet": ["config.json"],
     "vae": ["config.json"],
@@ -146,6 +149,25 @@ def _weights(spec: str | os.PathLike[str] | None, base: Path, filename: str, loc
                 return candidate
         spec = WEIGHTS_REPO_ID
     return resolve_weight_file(spec, filename, local_files_only)
+
+
+def refine_steps_for(refine: bool, refine_steps: int | None, steps: int) -> int:
+    """The number of leading steps with the refined shader on, from the old switch and the step count.
+
+    refine_steps None: every step if `refine` (the demos), none if not; a count beyond
+    `steps` is every step. refine=False with a count above 0 contradicts itself.
+    """
+    if not isinstance(refine, bool):
+        raise UserError(f"refine must be true or false, got {refine!r}")
+    if refine_steps is None:
+        return steps if refine else 0
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, numbers.Integral) or refine_steps < 0:
+        raise UserError(f"refine_steps must be a whole number >= 0 (0 = shader off) or None (every step), "
+                        f"got {refine_steps!r}")
+    if not refine and refine_steps > 0:
+        raise UserError(f"refine=False turns the refined shader off, but refine_steps = {refine_steps}; "
+                        f"give one of them")
+    return min(int(refine_steps), steps)
 
 
 def _check_layout(instance_prompts: Sequence[str], boxes: Sequence[Sequence[float]], width: int, height: int,
@@ -271,17 +293,22 @@ class Stage1Pipeline:
         cancel: threading.Event | None = None,
         refine: bool = True,
         append_instances: bool = True,
+        refine_steps: int | None = None,
     ) -> Stage1Result:
         """Layout -> depth. boxes are (x0, y0, x1, y1) in 0..1.
 
         append_instances: the global prompt gets ",<instance>" for each instance, as in the
-        authors' demos. refine=False with migc_steps=0 gives plain text-to-depth.
-        on_step(done, total) runs after every step; `cancel` is checked before each step.
+        authors' demos. refine_steps: the refined shader is on for steps 0..refine_steps-1
+        where the adapter is not running (the authors' NaiveFuserSteps + 1); None = every
+        step, 0 = off (as refine=False). refine_steps=0 with migc_steps=0 gives plain
+        text-to-depth. on_step(done, total) runs after every step; `cancel` is checked
+        before each step.
         """
         from diffusers import UniPCMultistepScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
         _check_layout(instance_prompts, boxes, width, height, steps, migc_steps)
+        refine_steps = refine_steps_for(refine, refine_steps, steps)
         n = len(instance_prompts)
         if n > MAX_ADAPTER_INSTANCES and self.has_adapter and migc_steps > 0:
             raise UserError(f"the layout adapter handles at most {MAX_ADAPTER_INSTANCES} instances, got {n}; "
@@ -296,7 +323,7 @@ class Stage1Pipeline:
         if n:
             masks = BoxMasks(boxes, height, width, self.device, self.dtype, self.vae_scale_factor)
             render = RenderState(hidden[1:], pooled[1:], to_xxyy(boxes).to(self.device), masks,
-                                 torch.Generator().manual_seed(seed), refine)
+                                 torch.Generator().manual_seed(seed))
         scheduler = UniPCMultistepScheduler.from_config(self.scheduler_config)  # fresh: schedulers keep state
         scheduler.set_timesteps(steps, device=self.device)
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -306,7 +333,7 @@ class Stage1Pipeline:
         for i, t in enumerate(scheduler.timesteps):
             if cancel is not None and cancel.is_set():
                 raise Stage1Cancelled(f"stage 1 cancelled before step {i + 1} of {total}")
-            call = Stage1Call(render, adapter_on=self.has_adapter and i < migc_steps)
+            call = Stage1Call(render, adapter_on=self.has_adapter and i < migc_steps, refine_on=i < refine_steps)
             model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
             noise = self.unet(model_in, t, encoder_hidden_states=context,
                               cross_attention_kwargs={"stage1": call}).sample
@@ -322,7 +349,7 @@ class Stage1Pipeline:
         image = self._decode(latents)  # [4, H, W] in [0, 1], float32
         settings = {"prompt": global_prompt, "instance_prompts": list(texts), "boxes": [list(b) for b in boxes],
                     "width": width, "height": height, "steps": steps, "guidance": guidance,
-                    "migc_steps": migc_steps if self.has_adapter else 0, "refine": refine,
+                    "migc_steps": migc_steps if self.has_adapter else 0, "refine_steps": refine_steps,
                     "negative_prompt": negative_prompt}
         rgb = (image[:3].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         depth = image[3].numpy()

@@ -5,11 +5,15 @@ every attention layer gets it. Self-attention (`attn1`) ignores it. Cross-attent
 (`attn2`) on the conditional row (the last batch row; the first is the negative
 prompt under classifier-free guidance) does one of:
 
-- plain cross-attention with the global prompt: no instances, or `refine` off;
 - the layout adapter (`AdapterProcessor`, in the 7 adapter layers while the step is
   below `migc_steps`): global cross-attention + aggregated instance shading;
-- the refined shader elsewhere: per-instance cross-attentions mixed with the global
-  one by a per-token softmax over logits (1 for global, 10 x box mask for instance i).
+- the refined shader elsewhere while the step is below `refine_steps`: per-instance
+  cross-attentions mixed with the global one by a per-token softmax over logits
+  (1 for global, 10 x box mask for instance i);
+- plain cross-attention with the global prompt: no instances, or a step past both.
+
+The per-step switches follow the authors' rule: in a layer, the adapter while it is
+on, else the shader while it is on, else plain (their `MIGCsteps` / `NaiveFuserSteps`).
 
 Why per-call state travels in the kwargs rather than on the processors: two
 pipelines (or two renders) sharing one UNet never see each other's masks.
@@ -56,7 +60,6 @@ class RenderState:
     boxes: torch.Tensor  # [N, 4] (x0, x1, y0, y1), float32
     masks: BoxMasks
     generator: torch.Generator  # draws the adapter's slot permutations
-    refine: bool = True  # refined shader outside the adapter; False = plain cross-attention
 
     @property
     def num_instances(self) -> int:
@@ -65,10 +68,11 @@ class RenderState:
 
 @dataclass(frozen=True)
 class Stage1Call:
-    """Per-step message to every attention processor."""
+    """Per-step message to every attention processor: which of the adapter and the shader are on this step."""
 
     render: RenderState | None
     adapter_on: bool = False
+    refine_on: bool = True  # refined shader where the adapter is not running; False = plain cross-attention
 
 
 def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,7 @@ class CrossProcessor:
         adapter = self._adapter()
         if adapter is not None and stage1.adapter_on:
             return self._adapt(attn, adapter, hidden_states, out, render)
-        if not render.refine:
+        if not stage1.refine_on:
             return _project(attn, out)
         return _project(attn, self._shade(attn, q, out, render))
 

@@ -19,7 +19,8 @@ from threedis.engine.tiny import depth, flux, ldm3d, sam2
 from threedis.engine.tiny.flux import (
     MARKER, TINY_FLUX, TINY_VERSION, is_tiny_checkpoint, tiny_flux_path, write_tiny_flux,
 )
-from threedis.engine.tiny.store import check_new_folder
+from threedis.engine.errors import UserError
+from threedis.engine.tiny.store import check_new_folder, new_folder_guard
 from threedis.engine.tiny_rules import OPTIONS, suggested_folder, tiny_hint
 
 __all__ = ["KINDS", "MARKER", "TINY_FLUX", "TINY_VERSION", "TinyKind", "is_tiny_checkpoint", "tiny_flux_path",
@@ -54,10 +55,18 @@ def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[t
     Refuses (UserError) a file, a non-empty folder, a system folder and a folder
     named like a real model; returns (kind, folder) per checkpoint written.
     """
+    from threedis.engine.checks import check_seed
+
     kinds = list(KINDS) if kind == "all" else [kind]
     if any(name not in KINDS for name in kinds):
         raise KeyError(kind)
-    root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()], instead=suggested_folder(kind))
-    if kind == "all":
-        return [(name, KINDS[name].write(root / name, seed=seed)) for name in kinds]
-    return [(kind, KINDS[kind].write(root, seed=seed))]
+    seed = check_seed(seed)  # before anything is written: the writers' torch seeds take 0..2^64-1
+    try:
+        instead = suggested_folder(kind)
+    except UserError:  # no cache folder to suggest (no home, no $THREEDIS_CACHE): the message names none
+        instead = None
+    root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()], instead=instead)
+    with new_folder_guard(root, f"choose a folder you can write{f', e.g. {instead}' if instead else ''}"):
+        if kind == "all":
+            return [(name, KINDS[name].write(root / name, seed=seed)) for name in kinds]
+        return [(kind, KINDS[kind].write(root, seed=seed))]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from threedis.engine.errors import UserError
+from threedis.engine.paths import folder_problem, make_folder
 from threedis.engine.tiny_rules import MARKER, cache_root  # noqa: F401  (MARKER: written last = complete)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what the real SAM2 and Depth Anything preprocessors normalise with
@@ -34,8 +35,12 @@ _SHARED_ROOTS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv"
 
 
 def seeded(seed: int, offset: int) -> None:
-    """Each component gets its own stream so adding one never shifts another's weights."""
-    torch.manual_seed(seed * 1000 + offset)
+    """Each component gets its own stream so adding one never shifts another's weights.
+
+    Taken modulo 2^64 (torch's seed range), so every seed in 0..2^64-1 works and the
+    seeds below 2^64/1000 keep the bytes they always had.
+    """
+    torch.manual_seed((seed * 1000 + offset) % 2**64)
 
 
 @contextlib.contextmanager
@@ -139,10 +144,19 @@ def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: in
     target = base / dir_name
     if marker_version(target, marker) == version:
         return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=base))
+    from_env = root is None and bool(os.environ.get("THREEDIS_CACHE"))
+    what = "cache folder $THREEDIS_CACHE" if from_env else "cache folder"
+    hint = "set $THREEDIS_CACHE to a folder you can write (tiny checkpoints, prompt and weight caches go there)"
+    make_folder(base, what, hint)
     try:
-        writer(tmp)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dir_name}.", dir=base))
+    except OSError as exc:
+        raise UserError(f"cannot build {dir_name} in the {what}: {folder_problem(base, exc)}; {hint}") from None
+    try:
+        try:
+            writer(tmp)
+        except OSError as exc:  # a full disk or a quota while writing
+            raise UserError(f"cannot build {dir_name} in the {what}: {folder_problem(tmp, exc)}; {hint}") from None
         make_readable(tmp, include_root=True)  # mkdtemp made it 0700
         if target.exists() and marker_version(target, marker) != version:
             shutil.rmtree(target)  # incomplete or stale: replace it
@@ -155,6 +169,37 @@ def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: in
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _example(instead: Path | None) -> str:
+    """", e.g. <folder>" for messages: `instead`, else one under the cache (nothing when there is no cache folder)."""
+    try:
+        return f", e.g. {instead or cache_root() / 'make-tiny'}"
+    except UserError:
+        return ""
+
+
+@contextlib.contextmanager
+def new_folder_guard(root: Path, hint: str) -> Iterator[Path]:
+    """Create `root` for a writer that fills it; if anything fails, leave it as it was found.
+
+    `root` is new or empty (check_new_folder): on a failure or an interrupt what was written
+    is removed (the folder too, when made here), so a second try is not refused as "not
+    empty"; an OSError (no permission, a read-only or full disk) becomes one UserError.
+    """
+    existed = root.is_dir()
+    make_folder(root, "folder", hint)
+    try:
+        yield root
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # the clean-up never hides the failure itself
+            if not existed:
+                shutil.rmtree(root)
+            for entry in list(root.iterdir()) if existed else []:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write into {root}: {folder_problem(root, exc)}; {hint}") from None
+        raise
 
 
 def _is_within(path: Path, tree: str) -> bool:
@@ -170,12 +215,19 @@ def check_new_folder(path: str | os.PathLike[str], real_names: Iterable[str] = (
     random weights would later be taken for the real ones. `instead`: the folder the
     message suggests (default: one under the cache).
     """
-    given = Path(path).expanduser()
+    safe = f"choose a new folder{_example(instead)}"
+    try:
+        given = Path(path).expanduser()
+    except RuntimeError:  # "~" for a user without a home folder
+        raise UserError(f"{path}: this user has no home folder for '~'; {safe}") from None
     resolved = given.resolve()
-    safe = f"choose a new folder, e.g. {instead or cache_root() / 'make-tiny'}"
-    if resolved.is_file():
-        raise UserError(f"{given} is a file; {safe}")
-    if resolved.is_dir() and any(resolved.iterdir()):
+    if resolved.exists() and not resolved.is_dir():
+        raise UserError(f"{given} is a file, not a folder; {safe}")
+    try:
+        full = resolved.is_dir() and any(resolved.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot look into {given}: {exc.strerror or exc}; {safe}") from None
+    if full:
         raise UserError(f"{given} exists and is not empty; {safe}")
     if os.name == "posix" and (any(_is_within(resolved, tree) for tree in _SYSTEM_TREES)
                                or str(resolved) in _SHARED_ROOTS or resolved == Path.home().resolve()):

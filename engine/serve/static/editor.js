@@ -188,7 +188,7 @@ $("height").addEventListener("change", sizeInput);
 // -- settings ------------------------------------------------------------------------------------
 
 const SETTINGS = ["steps", "guidance", "seed", "seed-lock", "sam", "sched-i2i", "sched-hard", "sched-i2t",
-  "sched-t2i", "sched-t2t", "s1-steps", "s1-size"];
+  "sched-t2i", "sched-t2t", "s1-steps", "s1-size", "s1-refine"];
 
 function readSettings() {
   const out = {};
@@ -226,7 +226,9 @@ function stage1Options() {
   const s = {};
   const steps = intOrNull($("s1-steps").value);
   const size = $("s1-size").value.trim().toLowerCase().replace(/\s+/g, "");
+  const refine = intOrNull($("s1-refine").value);
   if (steps !== null) s.steps = steps;
+  if (refine !== null) s.refine_steps = refine; // blank: the service's default, every step
   if (size) s.size = /^\d+$/.test(size) ? Number(size) : size; // "768x512" is read by the service
   return s;
 }
@@ -473,6 +475,7 @@ function restore(job) {
     steps: o.steps ?? $("steps").value, guidance: o.guidance ?? $("guidance").value, seed: o.seed ?? $("seed").value,
     "seed-lock": true, sam: Boolean(o.sam), "sched-i2i": s.i2i, "sched-hard": s.hard, "sched-i2t": s.i2t,
     "sched-t2i": s.t2i, "sched-t2t": s.t2t, "s1-steps": s1.steps, "s1-size": sizeText(s1.size),
+    "s1-refine": s1.refine_steps,
   });
   clearProblems();
   useDepthOf(job);
