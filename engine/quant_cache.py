@@ -192,8 +192,9 @@ def _load_aligned(path: Path) -> dict[str, torch.Tensor]:
 
 def default_cache_root() -> Path:
     """$THREEDIS_CACHE/quantized, else ~/.cache/threedis/quantized."""
-    env = os.environ.get("THREEDIS_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "threedis") / "quantized"
+    from threedis.engine.cache_dir import cache_root
+
+    return cache_root() / "quantized"
 
 
 class QuantCache:
