@@ -42,7 +42,7 @@ EDITOR_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 
 SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # not no-referrer: Chromium then sends "Origin: null" with form posts
 )
 
 
@@ -130,15 +130,18 @@ def redact(text: str) -> str:
 
 
 class RedactSecrets(logging.Filter):
-    """Rewrites a log record whose text carries token=... (a URL with the token in its query)."""
+    """Rewrites a log record whose message or arguments carry token=... (a URL with the token in its query).
+
+    The arguments keep their shape: uvicorn's access formatter unpacks them.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # a broken record is logging's problem, not ours
-            return True
-        if "token=" in text.lower():
-            record.msg, record.args = redact(text), ()
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
         return True
 
 
