@@ -306,7 +306,7 @@ def test_a_failing_render_records_its_error_and_the_service_stays_up(service, de
 
 
 def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_id, tmp_path):
-    _, client, _, config, _ = service
+    url, client, _, config, _ = service
     good = _lora_bytes(service, good=True)
     (config.lora_dir / "style.safetensors").write_bytes(good)
     (config.lora_dir / "notes.txt").write_text("not a LoRA")
@@ -319,6 +319,13 @@ def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_
     upload = uploaded.json()
     assert upload["name"] == "My Style_.safetensors" and upload["bytes"] == len(good)
     assert upload in client.get("/api/v1/loras").json()["uploaded"]
+    from threedis.client import Client
+
+    file = tmp_path / "by-client.safetensors"
+    file.write_bytes(good)
+    python = Client(url, TOKEN)
+    by_client = python.upload_lora(file)
+    assert {"upload": by_client, "name": "by-client.safetensors", "bytes": len(good)} in python.loras()["uploaded"]
     for data, status, words in ((b"PK\x03\x04 a zip, not safetensors", 422, "not a LoRA file"),
                                 (_lora_bytes(service, good=False)[:40], 422, "not a LoRA file"),
                                 (b"x" * (config.max_lora_bytes + 1), 413, "--max-lora-mb")):
@@ -358,7 +365,9 @@ def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_
 
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() > 0, "the LoRA changed nothing"
         assert np.abs(np.asarray(b, np.int16) - np.asarray(c, np.int16)).max() <= 1  # the same file, two ways
-    assert wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id, seed=5)).json()["id"])["status"] == "done"
+        again = wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id, seed=5)).json()["id"])
+        with Image.open(io.BytesIO(client.get(again["files"]["image.png"]).content)) as d:  # LoRAs unloaded again
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(d, np.int16)).max() <= 1
 
 
 def test_an_unexpected_exception_fails_the_job_not_the_service(service, depth_id, monkeypatch):
@@ -555,6 +564,11 @@ def test_restart_brings_back_queued_jobs_as_interrupted_and_keeps_files(tmp_path
         saved = client.download(finished, "image.png", tmp_path / "got" / "image.png")
         with Image.open(saved) as image:
             assert json.loads(image.text["threedis"])["layout"]["prompt"] == layout_dict()["prompt"]
+        saved_bytes = saved.read_bytes()
+        with pytest.raises(ClientError, match="exists; pass overwrite=True"):  # never overwritten by surprise
+            client.download(finished, "report.json", saved)
+        assert saved.read_bytes() == saved_bytes and list(saved.parent.iterdir()) == [saved]
+        assert client.download(finished, "image.png", saved, overwrite=True) == saved
         running = client.submit(layout_dict(), steps=LONG, depth=source)
         queued = [client.submit(layout_dict(), steps=1, depth=source, seed=i) for i in range(2)]
         events = EventLog(url, TOKEN)
