@@ -167,32 +167,23 @@ class Client:
     def upload(self, path: str | os.PathLike, kind: str) -> str:
         """Upload an image file as a depth map, photo or mask ('depth' | 'photo' | 'mask'); returns its id."""
         file = Path(path)
-        boundary = secrets.token_hex(16)
         mime = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="kind"\r\n\r\n{kind}\r\n'.encode(),
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload"\r\n'
-            f"Content-Type: {mime}\r\n\r\n".encode(),
-            file.read_bytes(),
-            f"\r\n--{boundary}--\r\n".encode(),
-        ]
-        answer = self._request("POST", "/uploads", data=b"".join(parts),
-                               content_type=f"multipart/form-data; boundary={boundary}")
-        return answer["id"]
+        return self._post_file("/uploads", file, "upload", mime, {"kind": kind})["id"]
 
     def upload_lora(self, path: str | os.PathLike) -> str:
         """Upload a .safetensors LoRA; returns its id, for loras=[{"upload": id, "scale": 0.8}]."""
         file = Path(path)
+        return self._post_file("/loras", file, _form_name(file.name), "application/octet-stream")["upload"]
+
+    def _post_file(self, path: str, file: Path, filename: str, mime: str, fields: dict | None = None) -> Any:
+        """POST a multipart form: the text `fields`, then `file` as the field "file"."""
         boundary = secrets.token_hex(16)
-        parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_form_name(file.name)}"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n".encode(),
-            file.read_bytes(),
-            f"\r\n--{boundary}--\r\n".encode(),
-        ]
-        answer = self._request("POST", "/loras", data=b"".join(parts),
-                               content_type=f"multipart/form-data; boundary={boundary}")
-        return answer["upload"]
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                 for name, value in (fields or {}).items()]
+        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                  f"Content-Type: {mime}\r\n\r\n".encode(), file.read_bytes(), f"\r\n--{boundary}--\r\n".encode()]
+        return self._request("POST", path, data=b"".join(parts),
+                             content_type=f"multipart/form-data; boundary={boundary}")
 
 
 def _form_name(name: str) -> str:
