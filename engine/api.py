@@ -108,7 +108,7 @@ def default_schedule(steps: int) -> Schedule:
 
 
 def default_cache_dir() -> Path:
-    from threedis.engine.cache_dir import cache_root
+    from threedis.engine.tiny_rules import cache_root
 
     return cache_root()
 

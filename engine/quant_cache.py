@@ -192,7 +192,7 @@ def _load_aligned(path: Path) -> dict[str, torch.Tensor]:
 
 def default_cache_root() -> Path:
     """$THREEDIS_CACHE/quantized, else ~/.cache/threedis/quantized."""
-    from threedis.engine.cache_dir import cache_root
+    from threedis.engine.tiny_rules import cache_root
 
     return cache_root() / "quantized"
 

@@ -89,7 +89,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def config_from_args(args: Any) -> ServeConfig:
     """ServeConfig from `threedis serve`'s arguments (the token made or read here). Imports nothing heavy."""
-    from threedis.engine.cache_dir import cache_root
+    from threedis.engine.tiny_rules import cache_root
     from threedis.engine.serve.security import load_or_create_token
 
     for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-upload-pixels", args.max_upload_pixels),

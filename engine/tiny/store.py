@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from threedis.engine.cache_dir import cache_root  # noqa: F401  (re-exported: the tiny writers' cache)
 from threedis.engine.errors import UserError
 from threedis.engine.tiny_rules import MARKER, cache_root  # noqa: F401  (MARKER: written last = complete)
 
