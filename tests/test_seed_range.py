@@ -76,3 +76,18 @@ def test_the_services_options_take_the_whole_range(tmp_path):
         assert err.value.problems[0]["field"] == "options.seed"
     finally:
         history.close()
+
+
+def test_the_render_command_says_the_range(tiny_flux_dir, tmp_path, capsys):
+    from threedis.engine import cli
+    from threedis.engine.layout import example_path
+
+    depth = tmp_path / "depth.png"
+    from PIL import Image
+
+    Image.new("L", (64, 64), 128).save(depth)
+    code = cli.main(["render", str(example_path("two_birds")), "--model", str(tiny_flux_dir), "--depth", str(depth),
+                     "--out", str(tmp_path / "o"), "--seed", str(SEED_MAX + 1)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "outside 0..18446744073709551615" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
