@@ -646,8 +646,9 @@ def test_plan_prices_the_models_the_service_loads_and_takes_only_built_in_profil
     # The service runs the tiny checkpoints: priced from their own config files, as loaded.
     paths = {name: Path(folder) for name, folder in tiny_checkpoints().items()}
     models = {key: paths["model"] / sub for key, sub in SUBFOLDERS.items()}
-    models.update(ldm3d_unet=paths["stage1"] / "unet" / "config.json", ldm3d_vae=paths["stage1"] / "vae" / "config.json",
-                  ldm3d_text=paths["stage1"] / "text_encoder" / "config.json", sam2=paths["sam"] / "config.json")
+    models.update({f"ldm3d_{key}": paths["stage1"] / sub / "config.json"
+                   for key, sub in (("unet", "unet"), ("vae", "vae"), ("text", "text_encoder"))})
+    models["sam2"] = paths["sam"] / "config.json"
     expected = plan(load_profile("12gb"), 1024, 768, 2, models=models).to_dict()
     got = answer.json()
     assert got["stages"] == expected["stages"] and got["profile"] == "12gb"

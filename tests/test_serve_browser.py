@@ -76,10 +76,8 @@ def service(tmp_path_factory):
             if printed:
                 token = urllib.parse.unquote(printed.group(1))
                 try:
-                    request = urllib.request.Request(f"{url}/api/v1/system", headers={"Authorization": f"Bearer {token}"})
-                    with urllib.request.urlopen(request, timeout=5) as response:
-                        if json.loads(response.read())["state"] == "ready":
-                            break
+                    if _api(url, token, "system")["state"] == "ready":
+                        break
                 except OSError:
                     pass
             if time.monotonic() > deadline:
