@@ -7,8 +7,9 @@ uploads (uploads.py), the LoRAs jobs may name (loras.py), event fan-out to WebSo
 clients (events.py), request parsing (requests.py), the token / session cookie / Host /
 Origin guard and security headers (security.py), one service per output folder
 (folder_lock.py) and the command's checks and uvicorn (server.py). It reaches the engine only
-through `threedis.Engine`, `Layout`, `RenderOptions`, `Stage1Options` and `UserError`
-(plus one documented stage-1-only call in depth.py). FastAPI and uvicorn are the
+through the public `Engine` (render, depth_from_layout, depth_from_image, plan, load_lora,
+unload_loras, loaded_models), `Layout`, `RenderOptions`, `Stage1Options` and `UserError`,
+and the checks every reader shares (checks.check_seed, loading.safetensors_header). FastAPI and uvicorn are the
 optional extra `threedis-flux[serve]`; nothing here is imported by the engine itself.
 """
 
