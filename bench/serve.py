@@ -8,8 +8,9 @@
 - events: N step-sized events published from a non-loop thread (as the render worker
   does) through the service's hub to C connected WebSocket clients; events/s per
   client and messages/s in all, until every client has every event.
-- memory: RSS of a `threedis serve` subprocess after start-up (no render yet) and
-  after one tiny render (the tiny models loaded).
+- start-up and memory: a `threedis serve` subprocess's seconds from launch to its
+  first answer (the page: the engine still loading) and to its models being ready;
+  its RSS once ready (no render yet) and after one tiny render (the tiny models loaded).
 
 The WebSocket clients are threads of this same process (sharing its GIL with the
 service), so the fan-out numbers are a lower bound. Each row records the load
@@ -112,18 +113,24 @@ def bench_memory(port: int, root: Path) -> list[dict]:
                              "--out", str(root / "mem-out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
     url = f"http://127.0.0.1:{port}"
+    launched = time.monotonic()
+    answered = ready = None
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
-            deadline = time.monotonic() + 180
-            while True:
+            deadline = launched + 180
+            while ready is None:
                 try:
-                    if client.get("/api/v1/system").status_code == 200:
-                        break
+                    state = client.get("/api/v1/system").json()["state"]
+                    answered = answered or time.monotonic()
+                    if state == "ready":
+                        ready = time.monotonic()
+                    elif state == "failed":
+                        raise RuntimeError("the service could not load its models")
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the service did not start")
-                time.sleep(0.25)
+                time.sleep(0.05)
             time.sleep(2.0)  # let start-up garbage settle
             idle = psutil.Process(proc.pid).memory_info().rss
             depth_id = client.post("/api/v1/uploads", files={"file": ("d.png", png_bytes(), "image/png")},
@@ -136,7 +143,9 @@ def bench_memory(port: int, root: Path) -> list[dict]:
     finally:
         proc.terminate()
         proc.wait(30)
-    return [{"metric": "rss_idle_mb", "value": idle / 2**20},
+    return [{"metric": "startup_first_answer_s", "value": answered - launched},
+            {"metric": "startup_models_ready_s", "value": ready - launched},
+            {"metric": "rss_idle_mb", "value": idle / 2**20},
             {"metric": "rss_after_one_tiny_render_mb", "value": after / 2**20}]
 
 

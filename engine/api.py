@@ -424,6 +424,38 @@ class Engine:
         settings = self._depth_settings(stage1, made)
         return DepthResult(depth=made.depth, rgb=made.rgb, report=report, settings=settings)
 
+    def plan(self, width: int, height: int, num_instances: int, *, stage1: bool = False, sam: bool = False,
+             depth_from_photo: bool = False, stage1_size: tuple[int, int] = (512, 512), chunk: int = 200,
+             profile: str | os.PathLike | Profile | None = None) -> Any:
+        """The memory planner's prediction for a render on this engine's own models, before anything loads.
+
+        A local checkpoint (the tiny ones included) is priced from its own configs, so the plan
+        is what this engine would hold, not what the real FLUX.1-Depth-dev would. profile: a
+        built-in name, TOML file or Profile to price instead of the engine's (as `threedis plan
+        --profile`). Returns the planner's Plan (`.to_dict()` is `threedis plan --json`).
+        """
+        from threedis.engine.planner import STAGE2_MODELS, models_for
+        from threedis.engine.profiles import load_profile
+
+        keys = [k for k in models_for(stage1=stage1, sam2=sam, depth_estimator=depth_from_photo)
+                if k not in STAGE2_MODELS]
+        other = load_profile(profile) if isinstance(profile, (str, os.PathLike)) else profile
+        return self.models.plan(width, height, num_instances, chunk, extra=self._aux_configs(keys),
+                                stage1_size=tuple(stage1_size), profile=other)
+
+    def _aux_configs(self, keys: list[str]) -> dict[str, Any]:
+        """Config per auxiliary model: the one in its local folder, else the real model's (stage 1 unset too)."""
+        from threedis.engine.planner import AUX_FOLDERS, aux_configs
+
+        folders: dict[str, str | None] = {}
+        for key in keys:
+            kind = AUX_FOLDERS[key][0]
+            try:
+                folders[kind] = self.aux.spec(kind)
+            except UserError:  # no stage 1 set: priced as the authors' release
+                folders[kind] = None
+        return aux_configs(keys, folders)
+
     def loaded_models(self) -> list[str]:
         """The models in memory right now (profile keys), e.g. for a status display."""
         return sorted(key for key, info in self.models.placement().items() if info.get("on") is not None)
@@ -510,10 +542,10 @@ class Engine:
                                    permute_tokens=options.permute_tokens, preview=options.preview)
         with self._lock:
             # before anything of this render loads: VRAM on CUDA, host RAM on CPU (runtime.check_fits)
-            from threedis.engine.planner import AUX_FOLDERS, STAGE2_MODELS, aux_configs, models_for
+            from threedis.engine.planner import STAGE2_MODELS, models_for
 
             keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
-            extra = aux_configs(keys, {AUX_FOLDERS[k][0]: self.aux.spec(AUX_FOLDERS[k][0]) for k in keys})
+            extra = self._aux_configs(keys)
             self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
                                    stage1_size=stage1.size if stage1 is not None else (512, 512))
             prof = Profiler(device=self.device)

@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest upload in MiB (default 32)")
     p.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
                    help="largest upload in pixels (default 4096*4096)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="folder of .safetensors LoRAs that jobs may name (jobs never give paths)")
+    p.add_argument("--max-lora-mb", type=float, default=2048, help="largest LoRA upload in MiB (default 2048)")
 
     p = sub.add_parser("bench", help="run a benchmark (attention)",
                        description="Run a benchmark; `threedis bench attention --help` lists its options.")
@@ -689,13 +692,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from threedis.engine.serve.server import config_from_args, require_dependencies, serve
+    from threedis.engine.serve.server import main as serve_main  # checks first, then FastAPI; torch in the background
 
-    _parse_device(args)
     args.sam = sam_spec(args.sam)  # a bare --sam: the default model, as no --sam
-    require_dependencies()
-    serve(config_from_args(args), open_browser=args.open)
-    return 0
+    return serve_main(args)  # --device is read as the models load, in the background
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

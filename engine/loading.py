@@ -261,30 +261,45 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, local_files_only: bool = F
     return Path(folder)
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file cannot be complete (None if it looks whole), reading only its header.
+def safetensors_header(path: Path, max_header_bytes: int | None = None) -> dict[str, Any]:
+    """The JSON header of a .safetensors file, checked to be whole; ValueError says why it is not.
 
     A half-finished download keeps its header but lacks the tail; the header says how
     many data bytes follow, so truncation shows without reading the weights.
+    max_header_bytes: refuse a longer header before reading it (a file from a client).
     """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:  # PermissionError propagates: it is not a download problem
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"truncated: {size} bytes")
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            raise ValueError(f"truncated: {size} bytes, header alone needs {header_len + 8}")
+        if max_header_bytes is not None and header_len > max_header_bytes:
+            raise ValueError(f"its header claims {header_len} bytes, more than {max_header_bytes}")
+        raw = handle.read(header_len)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:  # PermissionError propagates: it is not a download problem
-            head = handle.read(8)
-            if len(head) < 8:
-                return f"truncated: {size} bytes"
-            header_len = int.from_bytes(head, "little")
-            if header_len > size - 8:
-                return f"truncated: {size} bytes, header alone needs {header_len + 8}"
-            header = json.loads(handle.read(header_len))
+        header = json.loads(raw)
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except PermissionError:
-        raise
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return "not a readable safetensors file"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError("not a readable safetensors file") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
-        return f"truncated: {size} of {expected} bytes"
+        raise ValueError(f"truncated: {size} of {expected} bytes")
+    return header
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete (None if it looks whole), reading only its header."""
+    try:
+        safetensors_header(path)
+    except PermissionError:
+        raise
+    except ValueError as err:
+        return str(err)
+    except OSError:
+        return "not a readable safetensors file"
     return None
 
 

@@ -445,12 +445,14 @@ class ModelManager:
     # -- memory plan ----------------------------------------------------------------------------
 
     def plan(self, width: int, height: int, num_instances: int, chunk: int = 200,
-             extra: Sequence[str] | Mapping[str, Any] = (), stage1_size: tuple[int, int] = (512, 512)) -> Any:
+             extra: Sequence[str] | Mapping[str, Any] = (), stage1_size: tuple[int, int] = (512, 512),
+             profile: Profile | None = None) -> Any:
         """The planner's per-stage prediction for this engine's checkpoint (its own configs) and profile.
 
         extra: auxiliary models this render also runs ("ldm3d_unet", "sam2", ...: see
         planner.models_for), priced from the real models' bundled configs, or a mapping
         key -> config (planner.aux_configs: the config inside a local model folder).
+        profile: price these models under another profile (default: the manager's own).
         """
         from threedis.engine.planner import DEFAULT_CONFIGS, measure_model, plan
 
@@ -464,7 +466,7 @@ class ModelManager:
         for key, config in models.items():  # meta-device counts, once per engine
             if key not in self._sizes:
                 self._sizes[key] = measure_model(key, config)
-        return plan(self.profile, width, height, num_instances, chunk, models, stage1_size=stage1_size,
+        return plan(profile or self.profile, width, height, num_instances, chunk, models, stage1_size=stage1_size,
                     sizes=self._sizes)
 
     def check_fits(self, width: int, height: int, num_instances: int, chunk: int = 200,

@@ -36,19 +36,23 @@ def png_bytes(size: tuple[int, int] = (64, 64), mode: str = "L") -> bytes:
 
 
 @contextlib.contextmanager
-def running_service(config: Any) -> Iterator[tuple[str, Any]]:
-    """(base URL, app) of the service for `config`, served by uvicorn in a thread until the block ends."""
+def running_service(config: Any, ready: bool = True, log_level: str = "warning",
+                    engine_factory: Callable[[], Any] | None = None) -> Iterator[tuple[str, Any]]:
+    """(base URL, app) of the service for `config`, served by uvicorn in a thread until the block ends.
+
+    ready: wait until the engine is built too (the page answers before that).
+    """
     import uvicorn
 
     from threedis.engine.serve.app import create_app
 
-    app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    app = create_app(config, engine_factory=engine_factory)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                            ws="auto", lifespan="on"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + START_S
-    while not server.started:
+    while not server.started or (ready and not app.state.jobs.holder.loaded.is_set()):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test service did not start")
         time.sleep(0.05)
@@ -60,14 +64,24 @@ def running_service(config: Any) -> Iterator[tuple[str, Any]]:
 
 
 class EventLog:
-    """Every message of one events WebSocket, collected by a reader thread."""
+    """Every message of one events WebSocket, collected by a reader thread.
 
-    def __init__(self, url: str, token: str | None, origin: str | None = None) -> None:
+    how: "header" (Authorization: Bearer), "message" (the token as the first message) or
+    "query" (?token=, which the service refuses).
+    """
+
+    def __init__(self, url: str, token: str | None, origin: str | None = None, how: str = "header",
+                 headers: dict | None = None) -> None:
         from websockets.sync.client import connect
 
-        query = f"?token={token}" if token else ""
+        query = f"?token={token}" if token and how == "query" else ""
+        extra = dict(headers or {})
+        if token and how == "header":
+            extra["Authorization"] = f"Bearer {token}"
         ws_url = url.replace("http://", "ws://") + f"/api/v1/events{query}"
-        self.ws = connect(ws_url, origin=origin, open_timeout=30)
+        self.ws = connect(ws_url, origin=origin, open_timeout=30, additional_headers=extra)
+        if token and how == "message":
+            self.ws.send(json.dumps({"type": "auth", "token": token}))
         self.events: list[dict] = []
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True)

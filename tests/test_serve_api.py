@@ -37,7 +37,7 @@ def _config(out: Path, **changes):
 def service(tmp_path_factory):
     """(base url, httpx client with the token, out folder, config, app) of one service for the module."""
     out = tmp_path_factory.mktemp("serve-out")
-    config = _config(out)
+    config = _config(out, lora_dir=tmp_path_factory.mktemp("serve-loras"), max_lora_bytes=200_000)
     with running_service(config) as (url, app):
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
             yield url, client, out, config, app
@@ -68,8 +68,18 @@ def _healthy(client) -> None:
 # ---------------------------------------------------------------------------- a render end to end
 
 
-def test_submit_events_done_and_image_metadata_holds_the_layout(service, depth_id):
-    url, client, out, _, _ = service
+def test_submit_events_done_and_image_metadata_holds_the_layout(service, depth_id, monkeypatch):
+    url, client, out, _, app = service
+    jobs, hub = app.state.jobs, app.state.hub
+    at_publish: dict[str, dict] = {}  # what GET /jobs/{id} says at the instant each final event goes out
+    publish = hub.publish
+
+    def publish_and_look(event):
+        if event["type"] in ("done", "failed"):
+            at_publish[event["type"]] = jobs.job(event["job"])
+        publish(event)
+
+    monkeypatch.setattr(hub, "publish", publish_and_look)
     events = EventLog(url, TOKEN)
     try:
         assert events.wait_for(lambda e: e["type"] == "snapshot")["type"] == "snapshot"
@@ -88,6 +98,10 @@ def test_submit_events_done_and_image_metadata_holds_the_layout(service, depth_i
         assert steps[0]["eta_s"] is None and steps[1]["eta_s"] >= 0 and steps[-1]["eta_s"] == 0
     finally:
         events.close()
+    # The worker stopped counting the job as running before it told anyone the job was done (once, it
+    # published first: a client quick enough saw status "done" with position 0).
+    assert at_publish["done"]["status"] == "done" and at_publish["done"]["position"] is None
+    assert at_publish["done"]["stage"] is None and jobs.running != job_id
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["status"] == "done" and job["error"] is None and job["position"] is None
     assert {"image.png", "depth.png", "layout.png", "report.json", "regions.png"} <= set(job["files"])
@@ -202,13 +216,159 @@ def test_depth_from_an_uploaded_photo_as_a_job_and_in_a_render(service):
     assert wrong_kind.status_code == 422 and "photo" in wrong_kind.json()["detail"]["message"]
 
 
-def test_a_failing_render_records_its_error_and_the_service_stays_up(service, depth_id, tmp_path):
+def test_a_photo_depth_job_needs_no_prompts(service):
     _, client, _, _, _ = service
-    missing = str(tmp_path / "no-such-lora.safetensors")
-    job_id = client.post("/api/v1/jobs", json=_job(depth_id, loras=[{"path": missing, "scale": 1.0}])).json()["id"]
+    photo = _upload(client, png_bytes((80, 48), "RGB"), kind="photo").json()["id"]
+    empty = {"prompt": "", "width": 32, "height": 48, "instances": [{"prompt": "", "box": [0.1, 0.1, 0.6, 0.6]}]}
+    answer = client.post("/api/v1/depth", json={"layout": empty, "options": {"depth": {"source": "photo",
+                                                                                     "upload": photo}}})
+    assert answer.status_code == 202, answer.text
+    job = wait_final(client, answer.json()["id"])
+    assert job["status"] == "done", job["error"]
+    with Image.open(io.BytesIO(client.get(job["files"]["depth.png"]).content)) as depth:
+        assert depth.size == (32, 48)
+    stage1 = client.post("/api/v1/depth", json={"layout": empty, "options": {"depth": {"source": "stage1"}}})
+    assert stage1.status_code == 422  # stage 1 draws from the prompts: they are needed there
+    assert {p["field"] for p in stage1.json()["detail"]["problems"]} == {"prompt", "instances[0].prompt"}
+    bad_size = client.post("/api/v1/depth", json={"layout": {**empty, "width": 33}, "options": {
+        "depth": {"source": "photo", "upload": photo}}})
+    assert bad_size.status_code == 422 and [p["field"] for p in bad_size.json()["detail"]["problems"]] == ["width"]
+
+
+def test_seeds_take_the_engines_whole_range(service, depth_id):
+    from threedis.engine.checks import SEED_MAX
+
+    _, client, _, _, _ = service
+    demo_seed = 11279306965410786290  # the authors' demo seed: above 2^63, within torch's 2^64
+    job = wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id, seed=demo_seed)).json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert job["options"]["seed"] == demo_seed
+    with Image.open(io.BytesIO(client.get(job["files"]["image.png"]).content)) as image:
+        assert json.loads(image.text["threedis"])["seed"] == demo_seed
+    ok = client.post("/api/v1/depth", json={"layout": layout_dict(), "options": {
+        "seed": SEED_MAX, "depth": {"source": "stage1", "stage1": {"steps": 1, "size": 64, "seed": SEED_MAX}}}})
+    assert ok.status_code == 202, ok.text
+    assert client.post(f"/api/v1/jobs/{ok.json()['id']}/cancel").status_code in (200, 409)
+    for seed, field in ((SEED_MAX + 1, "options.seed"), (-1, "options.seed"), (1.5, "options.seed"),
+                        (True, "options.seed")):
+        answer = client.post("/api/v1/jobs", json=_job(depth_id, seed=seed))
+        assert answer.status_code == 422, seed
+        problem = answer.json()["detail"]["problems"][0]
+        assert problem["field"] == field and "18446744073709551615" in problem["message"], problem
+    stage1 = {"source": "stage1", "stage1": {"seed": SEED_MAX + 1}}
+    answer = client.post("/api/v1/jobs", json={"layout": layout_dict(), "options": {"depth": stage1}})
+    assert answer.status_code == 422
+    assert answer.json()["detail"]["problems"][0]["field"] == "options.depth.stage1.seed"
+
+
+def test_the_job_list_pages_and_filters(service, depth_id):
+    _, client, _, _, _ = service
+    everything = client.get("/api/v1/jobs").json()
+    assert everything["total"] == len(everything["jobs"]) >= 3
+    first = client.get("/api/v1/jobs", params={"limit": 2}).json()
+    second = client.get("/api/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    assert [j["id"] for j in first["jobs"] + second["jobs"]] == [j["id"] for j in everything["jobs"][:4]]
+    done = client.get("/api/v1/jobs", params={"status": "done", "kind": "render"}).json()
+    assert done["total"] == sum(1 for j in everything["jobs"] if j["status"] == "done" and j["kind"] == "render")
+    assert all(j["status"] == "done" and j["kind"] == "render" for j in done["jobs"])
+    ended = client.get("/api/v1/jobs", params={"status": "failed,cancelled"}).json()
+    assert {j["status"] for j in ended["jobs"]} <= {"failed", "cancelled"}
+    for params, field in (({"status": "finished"}, "status"), ({"kind": "video"}, "kind")):
+        answer = client.get("/api/v1/jobs", params=params)
+        assert answer.status_code == 422 and answer.json()["detail"]["problems"][0]["field"] == field
+
+
+def _lora_bytes(service, good: bool) -> bytes:
+    """A diffusers-format LoRA for the tiny transformer (good) or one whose shapes fit no FLUX (not good)."""
+    from safetensors.torch import save as save_tensors
+    import torch
+
+    from test_api import write_lora
+
+    _, _, _, _, app = service
+    if not good:
+        return save_tensors({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 7),
+                             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(5, 4)})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_lora(Path(tmp) / "good.safetensors", app.state.jobs.engine.components.transformer, seed=1)
+        return (Path(tmp) / "good.safetensors").read_bytes()
+
+
+def test_a_failing_render_records_its_error_and_the_service_stays_up(service, depth_id):
+    _, client, _, config, _ = service
+    (config.lora_dir / "misfit.safetensors").write_bytes(_lora_bytes(service, good=False))
+    job_id = client.post("/api/v1/jobs", json=_job(depth_id, loras=[{"name": "misfit.safetensors"}])).json()["id"]
     job = wait_final(client, job_id)
     assert job["status"] == "failed" and job["error"] and "\n" not in job["error"]
+    assert "misfit.safetensors" in job["error"] and str(config.lora_dir) not in job["error"]  # its name, not its path
     assert wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id)).json()["id"])["status"] == "done"
+
+
+def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_id, tmp_path):
+    url, client, _, config, _ = service
+    good = _lora_bytes(service, good=True)
+    (config.lora_dir / "style.safetensors").write_bytes(good)
+    (config.lora_dir / "notes.txt").write_text("not a LoRA")
+    listed = client.get("/api/v1/loras").json()
+    assert {"name": "style.safetensors", "bytes": len(good)} in listed["named"]
+    assert "notes.txt" not in [item["name"] for item in listed["named"]]
+
+    uploaded = client.post("/api/v1/loras", files={"file": ("../../My Style!.safetensors", good)})
+    assert uploaded.status_code == 201, uploaded.text
+    upload = uploaded.json()
+    assert upload["name"] == "My Style_.safetensors" and upload["bytes"] == len(good)
+    assert upload in client.get("/api/v1/loras").json()["uploaded"]
+    from threedis.client import Client
+
+    file = tmp_path / "by-client.safetensors"
+    file.write_bytes(good)
+    python = Client(url, TOKEN)
+    by_client = python.upload_lora(file)
+    assert {"upload": by_client, "name": "by-client.safetensors", "bytes": len(good)} in python.loras()["uploaded"]
+    for data, status, words in ((b"PK\x03\x04 a zip, not safetensors", 422, "not a LoRA file"),
+                                (_lora_bytes(service, good=False)[:40], 422, "not a LoRA file"),
+                                (b"x" * (config.max_lora_bytes + 1), 413, "--max-lora-mb")):
+        refused = client.post("/api/v1/loras", files={"file": ("x.safetensors", data)})
+        assert refused.status_code == status and words in refused.json()["detail"]["message"], refused.text
+    from safetensors.torch import save as save_tensors
+    import torch
+
+    no_lora = client.post("/api/v1/loras", files={"file": ("x.safetensors", save_tensors({"w": torch.zeros(2)}))})
+    assert no_lora.status_code == 422 and "no LoRA weights" in no_lora.json()["detail"]["message"]
+
+    # A path is refused with the same words whether or not it exists: the answer says nothing of the machine.
+    answers = []
+    existing = tmp_path / "real.safetensors"
+    existing.write_bytes(good)
+    for path in (str(existing), str(tmp_path / "missing.safetensors"), "/etc/passwd"):
+        answer = client.post("/api/v1/jobs", json=_job(depth_id, loras=[{"path": path}]))
+        assert answer.status_code == 422
+        answers.append(answer.json()["detail"]["problems"])
+    assert answers[0] == answers[1] == answers[2] and answers[0][0]["field"] == "options.loras[0].path"
+    for name in ("../style.safetensors", "nope.safetensors", str(config.lora_dir / "style.safetensors")):
+        answer = client.post("/api/v1/jobs", json=_job(depth_id, loras=[{"name": name}]))
+        assert answer.status_code == 422 and answer.json()["detail"]["problems"][0]["field"] == "options.loras[0].name"
+
+    plain = wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id, seed=5)).json()["id"])
+    named = wait_final(client, client.post("/api/v1/jobs", json=_job(
+        depth_id, seed=5, loras=[{"name": "style.safetensors", "scale": 1.5}])).json()["id"])
+    by_upload = wait_final(client, client.post("/api/v1/jobs", json=_job(
+        depth_id, seed=5, loras=[{"upload": upload["upload"], "scale": 1.5}])).json()["id"])
+    images = {}
+    for job in (plain, named, by_upload):
+        assert job["status"] == "done", job["error"]
+        images[job["id"]] = client.get(job["files"]["image.png"]).content
+    with Image.open(io.BytesIO(images[plain["id"]])) as a, Image.open(io.BytesIO(images[named["id"]])) as b, \
+            Image.open(io.BytesIO(images[by_upload["id"]])) as c:
+        import numpy as np
+
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() > 0, "the LoRA changed nothing"
+        assert np.abs(np.asarray(b, np.int16) - np.asarray(c, np.int16)).max() <= 1  # the same file, two ways
+        again = wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id, seed=5)).json()["id"])
+        with Image.open(io.BytesIO(client.get(again["files"]["image.png"]).content)) as d:  # LoRAs unloaded again
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(d, np.int16)).max() <= 1
 
 
 def test_an_unexpected_exception_fails_the_job_not_the_service(service, depth_id, monkeypatch):
@@ -355,10 +515,10 @@ def test_token_host_and_origin_checks(service):
         assert client.get("/api/v1/system", headers={"Origin": url}).status_code == 200  # the page itself
         allowed = client.get("/api/v1/system", headers={"Origin": ALLOWED})
         assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED
-        page = plain.get("/")
-        assert page.status_code == 200
-        assert f'<meta name="threedis-token" content="{TOKEN}">' in page.text
-        assert '<meta name="threedis-tiny" content="1">' in page.text
+        assert plain.get("/").status_code == 401  # the page itself needs the token (test_serve_security.py)
+        page = plain.get("/", params={"token": TOKEN}, follow_redirects=True)
+        assert page.status_code == 200 and '<meta name="threedis-tiny" content="1">' in page.text
+        assert TOKEN not in page.text
         assert plain.get("/docs").status_code == 200 and "/api/v1/jobs" in plain.get("/openapi.json").text
         docs = plain.get("/docs").text  # the OpenAPI page works offline: its scripts are served locally
         assert "http://" not in docs and "https://" not in docs and "/docs-static/swagger-ui-bundle.js" in docs
@@ -367,7 +527,7 @@ def test_token_host_and_origin_checks(service):
         plain.close()
     from websockets.exceptions import InvalidStatus
 
-    for token, origin in ((None, None), ("wrong", None), (TOKEN, "http://evil.example")):
+    for token, origin in (("wrong", None), (TOKEN, "http://evil.example")):
         with pytest.raises((InvalidStatus, ConnectionError, OSError)):
             log = EventLog(url, token, origin=origin)
             log.wait_for(lambda e: e["type"] == "snapshot", timeout=10)
@@ -407,6 +567,11 @@ def test_restart_brings_back_queued_jobs_as_interrupted_and_keeps_files(tmp_path
         saved = client.download(finished, "image.png", tmp_path / "got" / "image.png")
         with Image.open(saved) as image:
             assert json.loads(image.text["threedis"])["layout"]["prompt"] == layout_dict()["prompt"]
+        saved_bytes = saved.read_bytes()
+        with pytest.raises(ClientError, match="exists; pass overwrite=True"):  # never overwritten by surprise
+            client.download(finished, "report.json", saved)
+        assert saved.read_bytes() == saved_bytes and list(saved.parent.iterdir()) == [saved]
+        assert client.download(finished, "image.png", saved, overwrite=True) == saved
         running = client.submit(layout_dict(), steps=LONG, depth=source)
         queued = [client.submit(layout_dict(), steps=1, depth=source, seed=i) for i in range(2)]
         events = EventLog(url, TOKEN)
@@ -448,7 +613,7 @@ def test_serve_command_without_the_extra_says_how_to_install(monkeypatch, capsys
 
 @pytest.mark.parametrize("argv, words", [
     (["--no-auth", "--host", "0.0.0.0"], "--no-auth with --host 0.0.0.0"),
-    (["--max-upload-mb", "0"], "--max-upload-mb must be positive"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a positive number"),
     (["--port", "70000"], "--port must be 1..65535"),
 ])
 def test_serve_command_refuses_bad_settings_in_one_line(argv, words, tmp_path, capsys):
@@ -470,23 +635,40 @@ def test_the_client_needs_only_the_standard_library():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_plan_gives_the_cli_planner_rows_and_takes_only_built_in_profiles(service, tmp_path, capsys):
+def test_plan_prices_the_models_the_service_loads_and_takes_only_built_in_profiles(service, tmp_path, capsys):
     from threedis.engine import cli
+    from threedis.engine.loading import SUBFOLDERS
+    from threedis.engine.planner import plan
+    from threedis.engine.profiles import load_profile
+    from threedis.engine.serve.engines import tiny_checkpoints
 
     _, client, _, _, _ = service
     layout = {**layout_dict(), "width": 1024, "height": 768}
     answer = client.post("/api/v1/plan", json={"layout": layout, "profile": "12gb", "stage1": True, "sam": True})
     assert answer.status_code == 200, answer.text
+    # The service runs the tiny checkpoints: priced from their own config files, as loaded.
+    paths = {name: Path(folder) for name, folder in tiny_checkpoints().items()}
+    models = {key: paths["model"] / sub for key, sub in SUBFOLDERS.items()}
+    models.update({f"ldm3d_{key}": paths["stage1"] / sub / "config.json"
+                   for key, sub in (("unet", "unet"), ("vae", "vae"), ("text", "text_encoder"))})
+    models["sam2"] = paths["sam"] / "config.json"
+    expected = plan(load_profile("12gb"), 1024, 768, 2, models=models).to_dict()
+    got = answer.json()
+    assert got["stages"] == expected["stages"] and got["profile"] == "12gb"
+    assert got["peak_host_bytes"] < 2 * 1024**3, got["peak_host_bytes"]  # the tiny models, not FLUX's 12B
     path = tmp_path / "layout.json"
     path.write_text(json.dumps(layout))
     assert cli.main(["plan", str(path), "--profile", "12gb", "--stage1", "--sam", "--json"]) == 0
-    expected = json.loads(capsys.readouterr().out)
-    assert answer.json()["stages"] == expected["stages"] and answer.json()["profile"] == "12gb"
+    real = json.loads(capsys.readouterr().out)  # what the real FLUX.1-Depth-dev would take
+    assert real["peak_host_bytes"] > 10 * got["peak_host_bytes"]
     toml = tmp_path / "mine.toml"
     toml.write_text('name = "mine"\n')
     refused = client.post("/api/v1/plan", json={"layout": layout, "profile": str(toml)})
     assert refused.status_code == 422 and refused.json()["detail"]["problems"][0]["field"] == "profile"
     assert client.post("/api/v1/plan", json={"layout": {**layout, "width": 1000}}).status_code == 422
+    empty = {**layout, "prompt": "", "instances": [{"prompt": "", "box": [0.1, 0.1, 0.5, 0.5]}]}
+    unwritten = client.post("/api/v1/plan", json={"layout": empty, "profile": "12gb"})  # a plan reads no prompt
+    assert unwritten.status_code == 200 and unwritten.json()["num_instances"] == 1
 
 
 def test_two_services_in_one_process_do_not_share_jobs_events_or_uploads(tmp_path):
@@ -510,3 +692,39 @@ def test_two_services_in_one_process_do_not_share_jobs_events_or_uploads(tmp_pat
             watch_b.close()
             a.close()
             b.close()
+
+
+def test_the_service_answers_while_the_models_load(tmp_path):
+    import threading
+
+    from threedis.engine.serve.engines import default_factory
+
+    config = _config(tmp_path / "out")
+    release = threading.Event()
+    build = default_factory(config)
+
+    def slow_build():
+        assert release.wait(120), "the test never let the engine load"
+        return build()
+
+    with running_service(config, ready=False, engine_factory=slow_build) as (url, app):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+            system = client.get("/api/v1/system").json()
+            assert system["state"] == "loading" and system["error"] is None and system["models_loaded"] == []
+            assert client.get("/", params={"token": TOKEN}, follow_redirects=True).status_code == 200
+            waiting = client.post("/api/v1/plan", json={"layout": layout_dict()})
+            assert waiting.status_code == 503 and "loading" in waiting.json()["detail"]["message"]
+            depth = client.post("/api/v1/uploads", files={"file": ("d.png", png_bytes(), "image/png")},
+                                data={"kind": "depth"}).json()["id"]
+            queued = client.post("/api/v1/jobs", json=_job(depth, size=32))  # jobs queue while it loads
+            assert queued.status_code == 202 and client.get(f"/api/v1/jobs/{queued.json()['id']}").json()[
+                "status"] == "queued"
+            events = EventLog(url, TOKEN)
+            try:
+                events.wait_for(lambda e: e["type"] == "snapshot")
+                release.set()
+                assert events.wait_for(lambda e: e["type"] == "system")["state"] == "ready"
+            finally:
+                events.close()
+            assert wait_final(client, queued.json()["id"])["status"] == "done"
+            assert client.get("/api/v1/system").json()["state"] == "ready"

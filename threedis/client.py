@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -93,8 +94,15 @@ class Client:
     def status(self, job_id: str) -> dict:
         return self._request("GET", f"/jobs/{job_id}")
 
-    def jobs(self) -> list[dict]:
-        return self._request("GET", "/jobs")["jobs"]
+    def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 500, offset: int = 0) -> list[dict]:
+        """Jobs, newest first; status / kind filter them ("done", "failed,cancelled"; "render" | "depth")."""
+        query = {"limit": limit, "offset": offset, **({"status": status} if status else {}),
+                 **({"kind": kind} if kind else {})}
+        return self._request("GET", "/jobs?" + urllib.parse.urlencode(query))["jobs"]
+
+    def loras(self) -> dict:
+        """The LoRAs jobs may use: {"named": [...] from the service's --lora-dir, "uploaded": [...]}."""
+        return self._request("GET", "/loras")
 
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"/jobs/{job_id}/cancel")
@@ -129,31 +137,58 @@ class Client:
                 raise ClientError(f"job {job_id} is still {job['status']} after {timeout} s")
             time.sleep(poll_s)
 
-    def download(self, job_id: str, name: str = "image.png", path: str | os.PathLike | None = None) -> Path:
-        """Save one output file of the job (image.png keeps its PNG metadata); returns the path written."""
+    def download(self, job_id: str, name: str = "image.png", path: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> Path:
+        """Save one output file of the job (image.png keeps its PNG metadata); returns the path written.
+
+        An existing file is kept (ClientError) unless overwrite=True; the file appears whole or not at all.
+        """
+        target = Path(path) if path is not None else Path(name)
+        if target.exists() and not overwrite:
+            raise ClientError(f"{target} exists; pass overwrite=True or another path")
         data = self._request("GET", f"/jobs/{job_id}/files/{name}")
         if not isinstance(data, bytes):
             data = json.dumps(data, indent=2).encode("utf-8")
-        target = Path(path) if path is not None else Path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            tmp.write_bytes(data)
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                try:
+                    os.link(tmp, target)  # fails if the file appeared meanwhile: never overwritten by surprise
+                except FileExistsError:
+                    raise ClientError(f"{target} exists; pass overwrite=True or another path") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return target
 
     def upload(self, path: str | os.PathLike, kind: str) -> str:
         """Upload an image file as a depth map, photo or mask ('depth' | 'photo' | 'mask'); returns its id."""
         file = Path(path)
-        boundary = secrets.token_hex(16)
         mime = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="kind"\r\n\r\n{kind}\r\n'.encode(),
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload"\r\n'
-            f"Content-Type: {mime}\r\n\r\n".encode(),
-            file.read_bytes(),
-            f"\r\n--{boundary}--\r\n".encode(),
-        ]
-        answer = self._request("POST", "/uploads", data=b"".join(parts),
-                               content_type=f"multipart/form-data; boundary={boundary}")
-        return answer["id"]
+        return self._post_file("/uploads", file, "upload", mime, {"kind": kind})["id"]
+
+    def upload_lora(self, path: str | os.PathLike) -> str:
+        """Upload a .safetensors LoRA; returns its id, for loras=[{"upload": id, "scale": 0.8}]."""
+        file = Path(path)
+        return self._post_file("/loras", file, _form_name(file.name), "application/octet-stream")["upload"]
+
+    def _post_file(self, path: str, file: Path, filename: str, mime: str, fields: dict | None = None) -> Any:
+        """POST a multipart form: the text `fields`, then `file` as the field "file"."""
+        boundary = secrets.token_hex(16)
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                 for name, value in (fields or {}).items()]
+        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                  f"Content-Type: {mime}\r\n\r\n".encode(), file.read_bytes(), f"\r\n--{boundary}--\r\n".encode()]
+        return self._request("POST", path, data=b"".join(parts),
+                             content_type=f"multipart/form-data; boundary={boundary}")
+
+
+def _form_name(name: str) -> str:
+    """A file name safe inside a multipart header (the service only shows it as a label)."""
+    return "".join(c if c.isprintable() and c not in '"\\\r\n' else "_" for c in name)[:100] or "lora.safetensors"
 
 
 def _layout_dict(layout: Any) -> dict:

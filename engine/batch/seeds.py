@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from threedis import UserError
+from threedis.engine.checks import check_seed
+from threedis.engine.errors import UserError
 
 MAX_SEEDS_PER_JOB = 100_000  # a typo such as "0-99999999" should be an error, not a frozen terminal
 
 
 def _whole_seed(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UserError(f"{where}: a seed must be a whole number >= 0, got {value!r}")
-    return value
+    """One seed in the engine's range (checks.check_seed: 0..2^64-1, as render takes it)."""
+    return check_seed(value, f"{where}: seed")
 
 
 def parse_seeds(value: Any, where: str = "seeds") -> tuple[int, ...]:
@@ -24,6 +24,7 @@ def parse_seeds(value: Any, where: str = "seeds") -> tuple[int, ...]:
             if not first.isdigit() or (dash and not last.isdigit()):
                 raise UserError(f"{where}: cannot read {value!r}; write seeds like 7, 0-3 or 0,2,5-7")
             lo, hi = int(first), int(last) if dash else int(first)
+            check_seed(hi, f"{where}: seed")
             if hi < lo:
                 raise UserError(f"{where}: range {part!r} runs backwards; write {hi}-{lo}")
             if hi - lo >= MAX_SEEDS_PER_JOB:

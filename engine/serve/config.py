@@ -15,7 +15,8 @@ class ServeConfig:
 
     token: the bearer token every API call must carry (None: --no-auth).
     model None: the tiny built-in checkpoints (as `threedis demo`), said so on the page.
-    preview_every: a preview image is sent every this many denoising steps (0: never).
+    lora_dir: the folder whose LoRA files jobs may name (None: uploaded LoRAs only).
+    preview_every: a preview image is sent every this many denoising steps (0: about 8 per render).
     """
 
     out: Path
@@ -32,6 +33,8 @@ class ServeConfig:
     allow_origins: tuple[str, ...] = ()
     max_upload_bytes: int = 32 * MB
     max_upload_pixels: int = 4096 * 4096
+    max_lora_bytes: int = 2048 * MB
+    lora_dir: Path | None = None
     max_json_bytes: int = 1 * MB
     max_queue: int = 1000
     preview_every: int = 0  # 0: about 8 previews per render
@@ -52,7 +55,13 @@ class ServeConfig:
     def uploads_dir(self) -> Path:
         return Path(self.out) / "uploads"
 
+    @property
+    def loras_dir(self) -> Path:
+        """Where uploaded LoRAs are kept (the --lora-dir folder is only read)."""
+        return Path(self.out) / "loras"
+
     def limits(self) -> dict:
         """What clients may send, for /system (so an editor can check before uploading)."""
         return {"max_upload_bytes": self.max_upload_bytes, "max_upload_pixels": self.max_upload_pixels,
-                "max_json_bytes": self.max_json_bytes, "max_queue": self.max_queue}
+                "max_lora_bytes": self.max_lora_bytes, "max_json_bytes": self.max_json_bytes,
+                "max_queue": self.max_queue}

@@ -1,24 +1,35 @@
-"""Which Engine the service runs: the user's model, or the tiny built-in checkpoints as `threedis demo`.
+"""Which Engine the service runs (the user's model, or the tiny built-in checkpoints as `threedis demo`),
+built in the background so the page answers at once, and the LoRAs the last job asked for.
 
-The engine is built once at start-up (it checks the checkpoint; models load at the
-first render). A job asking for a different set of LoRAs gets a fresh engine, since
-a LoRA cannot be taken out of a loaded transformer; the previous one is dropped.
+Building the engine imports torch and diffusers and checks the checkpoint (seconds to
+tens of seconds); the render worker does it before its first job, while the service
+already serves the page, which shows "loading models" until `state` is "ready". A
+build that fails leaves `state` "failed" with its one-line error. Nothing here is
+imported before the build: the service starts without torch.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from threedis import Engine
+from threedis.engine.errors import UserError
 from threedis.engine.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from threedis import Engine
+
+log = logging.getLogger("threedis.serve")
+LOADING, READY, FAILED = "loading", "ready", "failed"
 
 
 def tiny_checkpoints() -> dict[str, str]:
     """Paths of the tiny random-weight checkpoints (written once to the cache). The one import site of them."""
-    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
     from threedis.engine.tiny import tiny_flux_path
     from threedis.engine.tiny.depth import tiny_depth_anything_path
+    from threedis.engine.tiny.ldm3d import tiny_ldm3d_path
     from threedis.engine.tiny.sam2 import tiny_sam2_path
 
     return {"model": str(tiny_flux_path()), "stage1": str(tiny_ldm3d_path()), "sam": str(tiny_sam2_path()),
@@ -37,38 +48,58 @@ def engine_arguments(config: ServeConfig) -> dict[str, Any]:
             "local_files_only": config.local_files_only}
 
 
-def default_factory(config: ServeConfig) -> Callable[[], Engine]:
-    arguments = engine_arguments(config)
-    return lambda: Engine.from_pretrained(**arguments)
+def default_factory(config: ServeConfig) -> Callable[[], "Engine"]:
+    def build() -> "Engine":
+        from threedis import Engine
+
+        return Engine.from_pretrained(**engine_arguments(config))
+
+    return build
 
 
 class EngineHolder:
-    """The service's one Engine, with the LoRAs the last job asked for."""
+    """The service's one Engine once built, what /system says about it, and its current LoRAs."""
 
-    def __init__(self, factory: Callable[[], Engine]) -> None:
+    def __init__(self, factory: Callable[[], "Engine"], config: ServeConfig) -> None:
         self._factory = factory
         self.engine: Engine | None = None
-        self.about: dict[str, str] = {}
-        self._build()
+        self.state = LOADING
+        self.error: str | None = None
+        self.about: dict[str, Any] = {"device": config.device or "auto", "profile": config.profile,
+                                      "profile_reason": "the models are loading", "backend": None,
+                                      "backend_reason": None, "model": config.model or "tiny built-in checkpoints"}
         self._loras: list[tuple[str, float]] = []
+        self.loaded = threading.Event()  # set when state leaves "loading"
 
-    def _build(self) -> None:
-        self.engine = self._factory()
+    def load(self) -> bool:
+        """Build the engine (in the worker thread); False, with `error` set, when it cannot be built."""
+        try:
+            engine = self._factory()
+        except UserError as err:
+            self.error = " ".join(str(err).split())
+        except Exception as exc:  # a bug or a broken install: the log has the traceback, the page one line
+            log.exception("the engine could not be built")
+            first = (str(exc).splitlines() or [""])[0][:200]
+            self.error = f"internal error ({type(exc).__name__}: {first}); see the service log"
+        else:
+            self.engine = engine
+            self.about = {"device": str(engine.device), "profile": engine.profile.name,
+                          "profile_reason": engine.profile.origin or "built-in", "backend": engine.backend,
+                          "backend_reason": engine.backend_reason, "model": engine.model_id}
+        self.state = READY if self.engine is not None else FAILED
+        self.loaded.set()
+        return self.engine is not None
+
+    def with_loras(self, loras: list[tuple[Path, float]]) -> "Engine":
+        """The engine with exactly these LoRAs (file, scale): the previous set is unloaded first."""
         engine = self.engine
-        # what /system shows, kept so it can answer while a LoRA change rebuilds the engine
-        self.about = {"device": str(engine.device), "profile": engine.profile.name,
-                      "profile_reason": engine.profile.origin or "built-in", "backend": engine.backend,
-                      "backend_reason": engine.backend_reason, "model": engine.model_id}
-
-    def with_loras(self, loras: list[dict]) -> Engine:
-        """The engine with exactly these LoRAs (a new engine when they differ from the loaded ones)."""
-        wanted = [(str(Path(item["path"]).expanduser().resolve()), float(item["scale"])) for item in loras]
+        if engine is None:
+            raise UserError(f"the models did not load: {self.error or 'still loading'}")
+        wanted = [(str(path), float(scale)) for path, scale in loras]
         if wanted != self._loras:
-            if self._loras:
-                self.engine = None  # free the old models before the new engine loads its own
-                self._build()
+            engine.unload_loras()
             self._loras = []
             for path, scale in wanted:
-                self.engine.load_lora(path, scale=scale)
+                engine.load_lora(path, scale=scale)
                 self._loras.append((path, scale))
-        return self.engine
+        return engine

@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     height INTEGER NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS loras (
+    id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 
@@ -85,10 +91,19 @@ class History:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _decode(row) if row is not None else None
 
-    def jobs(self, limit: int = 500) -> list[dict]:
+    def jobs(self, limit: int = 500, offset: int = 0, statuses: tuple[str, ...] = (),
+             kinds: tuple[str, ...] = ()) -> list[dict]:
+        """Newest first; `statuses` / `kinds` keep only those (empty: all)."""
+        where, params = _filters(statuses, kinds)
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs{where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                    (*params, limit, offset)).fetchall()
         return [_decode(row) for row in rows]
+
+    def count(self, statuses: tuple[str, ...] = (), kinds: tuple[str, ...] = ()) -> int:
+        where, params = _filters(statuses, kinds)
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM jobs{where}", params).fetchone()[0])
 
     def interrupt_live(self) -> list[str]:
         """At start-up: jobs left queued or running by a stopped service become 'interrupted'."""
@@ -110,6 +125,32 @@ class History:
         with self._lock:
             row = self._db.execute("SELECT * FROM uploads WHERE id = ?", (upload_id,)).fetchone()
         return dict(row) if row is not None else None
+
+    # -- uploaded LoRAs -----------------------------------------------------------
+
+    def add_lora(self, lora_id: str, label: str, size: int, created: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO loras (id, label, bytes, created) VALUES (?, ?, ?, ?)",
+                             (lora_id, label, size, created))
+
+    def lora(self, lora_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM loras WHERE id = ?", (lora_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def loras(self) -> list[dict]:
+        with self._lock:
+            return [dict(row) for row in self._db.execute("SELECT * FROM loras ORDER BY created DESC")]
+
+
+def _filters(statuses: tuple[str, ...], kinds: tuple[str, ...]) -> tuple[str, tuple]:
+    """A WHERE clause (placeholders only) for the job filters."""
+    parts, params = [], []
+    for column, values in (("status", statuses), ("kind", kinds)):
+        if values:
+            parts.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params.extend(values)
+    return (" WHERE " + " AND ".join(parts) if parts else ""), tuple(params)
 
 
 def _decode(row: sqlite3.Row) -> dict:

@@ -1,12 +1,13 @@
 """The FIFO job queue and its one render worker thread.
 
 A GPU renders one thing at a time, so jobs wait in a deque and one thread takes
-them in order. Every state change is written to the history first and then
-published as an event, so a client that reads /jobs after an event sees at least
-that state. Cancelling a queued job removes it at once; a running one gets its
-engine cancel event set and stops at the next step. Nothing a job does can stop
-the worker: user mistakes become the job's error line, anything else a short
-error plus a traceback in the service's log.
+them in order. The worker first builds the engine (the page answers meanwhile and
+jobs queue up). Every state change is written to the history, and the worker's own
+view (which job runs) updated, before it is published as an event, so a client that
+reads /jobs after an event sees at least that state. Cancelling a queued job removes
+it at once; a running one gets its engine cancel event set and stops at the next
+step. Nothing a job does can stop the worker: user mistakes become the job's error
+line, anything else a short error plus a traceback in the service's log.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from threedis import Engine, RenderCancelled, RenderOptions, Stage1Options, UserError
+from threedis.engine.errors import UserError
 from threedis.engine.serve.config import ServeConfig
-from threedis.engine.serve.depth import make_depth
-from threedis.engine.serve.engines import EngineHolder
+from threedis.engine.serve.engines import FAILED, EngineHolder
 from threedis.engine.serve.events import EventHub
 from threedis.engine.serve.history import FINAL, History
-from threedis.engine.serve.requests import Defaults, check_request, resolve_layout
+from threedis.engine.serve.loras import LoraStore
+from threedis.engine.serve.requests import Defaults, check_request, layout_shape, resolve_layout
 from threedis.engine.serve.uploads import UploadStore
+
+if TYPE_CHECKING:
+    from threedis import Engine, Stage1Options
 
 log = logging.getLogger("threedis.serve")
 
@@ -79,10 +83,12 @@ class JobManager:
     """Queue, worker and job views. Thread-safe; the event loop only ever calls the quick methods."""
 
     def __init__(self, config: ServeConfig, history: History, uploads: UploadStore, hub: EventHub,
-                 engine_factory: Callable[[], Engine], defaults: Defaults) -> None:
+                 engine_factory: Callable[[], "Engine"], defaults: Defaults, loras: LoraStore,
+                 on_loaded: Callable[[EngineHolder], None] | None = None) -> None:
         self.config, self.history, self.uploads, self.hub, self.defaults = config, history, uploads, hub, defaults
+        self.loras, self.on_loaded = loras, on_loaded
         self.interrupted = history.interrupt_live()  # what a stopped service left behind
-        self.holder = EngineHolder(engine_factory)
+        self.holder = EngineHolder(engine_factory, config)
         self._lock = threading.Condition()
         self._queue: deque[str] = deque()
         self._live: dict[str, LiveJob] = {}
@@ -91,7 +97,7 @@ class JobManager:
         self._thread = threading.Thread(target=self._work, name="threedis-render-worker", daemon=True)
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> "Engine | None":
         return self.holder.engine
 
     # -- lifetime -------------------------------------------------------------
@@ -112,10 +118,13 @@ class JobManager:
     # -- submitting and cancelling -------------------------------------------
 
     def submit(self, kind: str, body: Any, resubmitted_from: str | None = None) -> dict:
-        layout, options = check_request(body, kind, self.defaults, self.uploads, self._is_depth_job)
+        layout, options = check_request(body, kind, self.defaults, self.uploads, self._is_depth_job,
+                                        self.loras.problems)
         with self._lock:
             if self._stopping:
                 raise JobError("the service is shutting down", status=503)
+            if self.holder.state == FAILED:
+                raise JobError(f"the models did not load: {self.holder.error}", status=503)
             if len(self._queue) >= self.config.max_queue:
                 raise JobError(f"the queue is full ({self.config.max_queue} jobs); wait or cancel some", status=429)
             job_id = new_job_id()
@@ -178,8 +187,9 @@ class JobManager:
         job_id = record["id"]
         live = self._live.get(job_id)
         files = {name: f"{API}/jobs/{job_id}/files/{name}" for name in (record["files"] or {})}
+        position = None if record["status"] in FINAL else self.position(job_id)
         return {
-            "id": job_id, "kind": record["kind"], "status": record["status"], "position": self.position(job_id),
+            "id": job_id, "kind": record["kind"], "status": record["status"], "position": position,
             "stage": live.stage if live else None, "step": live.step if live else None,
             "total": live.total if live else None, "eta_s": live.eta_s if live else None,
             "error": record["error"], "warnings": record["warnings"] or [], "created": record["created"],
@@ -201,8 +211,12 @@ class JobManager:
     def job(self, job_id: str) -> dict:
         return self.view(self._record(job_id))
 
-    def jobs(self, limit: int = 500) -> list[dict]:
-        return [self.view(record, report=False) for record in self.history.jobs(limit)]
+    def jobs(self, limit: int = 500, offset: int = 0, statuses: tuple[str, ...] = (),
+             kinds: tuple[str, ...] = ()) -> dict:
+        """GET /jobs: a page of jobs, newest first, and how many match the filters in all."""
+        records = self.history.jobs(limit, offset, statuses, kinds)
+        return {"jobs": [self.view(record, report=False) for record in records],
+                "total": self.history.count(statuses, kinds), "offset": offset, "limit": limit}
 
     def snapshot(self) -> list[dict]:
         """Every live job (running first, then the queue in order), for a client that connects now."""
@@ -223,8 +237,8 @@ class JobManager:
         """The path of one of the job's own output files (names from its list only), else JobError 404."""
         record = self._record(job_id)
         if name not in (record["files"] or {}):
-            raise JobError(f"job {job_id} has no file {name[:60]!r}; its files are listed in GET /jobs/{job_id}",
-                           status=404)
+            raise JobError(f"job {job_id} has no file {name[:60]!r}; its files are listed in "
+                           f"GET {API}/jobs/{job_id}", status=404)
         folder = (self.config.jobs_dir / job_id).resolve()
         path = (folder / record["files"][name]).resolve()
         if path.parent != folder or not path.is_file():
@@ -240,6 +254,10 @@ class JobManager:
         self.hub.publish({"type": event, "job": job_id, "status": status, "position": position, **extra})
 
     def _work(self) -> None:
+        loaded = self.holder.load()  # the page already answers; jobs queue meanwhile
+        self.hub.publish({"type": "system", "state": self.holder.state, "error": self.holder.error})
+        if self.on_loaded is not None:
+            self.on_loaded(self.holder)
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
@@ -250,14 +268,21 @@ class JobManager:
                 self._running = job_id
                 job = self._live[job_id]
             try:
-                self._run(job)
+                if loaded:
+                    self._run(job)
+                else:
+                    self._end(job, "failed", error=f"the models did not load: {self.holder.error}")
             finally:
-                with self._lock:
-                    self._running = None
+                with self._lock:  # _end did this already, unless something escaped it
+                    if self._running == job_id:
+                        self._running = None
                     self._live.pop(job_id, None)
-                _give_back_memory()
+                if loaded:
+                    _give_back_memory()
 
     def _run(self, job: LiveJob) -> None:
+        from threedis.engine.denoise import RenderCancelled
+
         self.history.update_job(job.id, status="running", started=time.time())
         self._publish("started", job.id, kind=job.kind, queue=self.queue())
         self._set_stage(job, "prepare", 0)
@@ -266,24 +291,34 @@ class JobManager:
         except RenderCancelled:
             status = "interrupted" if self._stopping else "cancelled"
             error = "the service stopped during this job; resubmit it" if self._stopping else "cancelled while running"
-            self.history.update_job(job.id, status=status, finished=time.time(), error=error)
-            self._publish(status, job.id, error=error)
+            self._end(job, status, error=error)
             return
         except UserError as err:
-            self._fail(job, " ".join(str(err).split()))
+            self._end(job, "failed", error=" ".join(str(err).split()))
             return
         except Exception as exc:  # a bug or a broken model: the service stays up, the log has the traceback
             log.exception("job %s failed", job.id)
             first = (str(exc).splitlines() or [""])[0][:200]
-            self._fail(job, f"internal error ({type(exc).__name__}: {first}); see the service log")
+            self._end(job, "failed", error=f"internal error ({type(exc).__name__}: {first}); see the service log")
             return
-        self.history.update_job(job.id, status="done", finished=time.time(), files=files, warnings=warnings)
         urls = {name: f"{API}/jobs/{job.id}/files/{name}" for name in files}
-        self._publish("done", job.id, files=urls, warnings=warnings)
+        self._end(job, "done", event={"files": urls, "warnings": warnings}, files=files, warnings=warnings)
 
-    def _fail(self, job: LiveJob, message: str) -> None:
-        self.history.update_job(job.id, status="failed", finished=time.time(), error=message)
-        self._publish("failed", job.id, error=message)
+    def _end(self, job: LiveJob, status: str, event: dict | None = None, **record: Any) -> None:
+        """Record the job's final state and stop counting it as running, then tell every client.
+
+        In that order: a client that asks GET /jobs/{id} the moment the event arrives must find
+        the job finished with no queue position (not still "running", position 0).
+        """
+        with self._lock:
+            self.history.update_job(job.id, status=status, finished=time.time(), **record)
+            if self._running == job.id:
+                self._running = None
+            self._live.pop(job.id, None)
+        extra = dict(event or {})
+        if "error" in record:
+            extra["error"] = record["error"]
+        self._publish(status, job.id, **extra)
 
     def _set_stage(self, job: LiveJob, stage: str, total: int) -> None:
         job.stage, job.step, job.total, job.eta_s, job.stage_t0 = stage, 0, total, None, time.perf_counter()
@@ -304,13 +339,14 @@ class JobManager:
         self._publish("step", job.id, stage=stage, step=step, total=total, eta_s=job.eta_s, **extra)
 
     def _render(self, job: LiveJob) -> tuple[dict, list]:
+        from threedis.engine.options import RenderOptions
         from threedis.kernels.rule import Schedule
 
         options = job.options
         layout = resolve_layout(job.layout, self.uploads)
         depth_args = self._depth_source(options["depth"])
         schedule = options["schedule"]
-        engine = self.holder.with_loras(options["loras"])
+        engine = self._engine_with_loras(options["loras"])
         result = engine.render(
             layout, seed=options["seed"], steps=options["steps"], guidance=float(options["guidance"]),
             schedule=Schedule(steps=options["steps"], **schedule) if schedule else None, sam=options["sam"],
@@ -323,14 +359,31 @@ class JobManager:
         paths = result.save(self.config.jobs_dir / job.id, pictures=True)
         return {path.name: path.name for path in paths.values()}, list(result.settings.get("warnings", []))
 
+    def _engine_with_loras(self, loras: list[dict]) -> "Engine":
+        """The engine with the job's LoRAs; a LoRA's error names it as the client did, not by its path."""
+        resolved = [self.loras.resolve(item) for item in loras]
+        try:
+            return self.holder.with_loras([(path, item["scale"]) for (path, _), item in zip(resolved, loras)])
+        except UserError as err:
+            message = str(err)
+            for path, label in resolved:
+                message = message.replace(str(path), label)
+            raise UserError(message) from None
+
     def _depth(self, job: LiveJob) -> tuple[dict, list]:
+        from threedis.engine.serve.depth import photo_depth, stage1_depth
+
         options = job.options
-        layout = resolve_layout(job.layout, self.uploads)
         source = options["depth"]
-        photo = self.uploads.get(source["upload"], "photo").path if source["source"] == "photo" else None
-        stage1 = _stage1_options(source["stage1"]) if source["source"] == "stage1" else None
-        paths = make_depth(self.holder.engine, layout, self.config.jobs_dir / job.id, options["seed"], stage1, photo,
-                           lambda step, total: self._progress(job, "stage1", step, total), job.cancel)
+        folder = self.config.jobs_dir / job.id
+        if source["source"] == "photo":
+            width, height, _ = layout_shape(job.layout, self.uploads)
+            photo = self.uploads.get(source["upload"], "photo").path
+            paths = photo_depth(self.holder.engine, photo, (width, height), job.layout, folder)
+        else:
+            layout = resolve_layout(job.layout, self.uploads)
+            paths = stage1_depth(self.holder.engine, layout, folder, options["seed"], _stage1_options(source["stage1"]),
+                                 lambda step, total: self._progress(job, "stage1", step, total), job.cancel)
         return {name: path.name for name, path in paths.items()}, []
 
     def _depth_source(self, depth: dict) -> dict:
@@ -359,7 +412,9 @@ def _give_back_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _stage1_options(values: dict) -> Stage1Options:
+def _stage1_options(values: dict) -> "Stage1Options":
+    from threedis.engine.stages import Stage1Options
+
     return Stage1Options(steps=values["steps"], size=tuple(values["size"]), seed=values["seed"],
                          migc_steps=values["migc_steps"], guidance=values["guidance"],
                          refine_steps=values.get("refine_steps"))

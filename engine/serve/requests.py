@@ -9,19 +9,19 @@ server-side mask paths is rebuilt from those when the job runs.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from threedis import Layout, LayoutError, UserError
 from threedis.engine import tiny_rules
-from threedis.engine.checks import check_lora_scale
+from threedis.engine.checks import MAX_STEPS, check_lora_scale, check_seed
+from threedis.engine.errors import UserError
+from threedis.engine.layout import Layout, LayoutError
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
 SCHEDULE_KEYS = ("hard", "i2i", "i2t", "t2i", "t2t")
-MAX_STEPS = 1000
-MAX_SEED = 2**63 - 1
 I2I_DEFAULT = 4  # the authors' demos: image->image restriction for the first 4 steps
 
 
@@ -77,6 +77,20 @@ def defaults_for(model: str | None, stage1: str | None) -> Defaults:
                     stage1_migc_steps=pick.stage1_migc_steps, stage1_size=pick.stage1_size)
 
 
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON; RequestError 422 for text that is not JSON, NaN/Infinity, or a nesting bomb."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number; send a finite number")
+
+    try:
+        return json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        message = "the JSON is nested too deeply to read; a job is an object {layout, options} a few levels deep"
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        message = f"the body is not valid JSON: {str(err).splitlines()[0][:200]}"
+    raise RequestError(message, [{"field": "", "message": message}])
+
+
 def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -122,6 +136,28 @@ def resolve_layout(data: Any, uploads: UploadStore) -> Layout:
     return layout
 
 
+def _empty_prompt(problem: dict) -> bool:
+    field_name = problem["field"]
+    prompt_field = field_name == "prompt" or (field_name.startswith("instances[") and field_name.endswith("].prompt"))
+    return prompt_field and problem["message"].startswith("is empty")
+
+
+def layout_shape(data: Any, uploads: UploadStore) -> tuple[int, int, int]:
+    """(width, height, number of instances) of a layout whose prompts may still be empty.
+
+    What a photo's depth map and a memory plan need: neither reads a prompt, so an editor
+    can ask for them before the prompts are written. Every other problem is refused.
+    """
+    try:
+        layout = resolve_layout(data, uploads)
+    except RequestError as err:
+        kept = [p for p in err.problems if not _empty_prompt(p)]
+        if kept:
+            _Problems(kept).raise_any("invalid layout")
+        return data["width"], data["height"], len(data.get("instances") or [])
+    return layout.width, layout.height, len(layout.instances)
+
+
 def _check_schedule(value: Any, steps: int, problems: _Problems) -> dict | None:
     if value is None:
         return None
@@ -139,6 +175,14 @@ def _check_schedule(value: Any, steps: int, problems: _Problems) -> dict | None:
                                                     f"(options.steps), got {given!r:.40}")
         out[key] = given
     return out
+
+
+def _check_seed(value: Any, name: str, problems: _Problems) -> None:
+    """The engine's own seed check (0..2^64-1, as `threedis render` takes), as a problem of field `name`."""
+    try:
+        check_seed(value, name)
+    except UserError as err:
+        problems.add(name, str(err).removeprefix(f"{name} ").removeprefix("= "))
 
 
 def _check_stage1(value: Any, defaults: Defaults, problems: _Problems) -> dict:
@@ -165,8 +209,8 @@ def _check_stage1(value: Any, defaults: Defaults, problems: _Problems) -> dict:
     if out["refine_steps"] is not None and not _whole(out["refine_steps"], 0, MAX_STEPS):
         problems.add("options.depth.stage1.refine_steps",
                      f"must be null (every step) or a whole number from 0 (off) to {MAX_STEPS}")
-    if out["seed"] is not None and not _whole(out["seed"], 0, MAX_SEED):
-        problems.add("options.depth.stage1.seed", "must be null or a whole number >= 0")
+    if out["seed"] is not None:
+        _check_seed(out["seed"], "options.depth.stage1.seed", problems)
     if not _number(out["guidance"], 0, 100):
         problems.add("options.depth.stage1.guidance", "must be a number from 0 to 100")
     try:
@@ -201,29 +245,51 @@ def _check_depth(value: Any, kind: str, defaults: Defaults, uploads: UploadStore
 
 
 def _check_loras(value: Any, problems: _Problems) -> list[dict]:
+    """[{name | upload, scale}]: a LoRA of the service's --lora-dir by file name, or an uploaded one by id.
+
+    Only the form is checked here; whether the name or upload exists is the LoRA store's
+    answer (LoraStore.check). A path is refused: the service reads no client-given paths,
+    and telling which paths exist would already say too much about the machine.
+    """
     if value is None:
         return []
     if not isinstance(value, list):
-        problems.add("options.loras", "must be a list of {path, scale}")
+        problems.add("options.loras", "must be a list of {name, scale} or {upload, scale}")
         return []
     out = []
     for i, item in enumerate(value):
         name = f"options.loras[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
-            problems.add(f"{name}.path", "must be the path of a FLUX LoRA file or folder on the service's machine")
+        if not isinstance(item, dict):
+            problems.add(name, "must be an object {name, scale} or {upload, scale}")
+            continue
+        unknown = [k for k in item if k not in ("name", "upload", "scale")]
+        if "path" in item:
+            problems.add(f"{name}.path", "the service reads no paths; name a LoRA of its --lora-dir folder "
+                                         "(GET /api/v1/loras) or upload one (POST /api/v1/loras)")
+            continue
+        if unknown:
+            problems.add(f"{name}.{unknown[0]}", "unknown key; allowed: name, upload, scale")
+            continue
+        keys = [k for k in ("name", "upload") if k in item]
+        if len(keys) != 1 or not isinstance(item[keys[0]], str) or not item[keys[0]]:
+            problems.add(name, "give exactly one of name (a LoRA of GET /api/v1/loras) or upload (an id)")
             continue
         scale = item.get("scale", 1.0)
         try:  # the engine's one range, which an image's metadata can record (render --from)
             scale = check_lora_scale(scale, "scale")
         except UserError as err:
             problems.add(f"{name}.scale", str(err).removeprefix("scale "))
-            scale = 1.0
-        out.append({"path": item["path"], "scale": scale})
+            continue
+        out.append({keys[0]: item[keys[0]], "scale": scale})
     return out
 
 
-def check_options(value: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any) -> dict:
-    """The request's options with every default filled in; RequestError lists every problem."""
+def check_options(value: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any,
+                  lora_problems: Any = None) -> dict:
+    """The request's options with every default filled in; RequestError lists every problem.
+
+    lora_problems(loras) -> [(field, message)]: the LoRA store's check that each named LoRA exists.
+    """
     problems = _Problems()
     value = value if value is not None else {}
     if not isinstance(value, dict):
@@ -236,8 +302,7 @@ def check_options(value: Any, kind: str, defaults: Defaults, uploads: UploadStor
     seed = value.get("seed", 0)
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    if not _whole(seed, 0, MAX_SEED):
-        problems.add("options.seed", "must be a whole number >= 0 (or null for a random seed)")
+    _check_seed(seed, "options.seed", problems)
     out: dict[str, Any] = {"seed": seed,
                            "depth": _check_depth(value.get("depth"), kind, defaults, uploads, job_exists, problems)}
     if kind == "render":
@@ -251,15 +316,21 @@ def check_options(value: Any, kind: str, defaults: Defaults, uploads: UploadStor
         for flag in ("sam", "preview"):
             if not isinstance(value.get(flag, False), bool):
                 problems.add(f"options.{flag}", "must be true or false")
+        loras = _check_loras(value.get("loras"), problems)
+        for name, message in lora_problems(loras) if lora_problems is not None else ():
+            problems.add(name, message)
         out.update(steps=steps, guidance=guidance, schedule=_check_schedule(value.get("schedule"), steps, problems),
-                   sam=value.get("sam", False), preview=value.get("preview", True),
-                   loras=_check_loras(value.get("loras"), problems))
+                   sam=value.get("sam", False), preview=value.get("preview", True), loras=loras)
     problems.raise_any("invalid options")
     return out
 
 
-def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any) -> tuple[dict, dict]:
-    """(layout as sent, normalised options) of a POST /jobs or /depth body; RequestError if anything is wrong."""
+def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore, job_exists: Any,
+                  lora_problems: Any = None) -> tuple[dict, dict]:
+    """(layout as sent, normalised options) of a POST /jobs or /depth body; RequestError if anything is wrong.
+
+    A depth job from a photo needs no prompts (its layout gives only the size).
+    """
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object {layout, options}",
                            [{"field": "", "message": "must be an object {layout, options}"}])
@@ -271,13 +342,16 @@ def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore
         raise RequestError("the body has no layout", [{"field": "layout", "message": "missing"}])
     problems: list[dict] = []
     message = ""
+    options_sent = body.get("options")
+    photo = (kind == "depth" and isinstance(options_sent, dict) and isinstance(options_sent.get("depth"), dict)
+             and options_sent["depth"].get("source") == "photo")
     try:
-        resolve_layout(body["layout"], uploads)
+        (layout_shape if photo else resolve_layout)(body["layout"], uploads)
     except RequestError as err:
         problems += err.problems  # layout fields as `threedis validate` names them: "instances[1].box"
         message = str(err)
     try:
-        options = check_options(body.get("options"), kind, defaults, uploads, job_exists)
+        options = check_options(options_sent, kind, defaults, uploads, job_exists, lora_problems)
     except RequestError as err:
         problems += err.problems
         message = message or str(err)

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 
-from threedis import Engine, Layout, __version__
+from threedis import __version__
 from threedis.engine.serve.config import ServeConfig
-from threedis.engine.serve.requests import RequestError
+from threedis.engine.serve.engines import READY, EngineHolder
+from threedis.engine.serve.requests import RequestError, layout_shape
+from threedis.engine.serve.uploads import UploadStore
+
+if TYPE_CHECKING:
+    from threedis import Engine
 
 GB = 1024**3
+PLAN_KEYS = ("layout", "profile", "stage1", "sam", "stage1_size")
 
 
-def _memory(engine: Engine | None) -> dict[str, float | None]:
+def _memory(engine: "Engine | None") -> dict[str, float | None]:
     import psutil
-    import torch
 
     out: dict[str, float | None] = {"vram_free_gb": None, "vram_total_gb": None,
                                     "ram_free_gb": round(psutil.virtual_memory().available / GB, 2)}
-    if engine is not None and engine.device.type == "cuda" and torch.cuda.is_available():
+    if engine is not None and engine.device.type == "cuda":
+        import torch  # imported by the engine already
+
         free, total = torch.cuda.mem_get_info(engine.device)
         out.update(vram_free_gb=round(free / GB, 2), vram_total_gb=round(total / GB, 2))
     return out
 
 
-def loaded_models(engine: Engine | None) -> list[str]:
+def loaded_models(engine: "Engine | None") -> list[str]:
     """The rendering models in memory now (the auxiliary ones live only for their stage)."""
-    if engine is None:  # being rebuilt for other LoRAs
+    if engine is None:  # still loading
         return []
     try:
         return engine.loaded_models()
@@ -32,21 +40,37 @@ def loaded_models(engine: Engine | None) -> list[str]:
         return []
 
 
-def system_info(engine: Engine | None, about: dict, config: ServeConfig, queue_length: int,
-                running: str | None) -> dict:
-    """/system: `about` is the engine's description (device, profile, backend, model and reasons)."""
+def system_info(holder: EngineHolder, config: ServeConfig, queue_length: int, running: str | None) -> dict:
+    """/system: the engine's description (device, profile, backend, model and reasons) and its state.
+
+    state: "loading" (the page answers, jobs queue, the engine is being built), "ready", or
+    "failed" (error says why; the service then takes no jobs).
+    """
+    engine = holder.engine
     return {
-        "version": __version__, **about, **_memory(engine), "models_loaded": loaded_models(engine),
-        "queue_length": queue_length, "running": running, "tiny": config.tiny, "limits": config.limits(),
+        "version": __version__, "state": holder.state, "error": holder.error, **holder.about, **_memory(engine),
+        "models_loaded": loaded_models(engine), "queue_length": queue_length, "running": running,
+        "tiny": config.tiny, "limits": config.limits(),
     }
 
 
-def plan_rows(engine: Engine, layout: Layout, body: dict) -> dict:
-    """planner.plan for the layout with a built-in profile (default: the engine's own), as JSON."""
-    from threedis.engine.planner import models_for, plan
-    from threedis.engine.profiles import list_profiles, load_profile
+def plan_rows(holder: EngineHolder, body: Any, uploads: UploadStore) -> dict:
+    """Engine.plan for the layout's size and instance count, with a built-in profile (default: the engine's).
+
+    The engine's own checkpoint is priced (the tiny one in tiny mode). Prompts may be empty:
+    a plan reads none.
+    """
+    from threedis.engine.profiles import list_profiles
     from threedis.engine.sizes import parse_size
 
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object {layout, profile?, stage1?, sam?, stage1_size?}",
+                           [{"field": "", "message": "must be an object"}])
+    unknown = [k for k in body if k not in PLAN_KEYS]
+    if unknown:
+        raise RequestError(f"unknown key {unknown[0]!r}; allowed: {', '.join(PLAN_KEYS)}",
+                           [{"field": k, "message": "unknown key"} for k in unknown])
+    width, height, count = layout_shape(body.get("layout"), uploads)
     problems = []
     name = body.get("profile")
     if name is not None and (not isinstance(name, str) or name not in list_profiles()):
@@ -55,17 +79,17 @@ def plan_rows(engine: Engine, layout: Layout, body: dict) -> dict:
     for flag in ("stage1", "sam"):
         if not isinstance(body.get(flag, False), bool):
             problems.append({"field": flag, "message": "must be true or false"})
+    stage1_size = (512, 512)
     try:
         stage1_size = parse_size(body.get("stage1_size", 512), "stage1_size")
     except Exception as err:
         problems.append({"field": "stage1_size", "message": str(err)})
     if problems:
         raise RequestError(f"invalid plan request: {problems[0]['field']}: {problems[0]['message']}", problems)
-    if name is None and engine is None:
-        raise RequestError("the engine is being rebuilt for other LoRAs; name a profile or ask again",
-                           [{"field": "profile", "message": "give a built-in profile name"}], status=503)
-    profile = load_profile(name) if name is not None else engine.profile
-    models = models_for(stage1=body.get("stage1", False), sam2=body.get("sam", False))
-    result = plan(profile, layout.width, layout.height, len(layout.instances), models=models,
-                  stage1_size=stage1_size)
-    return result.to_dict()
+    if holder.state != READY or holder.engine is None:
+        message = ("the models are still loading; ask again in a moment" if holder.error is None
+                   else f"the models did not load: {holder.error}")
+        raise RequestError(message, [{"field": "", "message": message}], status=503)
+    plan = holder.engine.plan(width, height, count, stage1=body.get("stage1", False), sam=body.get("sam", False),
+                              stage1_size=stage1_size, profile=name)
+    return plan.to_dict()

@@ -1,5 +1,7 @@
-// Jobs on the page: submit (render, depth), follow them through the event stream (with a polling
-// fallback), the progress bar and live preview, the queue, the result view and the history gallery.
+// Jobs on the page: submit (render, seed sweep, depth) and follow them through the event stream (with a
+// polling fallback): the progress bar and live preview of the job the user looks at, the list of every
+// job they started with its queue position, the queue, the result view, the sweep grid, the paged
+// history, and the service's state while its models load.
 
 import { api, blobUrl, download, connectEvents } from "./api.js";
 
@@ -9,7 +11,11 @@ const ENDED = new Set(["done", "failed", "cancelled", "interrupted"]);
 const STAGES = { queued: "queued", prepare: "preparing", load: "loading models", loading: "loading models", encode: "encoding prompts",
   stage1: "stage 1: depth from the layout", depth: "estimating depth", sam: "SAM2 masks", sam2: "SAM2 masks",
   denoise: "denoising", decode: "decoding", save: "saving" };
-const HISTORY_LIMIT = 48;
+const SHORT = { prepare: "prep", stage1: "stage 1", denoise: "denoise", save: "save" }; // queue rows are narrow
+const HISTORY_PAGE = 24;
+const MINE_KEY = "threedis.editor.mine";
+const MINE_LIMIT = 64;
+const RESUBMIT_GUARD_MS = 600; // Render stays disabled this long after a submit: a double click queues one job
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const seconds = (s) => (s === null || s === undefined || !Number.isFinite(Number(s)) ? "" :
@@ -18,11 +24,16 @@ const seconds = (s) => (s === null || s === undefined || !Number.isFinite(Number
 export function initJobs(app) {
   const jobs = new Map();       // id -> the latest record we know
   const ended = new Set();      // ids whose end was handled (events and polls may both report it)
-  let watching = null;          // the render job the progress panel follows
+  let mine = loadMine();        // [{id, seed, kind}] the jobs this browser started, oldest first
+  let watching = null;          // the job the progress panel follows (one of mine)
   let depthJob = null;          // the depth job the canvas waits for
   let shown = null;             // the job in the result view
+  let sweep = null;             // {ids, seeds} of the last seed sweep
   let events = null;
   let refreshTimer = null;
+  let submitting = false;
+  let historyPage = 0;
+  let systemState = null;
 
   const merge = (id, fields) => {
     const job = { ...(jobs.get(id) || { id }), ...fields, id };
@@ -30,18 +41,29 @@ export function initJobs(app) {
     return job;
   };
 
+  function loadMine() {
+    try { return JSON.parse(sessionStorage.getItem(MINE_KEY) || "[]").slice(-MINE_LIMIT); } catch (_) { return []; }
+  }
+
+  function addMine(id, seed, kind = "render") {
+    mine = [...mine.filter((m) => m.id !== id), { id, seed: String(seed ?? ""), kind }].slice(-MINE_LIMIT);
+    try { sessionStorage.setItem(MINE_KEY, JSON.stringify(mine)); } catch (_) { /* a convenience */ }
+  }
+
   // -- events --------------------------------------------------------------------------------
 
   function onEvent(msg) {
     if (msg.type === "snapshot") {
       const live = new Set((msg.jobs || []).map((j) => j.id));
       for (const job of msg.jobs || []) merge(job.id, job);
-      // Jobs we thought live but the snapshot lacks ended while we were away: ask the list.
+      // Jobs we thought live but the snapshot lacks ended while we were away: ask for them.
       if ([...jobs.values()].some((j) => LIVE.has(j.status) && !live.has(j.id))) refreshJobs();
       renderQueue();
+      renderMine();
       for (const id of [watching, depthJob]) if (id && jobs.has(id)) update(jobs.get(id));
       return;
     }
+    if (msg.type === "system") { refreshSystem(); return; }
     const id = msg.job ?? msg.id;
     if (id === undefined || id === null) return;
     const { type, preview, job: _, ...fields } = msg;
@@ -56,11 +78,11 @@ export function initJobs(app) {
 
   function setConnection(state) {
     const c = $("connection");
-    c.textContent = state === "open" ? "live" : "offline";
+    c.textContent = state === "open" ? "live" : state === "signed-out" ? "signed out" : "offline";
     c.className = `connection ${state === "open" ? "on" : "off"}`;
   }
 
-  /** A full GET /jobs a moment after queue changes: positions of every job, other clients' too. */
+  /** The queue and my jobs a moment after queue changes: positions of every job, other clients' too. */
   function scheduleRefresh() {
     clearTimeout(refreshTimer);
     refreshTimer = setTimeout(refreshJobs, 300);
@@ -68,14 +90,20 @@ export function initJobs(app) {
 
   async function refreshJobs() {
     try {
-      const { jobs: list } = await api("GET", "jobs");
-      for (const job of list) {
-        // A list entry may be slimmer than what the events said (no report): keep both.
-        merge(job.id, job);
-      }
+      const { jobs: live } = await api("GET", "jobs?status=queued,running&limit=5000");
+      const liveIds = new Set(live.map((j) => j.id));
+      for (const job of live) merge(job.id, job);
+      // My jobs and the followed ones that left the queue: their final records.
+      const stale = [...new Set([...mine.map((m) => m.id), watching, depthJob])]
+        .filter((id) => id && !liveIds.has(id) && !ENDED.has((jobs.get(id) || {}).status));
+      await Promise.all(stale.map(async (id) => {
+        try { merge(id, await api("GET", `jobs/${id}`)); } catch (_) { /* gone from the history */ }
+      }));
+      for (const j of [...jobs.values()]) if (LIVE.has(j.status) && !liveIds.has(j.id) && !stale.includes(j.id)) merge(j.id, { status: "ended" });
       renderQueue();
-      renderHistory(list);
-      for (const job of list) if (ENDED.has(job.status) && (job.id === watching || job.id === depthJob)) finish(job.id);
+      renderMine();
+      for (const id of stale) if (ENDED.has((jobs.get(id) || {}).status)) finish(id);
+      refreshHistory();
     } catch (err) { /* the next event or poll tries again */ }
   }
 
@@ -85,7 +113,7 @@ export function initJobs(app) {
     const now = Date.now();
     if (events && events.open && now - lastPoll < 4000) return;
     lastPoll = now;
-    for (const id of [watching, depthJob]) {
+    for (const id of new Set([watching, depthJob, ...mine.map((m) => m.id)])) {
       if (!id || ended.has(id)) continue;
       try {
         const job = merge(id, await api("GET", `jobs/${id}`));
@@ -102,33 +130,77 @@ export function initJobs(app) {
     try { job = merge(id, await api("GET", `jobs/${id}`)); } catch (_) { /* keep what the event said */ }
     update(job);
     renderQueue();
+    renderMine();
     if (id === depthJob) depthDone(job);
     if (id === watching) renderDone(job);
+    if (sweep && sweep.ids.includes(id)) drawSweep();
     refreshSystem();
-    refreshJobs();
+    scheduleRefresh();
   }
 
   // -- submitting ----------------------------------------------------------------------------
 
-  async function render() {
-    app.clearProblems();
-    let created;
-    try {
-      created = await api("POST", "jobs", { layout: app.layoutJSON(), options: app.renderOptions() });
-    } catch (err) { app.showProblems(err); return; }
-    follow(created);
+  function setSubmitting(value) {
+    submitting = value;
+    $("render").disabled = value;
+    $("sweep").disabled = value;
   }
 
-  function follow(created) {
-    watching = created.id;
-    const job = merge(created.id, { status: jobs.get(created.id)?.status || "queued", position: created.position });
+  /** One submit at a time, and none for a moment after: a double click queues one job, not two. */
+  async function guarded(work) {
+    if (submitting) return;
+    setSubmitting(true);
+    try { await work(); } finally { setTimeout(() => setSubmitting(false), RESUBMIT_GUARD_MS); }
+  }
+
+  const render = () => guarded(async () => {
+    app.clearProblems();
+    const options = app.renderOptions();
+    if (!options) return;
+    let created;
+    try {
+      created = await api("POST", "jobs", { layout: app.layoutJSON(), options });
+    } catch (err) { app.showProblems(err); return; }
+    addMine(created.id, options.seed);
+    follow(created.id, created.position);
+  });
+
+  /** N renders of one layout with seeds s, s+1, ... (s: the seed field, or a random one when unlocked). */
+  const startSweep = () => guarded(async () => {
+    app.clearProblems();
+    const count = Math.max(2, Math.min(64, Number($("sweep-count").value) || 4));
+    const base = app.renderOptions();
+    if (!base) return;
+    const layout = app.layoutJSON();
+    const ids = [], seeds = [];
+    for (let k = 0; k < count; k++) {
+      const options = { ...base, seed: (base.seed + BigInt(k)) % 18446744073709551616n };
+      let created;
+      try {
+        created = await api("POST", "jobs", { layout, options });
+      } catch (err) { app.showProblems(err); break; }
+      ids.push(created.id);
+      seeds.push(String(options.seed));
+      addMine(created.id, options.seed);
+      merge(created.id, { status: jobs.get(created.id)?.status || "queued", position: created.position, kind: "render" });
+    }
+    if (!ids.length) return;
+    sweep = { ids, seeds };
+    follow(ids[0]);
+    drawSweep();
+  });
+
+  function follow(id, position) {
+    watching = id;
+    const job = merge(id, { status: jobs.get(id)?.status || "queued", ...(position !== undefined ? { position } : {}) });
     $("progress").hidden = false;
     $("preview").hidden = true;
-    $("cancel").disabled = false;
+    $("cancel").disabled = ENDED.has(job.status);
     update(job);
     renderQueue();
-    if (ENDED.has(job.status)) finish(job.id);
-    else fetchJob(job.id);
+    renderMine();
+    if (ENDED.has(job.status)) renderDone(job);
+    else fetchJob(id);
   }
 
   /** The full record of a job we follow (its normalised options size the progress bar). */
@@ -142,9 +214,11 @@ export function initJobs(app) {
 
   async function makeDepth(source, label) {
     app.clearProblems();
+    const options = app.renderOptions();
+    if (!options) return;
     let created;
     try {
-      created = await api("POST", "depth", { layout: app.layoutJSON(), options: { seed: app.renderOptions().seed, depth: source } });
+      created = await api("POST", "depth", { layout: app.layoutJSON(), options: { seed: options.seed, depth: source } });
     } catch (err) { app.showProblems(err); return; }
     depthJob = created.id;
     merge(created.id, { status: jobs.get(created.id)?.status || "queued", position: created.position, label, kind: "depth" });
@@ -166,6 +240,7 @@ export function initJobs(app) {
   }
 
   $("render").addEventListener("click", render);
+  $("sweep").addEventListener("click", startSweep);
   $("cancel").addEventListener("click", () => watching && cancel(watching));
 
   async function cancel(id) {
@@ -173,13 +248,20 @@ export function initJobs(app) {
   }
 
   async function resubmit(id) {
-    try { follow(await api("POST", `jobs/${id}/resubmit`)); } catch (err) { app.showProblems(err); }
+    try {
+      const created = await api("POST", `jobs/${id}/resubmit`);
+      addMine(created.id, (jobs.get(id)?.options || {}).seed);
+      follow(created.id, created.position);
+    } catch (err) { app.showProblems(err); }
   }
 
   // -- progress ------------------------------------------------------------------------------
 
   function stageLabel(job) {
-    if (job.status === "queued") return job.position ? `queued: position ${job.position}` : "queued";
+    if (job.status === "queued") {
+      if (systemState === "loading") return `queued: the models are loading${job.position ? `; position ${job.position}` : ""}`;
+      return job.position ? `queued: position ${job.position}` : "queued";
+    }
     if (job.status !== "running") return job.status;
     return STAGES[job.stage] || job.stage || "starting";
   }
@@ -202,7 +284,7 @@ export function initJobs(app) {
     return Math.min(1, done / all);
   }
 
-  /** Redraw whatever shows this job: the progress panel, the depth bar, its queue row. */
+  /** Redraw whatever shows this job: the progress panel, the depth bar, its queue and my-jobs rows, its sweep cell. */
   function update(job) {
     if (!job) return;
     const done = fraction(job);
@@ -215,6 +297,7 @@ export function initJobs(app) {
       $("progress-bar").value = done;
       $("progress").dataset.status = job.status;
       $("progress").dataset.stage = job.stage || "";
+      $("progress").dataset.job = job.id;
     }
     if (job.id === depthJob) {
       $("depth-progress-label").textContent = `depth (job ${job.id}): ${stageLabel(job)}${job.total ? ` ${job.step || 0} / ${job.total}` : ""}`;
@@ -222,6 +305,10 @@ export function initJobs(app) {
     }
     const row = document.querySelector(`#queue li[data-job="${CSS.escape(String(job.id))}"] .queue-state`);
     if (row) row.textContent = queueState(job);
+    const mineRow = document.querySelector(`#my-jobs li[data-job="${CSS.escape(String(job.id))}"] .mine-state`);
+    if (mineRow) mineRow.textContent = mineState(job);
+    const cell = document.querySelector(`#sweep-grid [data-job="${CSS.escape(String(job.id))}"] .sweep-state`);
+    if (cell) cell.textContent = mineState(job);
   }
 
   function showPreview(dataUrl) {
@@ -235,9 +322,9 @@ export function initJobs(app) {
       $("progress-stage").textContent = `done${job.started && job.finished ? ` in ${seconds(elapsed(job))}` : ""}`;
       $("progress-bar").value = 1;
       if (!app.hasDepth()) app.useDepthOf(job); // the depth stage 1 made, under the boxes
-      showResult(job);
+      showResult(job).then(cueResult);
     } else if (job.status === "failed" || job.status === "interrupted") {
-      $("progress-step").textContent = job.error || "";
+      $("progress-step").textContent = app.boxWords(job.error || "");
       app.notify(`render ${job.id} ${job.status}: ${job.error || "no message"}`);
     }
   }
@@ -245,31 +332,100 @@ export function initJobs(app) {
   const toTime = (t) => (typeof t === "number" ? t * (t < 1e12 ? 1000 : 1) : Date.parse(t));
   const elapsed = (job) => (toTime(job.finished) - toTime(job.started)) / 1000;
 
-  // -- queue ---------------------------------------------------------------------------------
+  // -- the result below the fold: a cue until it is seen ---------------------------------------
+
+  let resultSeen = true;
+  new IntersectionObserver((entries) => {
+    resultSeen = entries.some((e) => e.isIntersecting);
+    if (resultSeen) $("result-cue").hidden = true;
+  }, { threshold: 0.15 }).observe($("result"));
+
+  function cueResult() {
+    requestAnimationFrame(() => { if (!resultSeen) $("result-cue").hidden = false; });
+  }
+
+  $("result-cue").addEventListener("click", () => {
+    $("result-cue").hidden = true;
+    $("result").scrollIntoView({ behavior: "smooth", block: "start" });
+  });
+
+  // -- my jobs, the queue ------------------------------------------------------------------------
 
   const queueState = (job) => (job.status === "running"
-    ? `${STAGES[job.stage] || job.stage || "running"}${job.total ? ` ${job.step || 0}/${job.total}` : ""}`
-    : job.position ? `#${job.position}` : "queued");
+    ? `${SHORT[job.stage] || job.stage || "running"}${job.total ? ` ${job.step || 0}/${job.total}` : ""}`
+    : job.position ? `#${job.position}` : job.status || "queued");
+
+  const mineState = (job) => (job.status === "queued" ? (job.position ? `queued #${job.position}` : "queued")
+    : job.status === "running" ? `${SHORT[job.stage] || "running"}${job.total ? ` ${job.step || 0}/${job.total}` : ""}`
+      : job.status || "…");
+
+  function renderMine() {
+    const list = $("my-jobs");
+    const rows = mine.filter((m) => jobs.has(m.id) || m.id === watching).slice().reverse();
+    list.replaceChildren(...rows.map((m) => {
+      const job = jobs.get(m.id) || { id: m.id, status: "queued" };
+      const li = document.createElement("li");
+      li.dataset.job = m.id;
+      li.className = `${job.status}${m.id === watching ? " watching" : ""}`;
+      li.tabIndex = 0;
+      li.innerHTML = `<span class="mine-what">${esc(m.kind)} ${esc(m.id.slice(0, 8))}${m.seed ? ` · seed ${esc(m.seed)}` : ""}</span>
+        <span class="mine-state">${esc(mineState(job))}</span>`;
+      const open = () => follow(m.id);
+      li.addEventListener("click", open);
+      li.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+      return li;
+    }));
+    $("progress").hidden = !rows.length && !watching;
+  }
 
   function renderQueue() {
     const live = [...jobs.values()].filter((j) => LIVE.has(j.status))
       .sort((a, b) => (a.status === "running" ? -1 : b.status === "running" ? 1 : (a.position || 0) - (b.position || 0)));
     const list = $("queue");
     if (!live.length) { list.innerHTML = '<li class="muted">empty</li>'; return; }
+    const mineIds = new Set(mine.map((m) => m.id));
     list.innerHTML = live.map((j) => `
-      <li data-job="${esc(j.id)}" class="${j.status}">
+      <li data-job="${esc(j.id)}" class="${j.status}${mineIds.has(j.id) ? " mine" : ""}">
         <span class="queue-pos">${j.status === "running" ? "▶" : esc(j.position ?? "")}</span>
-        <span class="queue-what">${esc(j.kind || "render")} ${esc(j.id)}
-          <span class="muted">${esc(((j.layout && j.layout.prompt) || "").slice(0, 40))}</span></span>
+        <span class="queue-what"><span class="queue-kind">${esc(j.kind || "render")} ${esc(j.id)}</span>
+          <span class="queue-prompt muted">${esc(((j.layout && j.layout.prompt) || "").slice(0, 60))}</span></span>
         <span class="queue-state">${esc(queueState(j))}</span>
         <button type="button" class="queue-cancel" title="Cancel this job" data-cancel="${esc(j.id)}">✕</button>
       </li>`).join("");
     list.querySelectorAll("[data-cancel]").forEach((b) => b.addEventListener("click", () => cancel(b.dataset.cancel)));
   }
 
-  // -- result view ---------------------------------------------------------------------------
+  // -- the seed sweep grid -----------------------------------------------------------------------
 
-  const PANES = { image: "image.png", depth: "depth.png", layout: "layout.png", attention: "attention.png", memory: "memory.png" };
+  function drawSweep() {
+    if (!sweep) return;
+    $("result").hidden = false;
+    $("sweep-view").hidden = false;
+    $("sweep-title").textContent = `${sweep.ids.length} seeds of one layout, from ${sweep.seeds[0]}`;
+    const grid = $("sweep-grid");
+    const known = new Map([...grid.querySelectorAll("[data-job]")].map((c) => [c.dataset.job, c]));
+    grid.replaceChildren(...sweep.ids.map((id, k) => {
+      const job = jobs.get(id) || { id, status: "queued" };
+      const old = known.get(id);
+      if (old && old.dataset.status === job.status) return old;
+      const cell = document.createElement("figure");
+      cell.className = `sweep-cell ${job.status}`;
+      cell.dataset.job = id;
+      cell.dataset.status = job.status;
+      cell.tabIndex = 0;
+      cell.innerHTML = `<div class="thumb">${job.status === "done" ? '<img alt="">' : ""}</div>
+        <figcaption>seed ${esc(sweep.seeds[k])} · <span class="sweep-state">${esc(mineState(job))}</span></figcaption>`;
+      if (job.status === "done" && job.files && job.files["image.png"]) {
+        blobUrl(job.files["image.png"]).then((u) => { cell.querySelector("img").src = u; }).catch(() => {});
+      }
+      const open = () => follow(id);
+      cell.addEventListener("click", open);
+      cell.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+      return cell;
+    }));
+  }
+
+  // -- result view ---------------------------------------------------------------------------
 
   async function showImg(el, url) {
     el.removeAttribute("src");
@@ -286,11 +442,11 @@ export function initJobs(app) {
     $("result-title").textContent = `job ${job.id} · seed ${o.seed ?? "?"} · ${o.steps ?? "?"} steps`;
     const warn = (job.warnings || []).filter(Boolean);
     $("result-warnings").hidden = !warn.length;
-    $("result-warnings").textContent = warn.join("\n");
+    $("result-warnings").textContent = app.boxWords(warn.join("\n"));
     $("use-depth").hidden = !app.reusableDepth(job);
     $("files-link").textContent = files["image.png"] ? "image URL" : "";
     $("files-link").href = files["image.png"] || "#";
-    $("files-link").title = "the service's file URL (needs the page's token)";
+    $("files-link").title = "the service's file URL (this browser's session opens it)";
     await Promise.all([
       showImg($("result-image"), files["image.png"]),
       showImg($("result-regions"), files["regions.png"]),
@@ -298,7 +454,6 @@ export function initJobs(app) {
       showImg($("result-layout"), files["layout.png"]),
       showImg($("result-attention"), files["attention.png"]),
       showImg($("result-memory"), files["memory.png"]),
-      showImg($("result-memory-side"), files["memory.png"]),
     ]);
     let report = job.report;
     if (!report && files["report.json"]) {
@@ -318,7 +473,6 @@ export function initJobs(app) {
     }
   });
   $("files-link").addEventListener("click", (e) => {
-    // The file URL needs the bearer token, which a plain link cannot send: open the fetched bytes.
     e.preventDefault();
     if (shown && shown.files && shown.files["image.png"]) blobUrl(shown.files["image.png"]).then((u) => window.open(u, "_blank"));
   });
@@ -351,19 +505,33 @@ export function initJobs(app) {
       ${info ? `<tbody class="info">${info}</tbody>` : ""}</table>`;
   }
 
-  // -- history -------------------------------------------------------------------------------
+  // -- history: one page at a time, filtered by status -------------------------------------------
 
-  function renderHistory(list) {
-    const renders = list.filter((j) => (j.kind || "render") !== "depth" && ENDED.has(j.status)).slice(0, HISTORY_LIMIT);
+  async function refreshHistory() {
+    const filter = $("history-filter").value || "done,failed,cancelled,interrupted";
+    let page;
+    try {
+      page = await api("GET", `jobs?kind=render&status=${filter}&limit=${HISTORY_PAGE}&offset=${historyPage * HISTORY_PAGE}`);
+    } catch (_) { return; }
+    const pages = Math.max(1, Math.ceil(page.total / HISTORY_PAGE));
+    if (historyPage >= pages && historyPage > 0) { historyPage = pages - 1; refreshHistory(); return; }
+    $("history-page").textContent = `page ${historyPage + 1} of ${pages} · ${page.total} render${page.total === 1 ? "" : "s"}`;
+    $("history-prev").disabled = historyPage === 0;
+    $("history-next").disabled = historyPage >= pages - 1;
     const gallery = $("history");
-    if (!renders.length) { gallery.innerHTML = '<p class="muted">no renders yet</p>'; return; }
+    if (!page.jobs.length) { gallery.innerHTML = '<p class="muted">no renders here</p>'; return; }
     const known = new Map([...gallery.querySelectorAll(".card")].map((c) => [c.dataset.job, c]));
-    gallery.replaceChildren(...renders.map((job) => {
+    gallery.replaceChildren(...page.jobs.map((job) => {
+      merge(job.id, job);
       const old = known.get(String(job.id));
       if (old && old.dataset.status === job.status) return old;
       return card(job);
     }));
   }
+
+  $("history-filter").addEventListener("change", () => { historyPage = 0; refreshHistory(); });
+  $("history-prev").addEventListener("click", () => { historyPage = Math.max(0, historyPage - 1); refreshHistory(); });
+  $("history-next").addEventListener("click", () => { historyPage += 1; refreshHistory(); });
 
   function card(job) {
     const el = document.createElement("figure");
@@ -380,14 +548,14 @@ export function initJobs(app) {
         <span class="muted small">${n} box${n === 1 ? "" : "es"} · seed ${esc(o.seed ?? "?")} · ${esc(o.steps ?? "?")} steps · ${esc(job.id)}</span>
         ${job.status === "done" ? "" : `<button type="button" class="resubmit">Resubmit</button>`}
       </figcaption>`;
-    el.title = job.error ? `${job.status}: ${job.error}` : "restore this layout and its settings";
+    el.title = job.error ? `${job.status}: ${app.boxWords(job.error)}` : "restore this layout and its settings";
     if (job.status === "done" && job.files && job.files["image.png"]) {
       blobUrl(job.files["image.png"]).then((u) => { el.querySelector("img").src = u; }).catch(() => {});
     }
     const open = async () => {
       let full = job;
       try { full = merge(job.id, await api("GET", `jobs/${job.id}`)); } catch (_) { /* the list entry will do */ }
-      app.restore(full);
+      await app.restore(full);
       document.querySelectorAll(".card.active").forEach((c) => c.classList.remove("active"));
       el.classList.add("active");
       if (full.status === "done") showResult(full);
@@ -399,26 +567,39 @@ export function initJobs(app) {
     return el;
   }
 
-  // -- system and plan -----------------------------------------------------------------------
+  // -- system (and its loading state) and plan ---------------------------------------------------
+
+  let systemTimer = null;
 
   async function refreshSystem() {
+    clearTimeout(systemTimer);
     try {
       const s = await api("GET", "system");
+      systemState = s.state;
+      $("loading-note").hidden = s.state !== "loading";
+      document.body.dataset.service = s.state;
       const vram = s.vram_total_gb ? ` · VRAM ${Number(s.vram_free_gb).toFixed(1)} / ${Number(s.vram_total_gb).toFixed(1)} GB free` : "";
-      $("system").innerHTML = `<span class="pill">profile <b>${esc(s.profile)}</b></span>
-        <span class="pill">${esc(s.device)}</span><span class="pill">attention ${esc(s.backend)}</span>
+      const state = s.state === "loading" ? '<span class="pill loading">loading models…</span>'
+        : s.state === "failed" ? '<span class="pill failed">models failed to load</span>' : "";
+      $("system").innerHTML = `${state}<span class="pill">profile <b>${esc(s.profile)}</b></span>
+        <span class="pill">${esc(s.device)}</span>${s.backend ? `<span class="pill">attention ${esc(s.backend)}</span>` : ""}
         <span class="muted small">${esc(vram)}${s.ram_free_gb ? ` · RAM ${Number(s.ram_free_gb).toFixed(1)} GB free` : ""}${s.version ? ` · v${esc(s.version)}` : ""}</span>`;
       $("system").title = [s.profile_reason && `profile: ${s.profile_reason}`, s.backend_reason && `attention: ${s.backend_reason}`,
         s.models_loaded && s.models_loaded.length ? `loaded: ${s.models_loaded.join(", ")}` : "no model loaded yet"].filter(Boolean).join("\n");
       if (s.tiny) $("tiny-note").hidden = false;
+      if (s.state === "failed") app.notify(`the service could not load its models: ${s.error}`);
+      if (s.state === "loading") systemTimer = setTimeout(refreshSystem, 1500);
+      if (watching && jobs.has(watching)) update(jobs.get(watching));
     } catch (err) {
       $("system").textContent = `service: ${err.message}`;
+      systemTimer = setTimeout(refreshSystem, 3000);
     }
   }
 
   $("plan").addEventListener("click", async () => {
     app.clearProblems();
     const o = app.renderOptions();
+    if (!o) return;
     try {
       const plan = await api("POST", "plan", { layout: app.layoutJSON(), sam: o.sam, stage1: o.depth.source === "stage1" });
       $("plan-view").hidden = false;
@@ -438,14 +619,16 @@ export function initJobs(app) {
       <table class="timings"><thead><tr><th>stage</th><th>models</th><th>GPU GB</th><th>host GB</th></tr></thead>
       <tbody>${rows.map((r) => `<tr title="${esc(detail(r.details))}"><td>${esc(r.stage)}</td><td>${esc((r.models || []).join(", "))}</td>
         <td>${gb(r.gpu_bytes)}</td><td>${gb(r.host_bytes)}</td></tr>`).join("")}</tbody></table>
-      <p class="muted small">peak ${gb(plan.peak_gpu_bytes)} GB GPU (${esc(plan.peak_stage)}), ${gb(plan.peak_host_bytes)} GB host</p>`;
+      <p class="muted small">peak ${gb(plan.peak_gpu_bytes)} GB GPU (${esc(plan.peak_stage)}), ${gb(plan.peak_host_bytes)} GB host
+        · the models this service loads</p>`;
   }
 
   function start() {
     refreshSystem();
     refreshJobs();
+    renderMine();
     events = connectEvents(onEvent, setConnection);
   }
 
-  return { start, makeDepth, render, showResult };
+  return { start, makeDepth, render, showResult, follow, get watching() { return watching; }, get mine() { return mine.map((m) => m.id); } };
 }
