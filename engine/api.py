@@ -422,6 +422,21 @@ class Engine:
         settings = self._depth_settings(stage1, made)
         return DepthResult(depth=made.depth, rgb=made.rgb, report=report, settings=settings)
 
+    def check_fits(self, width: int, height: int, num_instances: int = 0, stage1: Stage1Options | None = None,
+                   sam: bool = False, chunk: int = 200) -> None:
+        """Raise UserError now if a render of this size would not fit the memory plan; nothing loads.
+
+        The check every render makes first (VRAM on CUDA, host RAM on CPU, with this engine's
+        profile): stage1, the stage-1 settings when stage 1 makes the depth (None: a depth map
+        is given); sam, whether SAM2 runs. A batch asks it before choosing what to keep loaded.
+        """
+        from threedis.engine.planner import AUX_FOLDERS, STAGE2_MODELS, aux_configs, models_for
+
+        keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
+        extra = aux_configs(keys, {AUX_FOLDERS[k][0]: self.aux.spec(AUX_FOLDERS[k][0]) for k in keys})
+        self.models.check_fits(width, height, num_instances, chunk, extra=extra,
+                               stage1_size=stage1.size if stage1 is not None else (512, 512))
+
     def loaded_models(self) -> list[str]:
         """The models in memory right now (profile keys), e.g. for a status display."""
         return sorted(key for key, info in self.models.placement().items() if info.get("on") is not None)
@@ -508,12 +523,8 @@ class Engine:
                                    permute_tokens=options.permute_tokens, preview=options.preview)
         with self._lock:
             # before anything of this render loads: VRAM on CUDA, host RAM on CPU (runtime.check_fits)
-            from threedis.engine.planner import AUX_FOLDERS, STAGE2_MODELS, aux_configs, models_for
-
-            keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
-            extra = aux_configs(keys, {AUX_FOLDERS[k][0]: self.aux.spec(AUX_FOLDERS[k][0]) for k in keys})
-            self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
-                                   stage1_size=stage1.size if stage1 is not None else (512, 512))
+            self.check_fits(layout.width, layout.height, len(layout.instances), stage1=stage1, sam=bool(sam),
+                            chunk=chunk)
             prof = Profiler(device=self.device)
             prof.note("profile", self.profile.name)
             prof.note("profile origin", self.profile.origin)
