@@ -31,9 +31,10 @@ _ro = MappingProxyType
 
 _SIZE = 64  # the detector's input side (the real one: 800)
 TINY_GROUNDING_DINO: Mapping[str, Any] = _ro({
-    # Swin with 4 stages, the last three feeding the detector (as the real out_indices [2, 3, 4]).
-    "backbone": _ro({"image_size": _SIZE, "embed_dim": 8, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1),
-                     "window_size": 4, "out_indices": (2, 3, 4)}),
+    # Swin with 4 stages, the last three feeding the detector (as the real out_indices [2, 3, 4]). 2 px patches:
+    # the extra fourth level (a stride-2 conv, then GroupNorm) is 2 x 2, not 1 x 1, which GroupNorm refuses.
+    "backbone": _ro({"image_size": _SIZE, "patch_size": 2, "embed_dim": 8, "depths": (1, 1, 1, 1),
+                     "num_heads": (1, 1, 1, 1), "window_size": 4, "out_indices": (2, 3, 4)}),
     "text": _ro({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                  "max_position_embeddings": 64}),
     # d_model 32: the input projections' GroupNorm has 32 groups. Two decoder layers: its box heads are tied.
