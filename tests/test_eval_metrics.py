@@ -172,10 +172,10 @@ class StubDetector:
         self.answers = answers_by_image
         self.calls = 0
 
-    def detect(self, images, query):
-        self.calls += 1
+    def detect(self, images, queries):
+        self.calls += len(images)
         out = []
-        for image in images:
+        for image, query in zip(images, queries):
             boxes = np.array(self.answers[_key(image)][query], dtype=np.float64).reshape(-1, 4)
             out.append(Detections(boxes=boxes, scores=np.full(len(boxes), 0.9)))
         return out
@@ -268,7 +268,7 @@ def test_missing_images_stay_in_the_denominator_and_seeds_give_a_spread(scenes, 
     assert "std over seeds" in text and "62.9" in text and "count as failures" in text
     # Seed 1's images are seed 0's files: measured once, then from the cache; a fresh cache object
     # reads the file back and needs no model at all.
-    assert detector.calls == len({inst.noun for truth, *_ in scenes.values() for inst in truth.instances})
+    assert detector.calls == sum(len(truth.instances) for truth, *_ in scenes.values())  # seed 0's pairs only
     again = ResultCache(tmp_path / "cache.jsonl", ["stub"])
 
     def no_model():
@@ -315,7 +315,7 @@ def test_grounding_dino_keeps_boxes_above_the_threshold_in_pixels():
 
     detector = GroundingDino(model, tokenizer, side=32, normalise=_Normalise(), device=torch.device("cpu"),
                              ident="fake", batch_size=4)
-    (found,) = detector.detect([np.zeros((512, 512, 3), np.uint8)], "Teddy Bear")
+    (found,) = detector.detect([np.zeros((512, 512, 3), np.uint8)], ["Teddy Bear"])
     assert calls[0] == ["teddy bear."] and calls[1]["pixel_values"].shape == (1, 3, 32, 32)
     np.testing.assert_allclose(found.scores, [0.9, 0.26], rtol=1e-5)
     np.testing.assert_allclose(found.boxes, [[128, 128, 384, 384], [0, 0, 256, 256]], atol=1e-3)

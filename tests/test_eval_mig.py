@@ -165,6 +165,24 @@ def test_a_second_evaluation_comes_from_the_cache(mig_run, eval_models, monkeypa
     assert json.loads(first.read_text())["pooled"] == json.loads(second.read_text())["pooled"]
 
 
+def test_detector_batches_answer_each_pair_as_if_alone(eval_models):
+    """Pairs are batched by caption length (no padding): each row's boxes are those of a run on its own."""
+    import numpy as np
+
+    from threedis.engine.eval.models import GroundingDino
+
+    detector = GroundingDino.from_pretrained(eval_models[1], device="cpu", local_files_only=True, batch_size=8)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(3)]
+    pairs = [(images[0], "cup"), (images[1], "teddy bear"), (images[2], "cup"), (images[0], "dining table"),
+             (images[1], "dog")]
+    together = detector.detect([p[0] for p in pairs], [p[1] for p in pairs])
+    for (image, query), found in zip(pairs, together):
+        (alone,) = detector.detect([image], [query])
+        np.testing.assert_allclose(found.boxes, alone.boxes, atol=1e-3)
+        np.testing.assert_allclose(found.scores, alone.scores, atol=1e-5)
+
+
 def test_eval_user_mistakes_are_one_line(tmp_path, eval_models, capsys):
     (tmp_path / "imgs").mkdir()
     cases = [

@@ -30,10 +30,10 @@ def add_eval_parser(sub: Any) -> None:
     which.required = True
     m = which.add_parser(
         "mig", help="COCO-MIG: instance success, mIoU and image success per level (eval_mig.py's protocol)",
-        description="Score a `threedis batch` run (read through its manifest) or a folder of images named "
-                    "..._<coco_id>.png with COCO-MIG's protocol (Grounding DINO finds each instance, SAM cuts it "
-                    "out for the colour test). Prints the table per level beside the published numbers and writes "
-                    "the JSON. Results are cached per image beside the run: a second run is instant.",
+        description="Score a `threedis batch` run (read through its manifest) or a folder of images named\n"
+                    "..._<coco_id>.png with COCO-MIG's protocol (eval_mig.py of LeyRio/MIG_Bench: Grounding DINO\n"
+                    "finds each instance, SAM cuts it out for the colour test). Prints the table per level beside\n"
+                    "the published numbers and writes the JSON. Results are cached per image beside the run.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("path", type=Path, metavar="RUN_DIR", help="a `threedis batch` output folder, or a folder of images")
     truth = m.add_argument_group("ground truth (a run knows its own jobs)")

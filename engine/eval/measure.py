@@ -1,8 +1,8 @@
 """Measure every image: read it at 512 px, detect each instance's class, segment the ones placed right.
 
-Images go through in chunks: per chunk the detector sees all images asking for one
-class name together, then SAM embeds the images that need a colour test in
-batches. An instance's class is detected once per image (the reference runs the
+Images go through in chunks: per chunk the detector gets every (image, class)
+pair at once and batches them, then SAM embeds the images that need a colour
+test in batches. An instance's class is detected once per image (the reference runs the
 same detection once per instance: same input, same boxes). Results go to the cache
 as each chunk finishes, so an interrupted evaluation loses at most one chunk, and
 the models are only loaded when some image is not cached.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import sys
-from collections import defaultdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from threedis.engine.eval.score import InstanceMeasure, judge
 from threedis.engine.eval.sources import EvalItem
 from threedis.engine.eval.truth import TruthEntry
 
-CHUNK = 32  # images read and measured together
+CHUNK = 64  # images read and measured together
 
 
 def read_image(data: bytes) -> np.ndarray:
@@ -52,14 +51,10 @@ def read_image(data: bytes) -> np.ndarray:
 def measure_images(detector: Detector, segmenter: Segmenter,
                    images: Sequence[tuple[TruthEntry, np.ndarray]]) -> list[list[InstanceMeasure]]:
     """The measures of every instance of every (truth, image) pair."""
-    by_noun: dict[str, list[int]] = defaultdict(list)
-    for i, (truth, _) in enumerate(images):
-        for noun in dict.fromkeys(inst.noun for inst in truth.instances):
-            by_noun[noun].append(i)
-    found = {}
-    for noun, which in by_noun.items():
-        for i, detections in zip(which, detector.detect([images[i][1] for i in which], noun)):
-            found[(i, noun)] = detections
+    pairs = [(i, noun) for i, (truth, _) in enumerate(images)
+             for noun in dict.fromkeys(inst.noun for inst in truth.instances)]
+    detections = detector.detect([images[i][1] for i, _ in pairs], [noun for _, noun in pairs])
+    found = dict(zip(pairs, detections))
     placed: list[list[tuple[int, InstanceMeasure]]] = []  # per image: (instance index, measure so far)
     out: list[list[InstanceMeasure]] = []
     for i, (truth, _) in enumerate(images):
@@ -98,7 +93,8 @@ def measure_items(items: Sequence[EvalItem], detector: Callable[[], Detector], s
                dynamic_ncols=True)
     try:
         for start in range(0, len(todo), CHUNK):
-            fresh: list[tuple[EvalItem, str, np.ndarray]] = []
+            fresh: dict[str, tuple[TruthEntry, np.ndarray]] = {}  # key -> what to measure, once per key
+            waiting: list[tuple[EvalItem, str]] = []
             for item in todo[start:start + CHUNK]:
                 try:
                     data = item.image.read_bytes()
@@ -109,11 +105,13 @@ def measure_items(items: Sequence[EvalItem], detector: Callable[[], Detector], s
                         continue
                     key = cache.key(sha, item.truth.key)
                     hit = cache.get(key)
-                    if hit is None:
-                        fresh.append((item, key, read_image(data)))
-                    else:
+                    if hit is not None:
                         results[item.name] = hit
                         bar.update(1)
+                        continue
+                    if key not in fresh:
+                        fresh[key] = (item.truth, read_image(data))
+                    waiting.append((item, key))
                 except Exception as exc:  # noqa: BLE001 - one unreadable image is reported, the rest go on
                     results[item.name] = f"cannot read {item.image.name}: {type(exc).__name__}: {exc}"
                     bar.update(1)
@@ -121,10 +119,10 @@ def measure_items(items: Sequence[EvalItem], detector: Callable[[], Detector], s
                 continue
             if not models:
                 models.extend([detector(), segmenter()])
-            measured = measure_images(models[0], models[1], [(item.truth, rgb) for item, _, rgb in fresh])
-            for (item, key, _), measures in zip(fresh, measured):
+            for key, measures in zip(fresh, measure_images(models[0], models[1], list(fresh.values()))):
                 cache.put(key, measures)
-                results[item.name] = measures
+            for item, key in waiting:
+                results[item.name] = cache.get(key)
                 bar.update(1)
     finally:
         bar.close()

@@ -15,8 +15,8 @@ transformers processors need torchvision, which this project does not depend on)
   with the best predicted IoU; its logits up-sampled to the padded size, cropped,
   up-sampled to 512 px, thresholded at 0.
 
-Both run in batches (images of one query together for the detector, image
-embeddings in batches for SAM) on the GPU when there is one, in float32 like the
+Both run in batches (image-and-class pairs whose captions have the same number
+of tokens together for the detector, image embeddings for SAM) on the GPU when there is one, in float32 like the
 reference.
 """
 
@@ -53,11 +53,11 @@ class Detections:
 
 
 class Detector(Protocol):
-    """Finds `query` in each image (uint8 RGB [EVAL_SIZE, EVAL_SIZE, 3]); the real one or a test stub."""
+    """Finds queries[i] in images[i] (uint8 RGB [EVAL_SIZE, EVAL_SIZE, 3]); the real one or a test stub."""
 
     ident: str
 
-    def detect(self, images: Sequence[np.ndarray], query: str) -> list[Detections]: ...
+    def detect(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Detections]: ...
 
 
 class Segmenter(Protocol):
@@ -182,26 +182,42 @@ class GroundingDino:
         return text if text.endswith(".") else text + "."
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray], query: str) -> list[Detections]:
-        """Detections of `query` in each image; images of one query share a batch (same tokens, no padding)."""
-        out: list[Detections] = []
-        tokens = self.tokenizer([self.caption(query)], return_tensors="pt")
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            n = len(chunk)
-            pixels = torch.stack([self.normalise(img, self.side, self.side) for img in chunk]).to(self.device)
-            mask = torch.ones(n, self.side, self.side, dtype=torch.long, device=self.device)  # no padding
-            result = self.model(pixel_values=pixels, pixel_mask=mask,
-                                **{k: v.expand(n, -1).to(self.device) for k, v in tokens.items()})
-            scores = result.logits.float().sigmoid().amax(dim=-1).cpu().numpy()  # [B, queries]
-            boxes = result.pred_boxes.float().cpu().numpy()  # [B, queries, 4]: (cx, cy, w, h) in 0..1
-            for score, box in zip(scores, boxes):
-                keep = score > BOX_THRESHOLD
-                cx, cy, w, h = (box[keep] * EVAL_SIZE).T
-                xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1).reshape(-1, 4)
-                kept = nms(xyxy, score[keep], NMS_IOU)
-                out.append(Detections(boxes=xyxy[kept], scores=score[keep][kept]))
-        return out
+    def detect(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Detections]:
+        """Detections of queries[i] in images[i].
+
+        Pairs whose captions have the same number of tokens share a batch: no padding, so
+        each row is computed exactly as if it ran alone (the reference's one image, one class).
+        """
+        tokens = [self.tokenizer([self.caption(q)], return_tensors="pt") for q in queries]
+        by_length: dict[int, list[int]] = {}
+        for i, tok in enumerate(tokens):
+            by_length.setdefault(int(tok["input_ids"].shape[1]), []).append(i)
+        pixels: dict[int, torch.Tensor] = {}  # one normalised copy per image
+        out: list[Detections | None] = [None] * len(images)
+        for rows in by_length.values():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                for i in chunk:
+                    if id(images[i]) not in pixels:
+                        pixels[id(images[i])] = self.normalise(images[i], self.side, self.side)
+                batch = torch.stack([pixels[id(images[i])] for i in chunk]).to(self.device)  # [B, 3, S, S]
+                mask = torch.ones(len(chunk), self.side, self.side, dtype=torch.long, device=self.device)  # no padding
+                text = {k: torch.cat([tokens[i][k] for i in chunk]).to(self.device) for k in tokens[chunk[0]]}
+                result = self.model(pixel_values=batch, pixel_mask=mask, **text)
+                scores = result.logits.float().sigmoid().amax(dim=-1).cpu().numpy()  # [B, queries]
+                boxes = result.pred_boxes.float().cpu().numpy()  # [B, queries, 4]: (cx, cy, w, h) in 0..1
+                for i, score, box in zip(chunk, scores, boxes):
+                    out[i] = self._kept(score, box)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _kept(score: np.ndarray, box: np.ndarray) -> Detections:
+        """Boxes above BOX_THRESHOLD, in pixels of the EVAL_SIZE image, after NMS."""
+        keep = score > BOX_THRESHOLD
+        cx, cy, w, h = (box[keep] * EVAL_SIZE).T
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1).reshape(-1, 4)
+        kept = nms(xyxy, score[keep], NMS_IOU)
+        return Detections(boxes=xyxy[kept], scores=score[keep][kept])
 
 
 # ---------------------------------------------------------------- SAM
