@@ -423,16 +423,18 @@ class Engine:
         return DepthResult(depth=made.depth, rgb=made.rgb, report=report, settings=settings)
 
     def check_fits(self, width: int, height: int, num_instances: int = 0, stage1: Stage1Options | None = None,
-                   sam: bool = False, chunk: int = 200) -> None:
+                   sam: bool = False, chunk: int = 200, photo: bool = False) -> None:
         """Raise UserError now if a render of this size would not fit the memory plan; nothing loads.
 
         The check every render makes first (VRAM on CUDA, host RAM on CPU, with this engine's
         profile): stage1, the stage-1 settings when stage 1 makes the depth (None: a depth map
-        is given); sam, whether SAM2 runs. A batch asks it before choosing what to keep loaded.
+        is given); sam, whether SAM2 runs; photo, whether the depth estimator is priced too. A
+        batch asks it before choosing what to keep loaded between items.
         """
         from threedis.engine.planner import AUX_FOLDERS, STAGE2_MODELS, aux_configs, models_for
 
-        keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
+        keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam), depth_estimator=bool(photo))
+                if k not in STAGE2_MODELS]
         extra = aux_configs(keys, {AUX_FOLDERS[k][0]: self.aux.spec(AUX_FOLDERS[k][0]) for k in keys})
         self.models.check_fits(width, height, num_instances, chunk, extra=extra,
                                stage1_size=stage1.size if stage1 is not None else (512, 512))

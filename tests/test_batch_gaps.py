@@ -25,8 +25,8 @@ MIG_FILE = Path(__file__).parent / "data" / "mig_small.yaml"
 class Counting:
     """Forwards to a real engine and counts its renders."""
 
-    def __init__(self, engine) -> None:
-        self.engine, self.device, self.renders = engine, engine.device, []
+    def __init__(self, real) -> None:
+        self.engine, self.device, self.renders = real, real.device, []
 
     def render(self, **kwargs):
         self.renders.append((kwargs["layout"].prompt, kwargs["seed"]))
@@ -178,10 +178,10 @@ def test_auxiliary_models_stay_loaded_when_the_plan_allows_and_say_so(tiny_flux_
     from threedis import Engine, Stage1Options, UserError
     from threedis.engine.batch.worker import EngineSpec, Largest
 
-    spec = EngineSpec(model=str(tiny_flux_dir), device="cpu", profile="cpu", needs=frozenset({"stage1"}),
-                      largest=Largest(64, 64, 2, Stage1Options(size=64)))
-    engine, notes = spec.build_with_notes()
-    assert engine.profile.policy("ldm3d_unet").device.value == "cpu"  # the cpu profile's cpu-then-freed, kept
+    stage1_spec = EngineSpec(model=str(tiny_flux_dir), device="cpu", profile="cpu", needs=frozenset({"stage1"}),
+                             largest=Largest(64, 64, 2, Stage1Options(size=64)))
+    built, notes = stage1_spec.build_with_notes()
+    assert built.profile.policy("ldm3d_unet").device.value == "cpu"  # the cpu profile's cpu-then-freed, kept
     assert notes == ["stage 1 stays loaded across items (the memory plan allows it; the profile cpu frees it after "
                      "each render)"]
 
@@ -189,6 +189,6 @@ def test_auxiliary_models_stay_loaded_when_the_plan_allows_and_say_so(tiny_flux_
         raise UserError("this CPU render needs 40 GB of RAM")
 
     monkeypatch.setattr(Engine, "check_fits", too_big)
-    engine, notes = spec.build_with_notes()
-    assert engine.profile.policy("ldm3d_unet").device.value == "cpu-then-freed"
+    built, notes = stage1_spec.build_with_notes()
+    assert built.profile.policy("ldm3d_unet").device.value == "cpu-then-freed"
     assert "loaded for every item" in notes[0] and "40 GB" in notes[0]

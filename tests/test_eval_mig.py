@@ -112,6 +112,21 @@ def test_eval_reads_the_run_and_counts_what_is_missing(mig_run, eval_models, tmp
     assert (copy / "eval-mig-cache.jsonl").is_file()
 
 
+def test_seeds_added_by_a_later_command_are_expected_too(mig_run, eval_models, tmp_path):
+    _, run = mig_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first = _rows(copy)[0]
+    later = {**first, "seed": 5, "status": "failed", "error": "out of memory", "files": {}, "sha256": None,
+             "run": {"jobs_file": "jobs-mig.jsonl", "seeds": "5"}, "finished_at": "2999-01-01T00:00:00+00:00"}
+    with open(copy / "manifest.jsonl", "a") as f:
+        f.write(json.dumps(later) + "\n")
+    assert main(["eval", "mig", str(copy), *eval_models]) == 0
+    report = json.loads((copy / "eval-mig.json").read_text())
+    assert report["seeds"] == ["0", "5"]
+    assert report["items"] == {"expected": 4, "evaluated": 2, "failed": 1, "missing": 1, "unreadable": 0}
+
+
 def test_a_tampered_manifest_path_is_never_followed(mig_run, eval_models, tmp_path, capsys):
     _, run = mig_run
     copy = tmp_path / "run"

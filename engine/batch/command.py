@@ -121,7 +121,7 @@ def _largest(jobs: Any) -> Any:
     return Largest(width=big.layout.width, height=big.layout.height,
                    instances=max(len(job.layout.instances) for job in good),
                    stage1=max(stage1, key=lambda s: s.size[0] * s.size[1]) if stage1 else None,
-                   sam=any(job.sam for job in good))
+                   sam=any(job.sam for job in good), photo=any(job.depth_from_photo for job in good))
 
 
 def _run_record(jobs_path: Path, out: Path, seeds: str | None) -> dict[str, Any]:

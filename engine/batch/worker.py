@@ -56,6 +56,7 @@ class Largest:
     instances: int = 0
     stage1: Any = None  # the largest stage-1 settings (Stage1Options) when some job runs stage 1
     sam: bool = False
+    photo: bool = False  # some job estimates its depth from a photo
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def keep_loaded(spec: EngineSpec) -> tuple[Engine, list[str]]:
         try:
             trial = spec.bare_engine({**spec.overrides, **trial_overrides})
             trial.check_fits(largest.width, largest.height, largest.instances, stage1=largest.stage1,
-                             sam=largest.sam)
+                             sam=largest.sam, photo=largest.photo)
         except UserError as err:
             notes.append(f"{AUX_NAMES[kind]} is loaded for every item and freed after it (profile "
                          f"{engine.profile.name}): keeping it loaded would not fit ({err})")

@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from threedis.engine.eval.models import GroundingDino, SamViT, model_ident
     from threedis.engine.eval.report import build_report, table
     from threedis.engine.eval.sources import folder_source, load_truth, run_source
-    from threedis.engine.outputs import replace_file
+    from threedis.engine.outputs import check_output_folder, replace_file
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -93,6 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         source = folder_source(args.path, truth, truth_from)
     if not source.items:
         raise UserError(f"{args.path}: nothing to evaluate (no COCO-MIG jobs or images)")
+    out = None if str(args.out) == "-" else (args.out or _default_out(source.kind, args.path))
+    if out is not None:
+        check_output_folder(out.resolve().parent, need_bytes=0)  # before the work, not after it
     device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(device).type == "cuda"
     batch = args.batch_size or (16 if on_gpu else 2)
@@ -108,10 +111,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache, progress=not args.no_progress)
     report = build_report(source, results, models)
     text = json.dumps(report, indent=1) + "\n"
-    if str(args.out) == "-":
+    if out is None:
         sys.stdout.write(text)
         return 0
-    out = args.out or _default_out(source.kind, args.path)
     replace_file(out, text.encode(), what=f"the results {out}")
     print(table(report))
     print(f"\nresults: {out}" + (f"\ncache: {cache_path}" if cache_path is not None else ""))

@@ -56,6 +56,12 @@ def export_mig(run_dir: str | Path, dest: str | Path, jobs: Path | None = None,
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest} exists and is not an empty folder; the reference evaluator scores every file in its "
                         f"image folder, so give a new one")
+    for item in source.items:
+        coco_id = item.truth.coco_id
+        if not coco_id or any(c in coco_id for c in "_/\\.\0") or not coco_id.isprintable():
+            raise UserError(f"coco_id {coco_id!r} cannot end a file name the reference evaluator splits on '_' and "
+                            f"'.'; fix the annotation file")
+    truth = reference_json(item.truth for item in source.items)
     images = dest / IMAGES
     try:
         images.mkdir(parents=True, exist_ok=True)
@@ -64,9 +70,6 @@ def export_mig(run_dir: str | Path, dest: str | Path, jobs: Path | None = None,
     linked = 0
     for item in source.items:
         coco_id = item.truth.coco_id
-        if not coco_id or any(c in coco_id for c in "_/\\.\0") or not coco_id.isprintable():
-            raise UserError(f"coco_id {coco_id!r} cannot end a file name the reference evaluator splits on '_' and "
-                            f"'.'; fix the annotation file")
         if item.status != "done":
             continue
         job = item.name.split("/")[0]
@@ -75,6 +78,5 @@ def export_mig(run_dir: str | Path, dest: str | Path, jobs: Path | None = None,
         except OSError as exc:
             raise UserError(f"cannot write into {images}: {exc.strerror or exc}") from None
         linked += 1
-    truth = reference_json(item.truth for item in source.items)
     truth_path = replace_file(dest / REFERENCE_TRUTH_NAME, (json.dumps(truth, indent=1) + "\n").encode())
     return Exported(images=images, truth=truth_path, linked=linked, not_rendered=len(source.items) - linked)

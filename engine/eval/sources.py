@@ -67,6 +67,20 @@ def _run_info(rows: dict[tuple[str, Any], dict[str, Any]]) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def _default_seeds(rows: dict[tuple[str, Any], dict[str, Any]]) -> tuple[int, ...]:
+    """Every seed the run's commands gave with --seeds (seeds added by a later command are items too)."""
+    from threedis.engine.batch.seeds import parse_seeds
+
+    seeds: dict[int, None] = {}
+    for row in rows.values():
+        info = row.get("run") if isinstance(row.get("run"), dict) else {}
+        try:
+            seeds.update(dict.fromkeys(parse_seeds(info.get("seeds", 0), "the manifest's seeds")))
+        except UserError:
+            continue
+    return tuple(sorted(seeds)) or (0,)
+
+
 def _jobs_file(run_dir: Path, info: dict[str, Any], jobs: Path | None) -> Path:
     if jobs is not None:
         return jobs
@@ -87,7 +101,6 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
     from threedis.engine.batch.jobs import JobDefaults, load_jobs, parse_job
     from threedis.engine.batch.manifest import MANIFEST_NAME, latest_rows, read_rows, resolve_inside
     from threedis.engine.batch.mig import mig_jobs
-    from threedis.engine.batch.seeds import parse_seeds
 
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST_NAME
@@ -96,11 +109,7 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
                         f"of images named ..._<coco_id>.png with --from-mig FILE.yaml")
     rows = latest_rows(read_rows(manifest))
     info = _run_info(rows)
-    try:
-        default_seeds = parse_seeds(info.get("seeds", 0), "the manifest's seeds")
-    except UserError:
-        default_seeds = (0,)
-    defaults = JobDefaults(seeds=default_seeds)
+    defaults = JobDefaults(seeds=_default_seeds(rows))
     source = Source(kind="run", path=run_dir)
     if from_mig is not None:
         parsed = [parse_job(data, n, from_mig.parent, defaults) for n, data in enumerate(mig_jobs(from_mig), 1)]
@@ -118,7 +127,8 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
             source.notes.append(f"job {job.id} (line {job.line}) cannot be read ({job.problem}): skipped")
             continue
         truth = entry_from_layout(str(coco_id), job.layout, f"job {job.id}")
-        for seed in job.seeds:
+        rendered = [seed for (name, seed) in rows if name == job.id and isinstance(seed, int)]
+        for seed in dict.fromkeys([*job.seeds, *sorted(rendered)]):
             source.items.append(_run_item(run_dir, job.id, seed, truth, rows.get((job.id, seed)), resolve_inside))
     return source
 
