@@ -26,7 +26,7 @@ see docs/eval.md
 def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="score images on a benchmark (COCO-MIG)",
                        description="Score generated images with a benchmark's published protocol.")
-    which = p.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    which = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", help="mig (COCO-MIG)")
     which.required = True
     m = which.add_parser(
         "mig", help="COCO-MIG: instance success, mIoU and image success per level (eval_mig.py's protocol)",
