@@ -456,6 +456,22 @@ class Engine:
                 folders[kind] = None
         return aux_configs(keys, folders)
 
+    def check_fits(self, width: int, height: int, num_instances: int = 0, stage1: Stage1Options | None = None,
+                   sam: bool = False, chunk: int = 200, photo: bool = False) -> None:
+        """Raise UserError now if a render of this size would not fit the memory plan; nothing loads.
+
+        The check every render makes first (VRAM on CUDA, host RAM on CPU, with this engine's
+        profile): stage1, the stage-1 settings when stage 1 makes the depth (None: a depth map
+        is given); sam, whether SAM2 runs; photo, whether the depth estimator is priced too. A
+        batch asks it before choosing what to keep loaded between items.
+        """
+        from threedis.engine.planner import STAGE2_MODELS, models_for
+
+        keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam), depth_estimator=bool(photo))
+                if k not in STAGE2_MODELS]
+        self.models.check_fits(width, height, num_instances, chunk, extra=self._aux_configs(keys),
+                               stage1_size=stage1.size if stage1 is not None else (512, 512))
+
     def loaded_models(self) -> list[str]:
         """The models in memory right now (profile keys), e.g. for a status display."""
         return sorted(key for key, info in self.models.placement().items() if info.get("on") is not None)
@@ -542,12 +558,8 @@ class Engine:
                                    permute_tokens=options.permute_tokens, preview=options.preview)
         with self._lock:
             # before anything of this render loads: VRAM on CUDA, host RAM on CPU (runtime.check_fits)
-            from threedis.engine.planner import STAGE2_MODELS, models_for
-
-            keys = [k for k in models_for(stage1=stage1 is not None, sam2=bool(sam)) if k not in STAGE2_MODELS]
-            extra = self._aux_configs(keys)
-            self.models.check_fits(layout.width, layout.height, len(layout.instances), chunk, extra=extra,
-                                   stage1_size=stage1.size if stage1 is not None else (512, 512))
+            self.check_fits(layout.width, layout.height, len(layout.instances), stage1=stage1, sam=bool(sam),
+                            chunk=chunk)
             prof = Profiler(device=self.device)
             prof.note("profile", self.profile.name)
             prof.note("profile origin", self.profile.origin)

@@ -1,5 +1,5 @@
-"""`threedis` command line: render, demo, batch, serve, depth, convert-weights, make-tiny, validate, plan, profiles,
-bench.
+"""`threedis` command line: render, demo, batch, eval, serve, depth, convert-weights, make-tiny, validate, plan,
+profiles, bench.
 User mistakes print one line (`threedis: error: ...`) and exit with code 2;
 anything else is a bug and keeps its traceback.
 
@@ -49,6 +49,7 @@ examples:
   threedis depth photo.jpg --out depth.png       # Depth Anything V2
   threedis plan layout.json --profile 12gb
   threedis batch jobs.jsonl --out runs/a --seeds 0-3 [--ray [ADDRESS]]   # many layouts x seeds, resumable
+  threedis eval mig runs/mig                     # COCO-MIG scores of a batch run (docs/eval.md)
   threedis serve --open                          # web layout editor + local API on 127.0.0.1:7860
   threedis make-tiny all /tmp/tiny                # random-weight test checkpoints
 """
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_parser(sub)
 
+    from threedis.engine.eval.command import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("depth", help="estimate a depth map from a photo (Depth Anything V2)",
                        description="Write the depth map of PHOTO (grey, near = bright), as used by --depth.")
     p.add_argument("photo", type=Path, help="photo (PNG/JPEG)")
@@ -217,15 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .ckpt file, or a folder holding the authors' unet_0901.ckpt and layout_adapter.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace existing .safetensors copies")
 
-    p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (flux, ldm3d, sam2, depth or all)",
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (flux, ldm3d, sam2, depth, "
+                                         "grounding-dino, sam-vit or all)",
                        description="Write a tiny random-weight checkpoint in the real model's on-disk layout, for "
                                    "tests and trying the commands without the real weights: flux (FLUX.1-Depth-dev, "
                                    "for --model), ldm3d (stage 1, for --stage1), sam2 (for --sam), depth (Depth "
-                                   "Anything V2, for --depth-model), or all (one subfolder each). "
-                                   "`threedis make-tiny PATH` alone writes flux.",
+                                   "Anything V2, for --depth-model), grounding-dino and sam-vit (the COCO-MIG "
+                                   "evaluation's models, for `eval mig --detector / --sam`), or all (one subfolder "
+                                   "each). `threedis make-tiny PATH` alone writes flux.",
                        epilog="example: threedis make-tiny ldm3d ~/tiny/ldm3d, then "
                               "threedis render layout.json --model ... --stage1 ~/tiny/ldm3d")
-    p.add_argument("kind_or_path", metavar="KIND", help="flux, ldm3d, sam2, depth or all (given alone: the PATH "
+    p.add_argument("kind_or_path", metavar="KIND", help="flux, ldm3d, sam2, depth, grounding-dino, sam-vit or all "
+                                                        "(given alone: the PATH "
                                                         "of a flux checkpoint)")
     p.add_argument("path", type=Path, nargs="?", metavar="PATH",
                    help="folder to write: new or empty, not a system folder, not named like the real model")
@@ -691,6 +699,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from threedis.engine.eval.command import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from threedis.engine.serve.server import main as serve_main  # checks first, then FastAPI; torch in the background
 
@@ -708,6 +722,7 @@ COMMANDS = {
     "render": cmd_render,
     "demo": cmd_demo,
     "batch": cmd_batch,
+    "eval": cmd_eval,
     "depth": cmd_depth,
     "convert-weights": cmd_convert_weights,
     "make-tiny": cmd_make_tiny,

@@ -29,6 +29,8 @@ _MODEL_TYPES = {
     "T5EncoderModel": ("t5",),
     "Sam2Model": ("sam2", "sam2_video"),
     "DepthAnythingForDepthEstimation": ("depth_anything",),
+    "GroundingDinoForObjectDetection": ("grounding-dino",),
+    "SamModel": ("sam",),
 }
 
 # Schedulers have no bundled config file: the published values the engine relies on.

@@ -59,11 +59,13 @@ def _missing_files(folder: Path) -> list[str]:
 
 
 def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str,
-                     local_files_only: bool = False, tiny_kind: str = "depth") -> Path:
+                     local_files_only: bool = False, tiny_kind: str = "depth",
+                     extra_files: Sequence[str] = (), required_files: Sequence[str] = ()) -> Path:
     """Local folder holding a complete transformers checkpoint, or one UserError saying how to get it.
 
     `what` names the model in messages ("depth model", "SAM2 model"), `tiny_kind` its tiny
     stand-in (threedis.engine.tiny_rules); pickled weights (*.bin) are never fetched or accepted.
+    extra_files: more files to fetch (a tokenizer's); required_files: those of them that must be there.
     """
     text = os.fspath(path_or_id)
     how = hf_how_to_get(default_id, tiny_kind)
@@ -72,13 +74,14 @@ def resolve_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: 
         from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=local_files_only))
+            path = Path(snapshot_download(text, allow_patterns=[*_HUB_FILES, *extra_files],
+                                          local_files_only=local_files_only))
         except Exception as exc:  # offline, unknown repo, bad id: the same fix for the user
             where = "in the local hub cache (local_files_only)" if local_files_only else "on the hub"
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise UserError(f"cannot get {what} {text!r} {where}: {type(exc).__name__}: {first}; {how}") from None
     with loading_component(what, path):
-        missing = _missing_files(path)
+        missing = _missing_files(path) + [n for n in required_files if not (path / n).is_file()]
     if missing:
         raise UserError(f"incomplete {what} at {path}: missing {', '.join(missing)}; {how}")
     return path
@@ -154,12 +157,15 @@ def normalize_depth(depth: torch.Tensor) -> Any:
 
 def open_hf_model(path_or_id: str | os.PathLike[str], what: str, default_id: str, tiny_kind: str, config_name: str,
                   local_files_only: bool, device: torch.device | str | None,
-                  dtype: torch.dtype | None) -> tuple[Path, torch.device, torch.dtype]:
-    """The checked folder of a transformers model and the device and dtype it runs in (SAM2, Depth Anything).
+                  dtype: torch.dtype | None, extra_files: Sequence[str] = (),
+                  required_files: Sequence[str] = ()) -> tuple[Path, torch.device, torch.dtype]:
+    """The checked folder of a transformers model and the device and dtype it runs in (SAM2, Depth Anything,
+    the evaluation's detector and SAM).
 
     Its config is compared with the bundled real one (config_name) before anything is built.
     """
-    folder = resolve_hf_model(path_or_id, what, default_id, local_files_only, tiny_kind=tiny_kind)
+    folder = resolve_hf_model(path_or_id, what, default_id, local_files_only, tiny_kind=tiny_kind,
+                              extra_files=extra_files, required_files=required_files)
     device = torch.device(device) if device is not None else default_device()
     read_component_config(what, folder / "config.json", config_name)
     return folder, device, dtype or default_dtype(device)

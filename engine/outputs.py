@@ -39,6 +39,7 @@ __all__ = [
     "rerender_from_png",
     "render_kwargs_from_metadata",
     "save_image_new",
+    "replace_file",
     "check_output_folder",
     "remove_stale_temp",
     "save_result",
@@ -285,6 +286,32 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
                 raise UserError(f"{target} already exists; choose another name or pass --overwrite") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def replace_file(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
+    """Write `data` at `path`, replacing any file there, so that the name only ever holds a whole file.
+
+    Written to a temporary name in the same folder, flushed to disk and renamed. The file
+    gets the modes any new file gets here (umask: 0644 usually), like the images a render
+    saves. A full, read-only or missing folder is one UserError naming the file.
+    """
+    target = Path(path)
+    tmp = target.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {what or target}: {exc.strerror or exc}; free some space, check the folder's "
+                        f"permissions, or choose another folder") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target
 
 

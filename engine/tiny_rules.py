@@ -26,8 +26,9 @@ __all__ = ["DEMO_MAX_SIDE", "LDM3D_MARKER", "MARKER", "MIGC_STEPS", "OPTIONS", "
 MARKER = "threedis_tiny.json"  # FLUX, SAM2, Depth Anything: written last, so its presence means complete
 LDM3D_MARKER = "threedis_tiny_ldm3d.json"  # the stage-1 checkpoint's own marker
 
-# Where a tiny checkpoint of each kind goes on the command line.
-OPTIONS = {"flux": "--model", "ldm3d": "--stage1", "sam2": "--sam", "depth": "--depth-model"}
+# Where a tiny checkpoint of each kind goes on the command line (the last two: `threedis eval mig`'s models).
+OPTIONS = {"flux": "--model", "ldm3d": "--stage1", "sam2": "--sam", "depth": "--depth-model",
+           "grounding-dino": "--detector", "sam-vit": "--sam"}
 
 STEPS = 4  # FLUX denoising steps on a tiny FLUX checkpoint (the real default: 20)
 STAGE1_STEPS = 4  # stage-1 steps on a tiny stage-1 checkpoint (the real default: 30)

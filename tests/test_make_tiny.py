@@ -46,6 +46,14 @@ def _load(kind: str, folder: Path) -> object:
         from threedis.engine.sam_masks import SamMasker
 
         return SamMasker.from_pretrained(folder, device="cpu", local_files_only=True)
+    if kind == "grounding-dino":
+        from threedis.engine.eval.models import GroundingDino
+
+        return GroundingDino.from_pretrained(folder, device="cpu", local_files_only=True)
+    if kind == "sam-vit":
+        from threedis.engine.eval.models import SamViT
+
+        return SamViT.from_pretrained(folder, device="cpu", local_files_only=True)
     from threedis.engine.depth_estimation import DepthEstimator
 
     return DepthEstimator.from_pretrained(folder, device="cpu", local_files_only=True)
@@ -57,7 +65,7 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("kind", ["ldm3d", "sam2", "depth"])
+@pytest.mark.parametrize("kind", ["ldm3d", "sam2", "depth", "grounding-dino", "sam-vit"])
 def test_each_kind_is_written_readable_and_loads(kind, tmp_path, capsys, umask_022):
     out = tmp_path / "new" / kind
     assert main(["make-tiny", kind, str(out)]) == 0
@@ -104,14 +112,15 @@ def test_a_bare_path_still_means_flux_and_all_writes_one_folder_per_kind(tmp_pat
     calls.clear()
     assert main(["make-tiny", "all", str(tmp_path / "every")]) == 0
     root = (tmp_path / "every").resolve()
-    assert calls == [(name, root / name, 0) for name in ("flux", "ldm3d", "sam2", "depth")]
+    assert calls == [(name, root / name, 0) for name in ("flux", "ldm3d", "sam2", "depth", "grounding-dino",
+                                                         "sam-vit")]
     printed = capsys.readouterr().out
     for name, spec in tiny.KINDS.items():
         assert f"{spec.option} {root / name}" in printed
 
 
 @pytest.mark.parametrize("case", ["file", "non-empty", "etc", "under-usr", "root", "home", "flux-name", "ldm3d-name",
-                                  "sam-name", "unknown-kind", "kind-without-path"])
+                                  "sam-name", "detector-name", "sam-vit-name", "unknown-kind", "kind-without-path"])
 def test_unsafe_or_wrong_targets_are_refused_with_one_line(case, tmp_path, monkeypatch, capsys):
     calls = _recording_kinds(monkeypatch)
     home = tmp_path / "home"
@@ -130,6 +139,8 @@ def test_unsafe_or_wrong_targets_are_refused_with_one_line(case, tmp_path, monke
         "flux-name": (["flux", str(tmp_path / "models" / "FLUX.1-Depth-dev")], "real model"),
         "ldm3d-name": (["ldm3d", str(tmp_path / "LDM3D-4C")], "real model"),
         "sam-name": (["flux", str(tmp_path / "sam2.1-hiera-large")], "real model"),
+        "detector-name": (["grounding-dino", str(tmp_path / "grounding-dino-tiny")], "real model"),
+        "sam-vit-name": (["sam-vit", str(tmp_path / "hub" / "sam-vit-huge")], "real model"),
         "unknown-kind": (["fluxx", str(tmp_path / "new")], "unknown tiny checkpoint kind 'fluxx'"),
         "kind-without-path": (["ldm3d"], "threedis make-tiny ldm3d PATH"),
     }[case]
@@ -153,18 +164,20 @@ def test_safe_folders_are_accepted(tmp_path, monkeypatch):
 
 def test_each_kind_stands_in_for_the_engines_default_model():
     from threedis.engine.depth_estimation import DEFAULT_DEPTH_MODEL
+    from threedis.engine.eval.protocol import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
     from threedis.engine.loading import DEFAULT_MODEL_ID
     from threedis.engine.sam_masks import DEFAULT_SAM_MODEL
     from threedis.engine.stage1.pipeline import DEFAULT_BASE_ID
 
     stands_in = {name: spec.stands_in_for for name, spec in tiny.KINDS.items()}
     assert stands_in == {"flux": DEFAULT_MODEL_ID, "ldm3d": DEFAULT_BASE_ID, "sam2": DEFAULT_SAM_MODEL,
-                         "depth": DEFAULT_DEPTH_MODEL}
+                         "depth": DEFAULT_DEPTH_MODEL, "grounding-dino": DEFAULT_DETECTOR,
+                         "sam-vit": DEFAULT_SEGMENTER}
 
 
 # ------------------------------------------------------------------ the hints lead to the command
 
-_HINTED = re.compile(r"`threedis make-tiny (\w+) ([^`]+)`[^`]*then pass `(--[\w-]+) ([^`]+)`")
+_HINTED = re.compile(r"`threedis make-tiny ([\w-]+) ([^`]+)`[^`]*then pass `(--[\w-]+) ([^`]+)`")
 
 
 def _missing_model_error(kind: str, where: str) -> str:
@@ -184,6 +197,8 @@ def _missing_model_error(kind: str, where: str) -> str:
     ("ldm3d", "Intel/ldm3d-4c"),  # the hub id, offline: "cannot get the stage-1 base model"
     ("sam2", "/nowhere/sam2"),
     ("depth", "facebook/not-a-depth-model"),
+    ("grounding-dino", "/nowhere/grounding-dino"),
+    ("sam-vit", "facebook/not-a-sam"),
 ])
 def test_missing_model_errors_name_make_tiny_with_a_safe_folder(kind, where, tmp_path, monkeypatch):
     monkeypatch.setenv("THREEDIS_CACHE", str(tmp_path / "cache"))

@@ -17,7 +17,9 @@ examples:
   threedis batch jobs.jsonl --out runs/a --model /models/FLUX.1-Depth-dev --ray              # every GPU here
   threedis batch jobs.jsonl --out runs/a --model /models/FLUX.1-Depth-dev --ray HEAD:6379    # a Ray cluster
   threedis batch --from-mig mig_bench_anno.yaml --write-jsonl mig.jsonl                    # convert only
-  threedis batch --from-mig mig_bench_anno.yaml --out runs/mig --seeds 0-3 --model ...
+  threedis batch --from-mig mig_bench_anno.yaml --out runs/mig --seeds 0-3 --size 512 --steps 20 --guidance 10 \\
+      --model /models/FLUX.1-Depth-dev                                             # the paper's COCO-MIG runs
+  threedis batch export-mig runs/mig mig-export/        # as the reference evaluator reads it (docs/eval.md)
 run the same command again to resume; see docs/batch.md
 """
 
@@ -27,10 +29,19 @@ def add_batch_parser(sub: Any) -> None:
                        description="Render every (job, seed) of a JSONL job file into --out, one folder per "
                                    "job, with a manifest; the same command again resumes.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("jobs", type=Path, nargs="?", help="JSONL job file (one job a line; see docs/batch.md)")
+    p.add_argument("jobs", nargs="*", metavar="JOBS.jsonl",
+                   help="JSONL job file (one job a line; see docs/batch.md); or `export-mig RUN_DIR DEST`: link a "
+                        "COCO-MIG run's images into DEST as the reference evaluator reads them")
     p.add_argument("--out", type=Path, default=None, help="output folder (holds manifest.jsonl)")
     p.add_argument("--seeds", default=None, metavar="SEEDS",
                    help="seeds for jobs that give none: 7, 0-3 or 0,2,5-7 (default 0)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps for jobs that give none (default 20; 4 on the tiny checkpoints)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="guidance for jobs that give none (default 10.0)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="render every layout at this size, e.g. 512 or 768x512 (boxes are normalised; default: "
+                        "each layout's own)")
     p.add_argument("--retry-failed", action="store_true", help="render again the items that failed before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     mig = p.add_argument_group("COCO-MIG")
@@ -39,7 +50,8 @@ def add_batch_parser(sub: Any) -> None:
     mig.add_argument("--write-jsonl", type=Path, default=None, metavar="JOBS.jsonl",
                      help="with --from-mig: write the jobs as JSONL (and render only if --out is given)")
     mig.add_argument("--mig-size", type=int, default=None, metavar="PX",
-                     help="layout size of COCO-MIG jobs (default 512; 64 on the tiny checkpoints)")
+                     help="layout size of COCO-MIG jobs (default 512; rendering straight from the YAML on the tiny "
+                          "checkpoints: 64)")
     models = p.add_argument_group("models and runtime")
     models.add_argument("--model", default=os.environ.get("THREEDIS_MODEL"),
                         help="FLUX.1-Depth-dev folder or hub id (default $THREEDIS_MODEL, else the tiny checkpoints)")
@@ -68,15 +80,70 @@ def add_batch_parser(sub: Any) -> None:
                      help="GPUs per Ray worker (default 1, or 0 on a cluster without GPUs)")
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
-    from threedis.engine.batch.driver import run_batch
-    from threedis.engine.batch.jobs import TINY_DEFAULTS, JobDefaults, load_jobs
+def _defaults(args: argparse.Namespace, tiny: bool) -> Any:
+    """What jobs get for the settings they leave out: the command's flags, else the defaults (tiny or real)."""
+    from threedis.engine.batch.jobs import TINY_DEFAULTS, JobDefaults
     from threedis.engine.batch.seeds import parse_seeds
-    from threedis.engine.batch.worker import EngineSpec
-    from threedis.engine.profiles import parse_overrides
+    from threedis.engine.checks import check_guidance, check_steps
+    from threedis.engine.layout import SIZE_MULTIPLE
+    from threedis.engine.sizes import parse_size
+
     from threedis.engine.stages import default_stage1
     from threedis.engine.tiny_rules import is_tiny
 
+    base = TINY_DEFAULTS if tiny or is_tiny(args.model) else JobDefaults()
+    if args.stage1 is not None:  # the stage-1 model decides stage 1's numbers (stages.default_stage1)
+        base = replace(base, stage1=default_stage1(args.stage1))
+    changes: dict[str, Any] = {}
+    if args.seeds is not None:
+        changes["seeds"] = parse_seeds(args.seeds, "--seeds")
+    if args.steps is not None:
+        changes["steps"] = check_steps(args.steps, "--steps")
+    if args.guidance is not None:
+        changes["guidance"] = check_guidance(args.guidance, "--guidance")
+    if args.size is not None:
+        changes["size"] = parse_size(args.size, "--size")
+        if any(side % SIZE_MULTIPLE for side in changes["size"]):
+            raise UserError(f"--size must be a multiple of {SIZE_MULTIPLE} (one FLUX token is "
+                            f"{SIZE_MULTIPLE}x{SIZE_MULTIPLE} pixels), got {args.size}")
+    return replace(base, **changes)
+
+
+def _largest(jobs: Any) -> Any:
+    """The batch's most demanding render (pixels, instances, stage-1 size), for what may stay loaded."""
+    from threedis.engine.batch.worker import Largest
+
+    good = [job for job in jobs.jobs if job.problem is None and job.layout is not None]
+    if not good:
+        return None
+    big = max(good, key=lambda job: job.layout.width * job.layout.height)
+    stage1 = [job.stage1 for job in good if job.stage1 is not None]
+    return Largest(width=big.layout.width, height=big.layout.height,
+                   instances=max(len(job.layout.instances) for job in good),
+                   stage1=max(stage1, key=lambda s: s.size[0] * s.size[1]) if stage1 else None,
+                   sam=any(job.sam for job in good), photo=any(job.depth_from_photo for job in good))
+
+
+def _run_record(jobs_path: Path, out: Path, seeds: str | None) -> dict[str, Any]:
+    """What each manifest row says about the command: its job file (relative to DIR when inside) and seeds."""
+    resolved = jobs_path.resolve()
+    try:
+        where = str(resolved.relative_to(out.resolve()))
+    except ValueError:
+        where = str(resolved)
+    return {"jobs_file": where, "seeds": seeds if seeds is not None else "0"}
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from threedis.engine.batch.driver import run_batch
+    from threedis.engine.batch.jobs import load_jobs
+    from threedis.engine.batch.worker import EngineSpec
+    from threedis.engine.profiles import parse_overrides
+
+    if args.jobs and args.jobs[0] == "export-mig":
+        return _export_mig(args)
+    if len(args.jobs) > 1:
+        raise UserError(f"give one JSONL job file, got {len(args.jobs)} ({' '.join(args.jobs)})")
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise UserError("--workers and --gpus-per-worker apply to Ray mode; add --ray")
     if args.ray is not None:
@@ -84,57 +151,66 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         import_ray()  # before anything else: say how to install it
     tiny = not args.model
+    defaults = _defaults(args, tiny)
     if args.from_mig is not None:
         jobs_path = _import_mig(args, tiny)
         if jobs_path is None:
             return 0
     else:
-        if args.jobs is None:
+        if not args.jobs:
             raise UserError("give a JSONL job file (threedis batch jobs.jsonl --out DIR) or --from-mig FILE.yaml")
         if args.write_jsonl is not None or args.mig_size is not None:
             raise UserError("--write-jsonl and --mig-size go with --from-mig")
-        jobs_path = args.jobs
+        jobs_path = Path(args.jobs[0])
     if args.out is None:
         raise UserError("give an output folder: --out DIR")
-    base = TINY_DEFAULTS if tiny or is_tiny(args.model) else JobDefaults()
-    if args.stage1 is not None:  # the stage-1 model decides stage 1's numbers (stages.default_stage1)
-        base = replace(base, stage1=default_stage1(args.stage1))
-    defaults = replace(base, seeds=parse_seeds(args.seeds, "--seeds")) if args.seeds is not None else base
     jobs = load_jobs(jobs_path, defaults)
     if jobs.problems:
-        print(f"{len(jobs.problems)} job(s) have problems and are recorded as failed "
+        print(f"{len(jobs.problems)} job line(s) have problems and are recorded as failed, once each "
               f"(threedis validate {jobs_path} lists them)")
     needs = frozenset().union(*(job.needs for job in jobs.jobs))
     spec = EngineSpec(model=args.model or None, profile=args.profile, overrides=parse_overrides(args.overrides),
                       device=args.device, backend=args.backend, stage1=args.stage1, sam=sam_spec(args.sam),
                       depth_model=args.depth_model, local_files_only=args.local_files_only, needs=needs,
-                      loras=tuple(loras(args.lora, resolve=True)))
+                      loras=tuple(loras(args.lora, resolve=True)), largest=_largest(jobs))
     if tiny:
         print("no --model given: rendering on the tiny random-weight checkpoints (noise-like pictures)")
     if args.ray is not None:
         from threedis.engine.batch.ray_runner import RayRunner
 
-        runner: Any = RayRunner(spec, address=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+        runner: Any = RayRunner(spec, address=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                                on_note=print)
     else:
         from threedis.engine.batch.local import LocalRunner
 
-        runner = LocalRunner(spec)
-    summary = run_batch(jobs, args.out, runner, retry_failed=args.retry_failed, progress=not args.no_progress)
+        runner = LocalRunner(spec, on_note=print)
+    summary = run_batch(jobs, args.out, runner, retry_failed=args.retry_failed, progress=not args.no_progress,
+                        run=_run_record(jobs_path, args.out, args.seeds))
     print(summary.text())
     print(f"manifest: {args.out / 'manifest.jsonl'}")
     if summary.interrupted:
         print("interrupted: run the same command again to resume")
         return 130
-    return 1 if summary.failed else 0
+    if summary.remaining_failed:
+        print(f"{summary.remaining_failed} item(s) remain failed: the manifest's rows say why; fix them and run "
+              f"again with --retry-failed")
+        return 1
+    return 0
 
 
 def _import_mig(args: argparse.Namespace, tiny: bool) -> Path | None:
-    """--from-mig: the jobs as JSONL (--write-jsonl, or DIR/jobs-mig.jsonl); None when only converting."""
+    """--from-mig: the jobs as JSONL (--write-jsonl, or DIR/jobs-mig.jsonl); None when only converting.
+
+    The layout size is --mig-size, else 512 (the benchmark's), except when rendering straight from the
+    YAML on the tiny checkpoints (64, so a check of the chain takes seconds); --write-jsonl always
+    converts at the benchmark's size unless told otherwise.
+    """
     from threedis.engine.batch.mig import mig_jobs, write_jobs_jsonl
 
-    if args.jobs is not None:
+    if args.jobs:
         raise UserError("give either a JSONL job file or --from-mig FILE.yaml, not both")
-    size = args.mig_size if args.mig_size is not None else (64 if tiny else 512)
+    straight = args.write_jsonl is None and args.out is not None
+    size = args.mig_size if args.mig_size is not None else (64 if tiny and straight else 512)
     jobs = mig_jobs(args.from_mig, size=size)
     if args.write_jsonl is not None:
         path = write_jobs_jsonl(jobs, args.write_jsonl)
@@ -147,3 +223,19 @@ def _import_mig(args: argparse.Namespace, tiny: bool) -> Path | None:
     path = args.out / "jobs-mig.jsonl"
     write_jobs_jsonl(jobs, path, overwrite=True)  # the same file each run, so resuming finds the same jobs
     return path
+
+
+def _export_mig(args: argparse.Namespace) -> int:
+    """`threedis batch export-mig RUN_DIR DEST`."""
+    from threedis.engine.eval.export import export_mig
+
+    if len(args.jobs) != 3:
+        raise UserError("usage: threedis batch export-mig RUN_DIR DEST")
+    run_dir, dest = Path(args.jobs[1]), Path(args.jobs[2])
+    done = export_mig(run_dir, dest, from_mig=args.from_mig)
+    print(f"linked {done.linked} image(s) into {done.images}"
+          + (f" ({done.not_rendered} not rendered: failed or missing)" if done.not_rendered else ""))
+    print(f"ground truth: {done.truth}")
+    print(f"reference evaluator (LeyRio/MIG_Bench): copy {done.truth.name} into its folder, then "
+          f"python eval_mig.py --need_miou_score --need_instance_sucess_ratio --image_dir {done.images}")
+    return 0

@@ -3,17 +3,19 @@
 Workers send the files as bytes (a Ray worker may run on another machine), and
 only the driver writes into DIR. Each file is written to a temporary name,
 fsynced and renamed over any earlier copy (a set left by an interrupted run
-whose manifest row never got written), so the folder holds each item once.
+whose manifest row never got written), so the folder holds each item once. Files
+get the same modes as a render's (engine/outputs.replace_file), and a full or
+read-only folder is one UserError.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from threedis import UserError
+from threedis.engine.batch.manifest import resolve_inside
+from threedis.engine.outputs import replace_file
 from threedis.engine.paths import make_folder
 
 
@@ -23,26 +25,20 @@ def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
 
     stale: the item's files from an earlier manifest row (kind -> relative path);
     those the new set does not replace are removed, so no leftovers mix with it.
+    Only paths inside out/job_id are ever removed (the manifest is a file anyone may edit).
     """
     folder = make_folder(out / job_id, "job's output folder", f"move the file {out / job_id} away")
     written: dict[str, str] = {}
     for kind, (name, data) in files.items():
         if Path(name).name != name or name.startswith("."):
             raise UserError(f"refusing to write {name!r}: not a plain file name")  # pragma: no cover
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(folder / name, data)
         written[kind] = f"{job_id}/{name}"
+    own = folder.resolve()
     for old in (stale or {}).values():
-        if old not in written.values() and Path(old).parts[:1] == (job_id,):
-            (out / old).unlink(missing_ok=True)
+        path = resolve_inside(out, old) if old not in written.values() else None
+        if path is not None and path.parent == own:
+            path.unlink(missing_ok=True)
     return written
 
 

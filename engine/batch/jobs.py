@@ -3,8 +3,10 @@
 A line holds a layout (inline, or a path relative to the JSONL's folder),
 optional seeds, the depth source (a depth-map path, a photo path, or neither
 for stage 1) and render settings. A bad line does not stop the batch: it
-becomes a job with a `problem`, recorded as failed, and `threedis validate`
-lists every such line by number.
+becomes a job with a `problem`, recorded as failed once (one item, whatever its
+seeds), and `threedis validate` lists every such line by number. Each line is
+held to a layout's limits before it is parsed: its size in bytes, and how deep
+its JSON nests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Iterator
 
 from threedis import Layout, RenderOptions, Stage1Options, UserError
 from threedis.engine.batch.seeds import parse_seeds
+from threedis.engine.layout import DEFAULT_LAYOUT_LIMITS
 from threedis.engine.stages import TINY_STAGE1
 from threedis.engine.tiny_rules import STEPS
 from threedis.engine.paths import input_file
@@ -26,16 +29,23 @@ JOB_KEYS = ("id", "layout", "seeds", "depth", "depth_from_photo", "steps", "guid
             "stage1", "options", "meta")
 SCHEDULE_KEYS = ("hard", "i2i", "i2t", "t2i", "t2t")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_LINE_BYTES = DEFAULT_LAYOUT_LIMITS.max_file_bytes  # a line holds at most one layout and a few settings
+MAX_LINE_NESTING = 10  # job > layout > instances > instance > box is 5; meta may nest a little more
 
 
 @dataclass(frozen=True)
 class JobDefaults:
-    """What a job gets for the settings it leaves out (the tiny checkpoints want smaller ones)."""
+    """What a job gets for the settings it leaves out (the tiny checkpoints want smaller ones).
+
+    size: (width, height) every layout is rendered at instead of its own (boxes are
+    normalised, so the layout keeps its meaning); None keeps each layout's size.
+    """
 
     seeds: tuple[int, ...] = (0,)
     steps: int = 20
     guidance: float = 10.0
     stage1: Stage1Options = field(default_factory=Stage1Options)
+    size: tuple[int, int] | None = None
 
 
 TINY_DEFAULTS = JobDefaults(steps=STEPS, stage1=TINY_STAGE1)  # tiny_rules: seconds per item on a CPU
@@ -78,14 +88,14 @@ class Job:
 
 @dataclass(frozen=True)
 class Item:
-    """One image to make: a job and one of its seeds."""
+    """One image to make: a job and one of its seeds (None: the one failed record of a bad line)."""
 
     job: Job
-    seed: int
+    seed: int | None
 
     @property
     def name(self) -> str:
-        return f"{self.job.id}/seed-{self.seed}"
+        return f"{self.job.id}/seed-{self.seed}" if self.seed is not None else f"{self.job.id}/line-{self.job.line}"
 
 
 @dataclass
@@ -98,7 +108,11 @@ class JobFile:
         return [job for job in self.jobs if job.problem is not None]
 
     def items(self) -> Iterator[Item]:
+        """Every (job, seed); a bad line is one item, not one per seed it asked for."""
         for job in self.jobs:
+            if job.problem is not None:
+                yield Item(job, None)
+                continue
             for seed in job.seeds:
                 yield Item(job, seed)
 
@@ -212,6 +226,9 @@ def parse_job(data: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
         problems.append("layout: missing (an object, or a path to a layout file)")
     else:
         values["layout"] = check("layout", _layout, data["layout"], folder)
+        if values["layout"] is not None and defaults.size is not None:
+            width, height = defaults.size
+            values["layout"] = check("layout", lambda lay: replace(lay, width=width, height=height), values["layout"])
     if "depth" in data and "depth_from_photo" in data:
         problems.append("give either depth or depth_from_photo, not both (neither: stage 1 makes the depth)")
     for name in ("depth", "depth_from_photo"):
@@ -250,6 +267,33 @@ def parse_job(data: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
     return replace(job, key=_job_key(job))
 
 
+def _nesting_exceeds(data: Any, limit: int) -> bool:
+    """Whether `data` nests deeper than `limit` (walked level by level: no recursion)."""
+    level = [data]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
+
+
+def _read_line(text: str) -> tuple[Any, str | None]:
+    """(parsed value, None) or (None, the problem): a line over the size or nesting limit is not parsed further."""
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_LINE_BYTES:
+        return None, f"the line is {size} bytes, more than the limit of {MAX_LINE_BYTES} for one job"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON at column {exc.colno}: {exc.msg}"
+    except RecursionError:
+        return None, f"the JSON nests more than {MAX_LINE_NESTING} levels deep; a job is not nested like that"
+    if _nesting_exceeds(data, MAX_LINE_NESTING):
+        return None, f"the JSON nests more than {MAX_LINE_NESTING} levels deep; a job is not nested like that"
+    return data, None
+
+
 def load_jobs(path: str | Path, defaults: JobDefaults = JobDefaults()) -> JobFile:
     """Read a JSONL job file; blank lines are skipped, ids must be unique.
 
@@ -267,11 +311,9 @@ def load_jobs(path: str | Path, defaults: JobDefaults = JobDefaults()) -> JobFil
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            job = Job(id=f"job-{number:05d}", line=number, seeds=defaults.seeds,
-                      problem=f"invalid JSON at column {exc.colno}: {exc.msg}")
+        data, problem = _read_line(text)
+        if problem is not None:
+            job = Job(id=f"job-{number:05d}", line=number, seeds=defaults.seeds, problem=problem)
         else:
             job = parse_job(data, number, folder, defaults)
         if job.id in first_line:

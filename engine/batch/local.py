@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from threedis import Engine
 from threedis.engine.batch.jobs import Item
@@ -10,11 +10,16 @@ from threedis.engine.batch.worker import EngineSpec, Outcome, render_item, worke
 
 
 class LocalRunner:
-    """Renders items in order on one engine (built from `spec` at the first item, or the one given)."""
+    """Renders items in order on one engine (built from `spec` at the first item, or the one given).
 
-    def __init__(self, spec: EngineSpec, engine: Engine | None = None) -> None:
+    on_note: told, once the engine is built, which auxiliary models stay loaded across items.
+    """
+
+    def __init__(self, spec: EngineSpec, engine: Engine | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.engine = engine
+        self.on_note = on_note
         self.worker = worker_label("local")
 
     def run(self, items: Iterable[Item]) -> Iterator[Outcome]:
@@ -22,6 +27,8 @@ class LocalRunner:
         if not items:
             return
         if self.engine is None:
-            self.engine = self.spec.build()
+            self.engine, notes = self.spec.build_with_notes()
+            for note in notes if self.on_note is not None else ():
+                self.on_note(note)
         for item in items:
             yield render_item(self.engine, item, self.worker)

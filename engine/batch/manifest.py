@@ -1,9 +1,11 @@
 """DIR/manifest.jsonl: one row per finished item, appended (flush + fsync) by the driver only.
 
 The latest row of an item wins. Resuming reads it back: an item is skipped when
-its last row says done, its job is unchanged (same job key) and its image is on
-disk with the recorded sha256; a failed item is skipped unless --retry-failed.
-A torn last line (the machine went down mid-write) is ignored.
+its last row says done, its job is unchanged (same job key), its image is on
+disk with the recorded sha256 and every other file the row lists (depth map,
+masks, report) is there too; a failed item is skipped unless --retry-failed.
+Paths in a row are only followed inside the run folder. A torn last line (the
+machine went down mid-write) is ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from threedis import UserError
 from threedis.engine.batch.jobs import Item
 from threedis.engine.paths import make_folder
 
@@ -44,12 +47,26 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "job" in row and "seed" in row:
+            if isinstance(row, dict) and isinstance(row.get("job"), str) and "seed" in row and (
+                    row["seed"] is None or type(row["seed"]) is int):  # None: a bad line's one row
                 rows.append(row)
     return rows
 
 
-def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+def resolve_inside(out: Path, relative: object) -> Path | None:
+    """out / relative when that names a file path inside `out` (symlinks resolved), else None.
+
+    A manifest is a file a user (or anyone with write access) can edit: a path such as
+    ../../etc/passwd or an absolute one must never be read, hashed or trusted as an output.
+    """
+    if not isinstance(relative, str) or not relative or "\0" in relative or Path(relative).is_absolute():
+        return None
+    root = out.resolve()
+    path = (root / relative).resolve()
+    return path if path != root and root in path.parents else None
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int | None], dict[str, Any]]:
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows:
         out[(row["job"], row["seed"])] = row
@@ -79,14 +96,24 @@ def plan_resume(items: Iterable[Item], out: Path, retry_failed: bool) -> ResumeP
             else:
                 skipped.append((item, "failed before (--retry-failed renders it again)"))
         elif row.get("status") == "done":
-            image = row.get("files", {}).get("image")
-            if image and row.get("sha256") and sha256_file(out / image) == row["sha256"]:
+            if _files_intact(out, row):
                 skipped.append((item, "done"))
-            else:  # missing or changed on disk: make it again
+            else:  # missing, changed or outside the run folder: make it again
                 to_run.append(item)
         else:
             to_run.append(item)
     return ResumePlan(to_run=to_run, skipped=skipped, previous=previous)
+
+
+def _files_intact(out: Path, row: dict[str, Any]) -> bool:
+    """The row's image has its recorded sha256 and every file it lists exists, all inside `out`."""
+    files = row.get("files")
+    if not isinstance(files, dict) or not isinstance(row.get("sha256"), str):
+        return False
+    paths = {kind: resolve_inside(out, rel) for kind, rel in files.items()}
+    if paths.get("image") is None or any(p is None or not p.is_file() for p in paths.values()):
+        return False
+    return sha256_file(paths["image"]) == row["sha256"]
 
 
 class ManifestWriter:
@@ -95,10 +122,14 @@ class ManifestWriter:
     def __init__(self, out: Path) -> None:
         self.path = out / MANIFEST_NAME
         make_folder(out, "output folder", "choose another --out")
-        needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self._ends_with_newline()
-        self._file = open(self.path, "a", encoding="utf-8")
-        if needs_newline:  # a torn last line: start ours on a fresh line
-            self._file.write("\n")
+        try:
+            needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self._ends_with_newline()
+            self._file = open(self.path, "a", encoding="utf-8")
+            if needs_newline:  # a torn last line: start ours on a fresh line
+                self._file.write("\n")
+        except OSError as exc:
+            raise UserError(f"cannot write the manifest {self.path}: {exc.strerror or exc}; check the folder's "
+                            f"permissions or choose another --out") from None
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:
@@ -106,9 +137,16 @@ class ManifestWriter:
             return f.read(1) == b"\n"
 
     def append(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise UserError(f"cannot write the manifest {self.path}: {exc.strerror or exc}; free some space and "
+                            f"run the same command again to resume") from None
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a full disk: the failed append already said so

@@ -51,6 +51,7 @@ class Summary:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    failed_before: int = 0  # of the skipped: failed in an earlier run and not retried (--retry-failed)
     retried: int = 0  # items sent again after their worker died
     interrupted: bool = False
     started: float = field(default_factory=time.time)
@@ -65,6 +66,11 @@ class Summary:
         self.workers.setdefault(outcome.worker, WorkerStats()).add(outcome)
 
     @property
+    def remaining_failed(self) -> int:
+        """Items whose latest outcome is a failure: this run's and the earlier ones not retried."""
+        return self.failed + self.failed_before
+
+    @property
     def wall_s(self) -> float:
         return (self.finished or time.time()) - self.started
 
@@ -75,7 +81,8 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total, "done": self.done, "failed": self.failed, "skipped": self.skipped,
-            "retried": self.retried, "interrupted": self.interrupted, "wall_s": self.wall_s,
+            "failed_before": self.failed_before, "retried": self.retried, "interrupted": self.interrupted,
+            "wall_s": self.wall_s,
             "images_per_hour": self.images_per_hour,
             "workers": {name: {"done": w.done, "failed": w.failed, "images_per_hour": w.images_per_hour,
                                "peak_vram": w.peak_vram, "device": w.device} for name, w in self.workers.items()},
@@ -86,6 +93,9 @@ class Summary:
         lines = [f"batch {'interrupted' if self.interrupted else 'finished'}: {self.done} done, {self.failed} failed, "
                  f"{self.skipped} skipped (of {self.total}) in {self.wall_s:.1f} s"
                  + (f", {rate:.0f} images/hour" if rate else "")]
+        if self.failed_before:
+            lines.append(f"{self.failed_before} of the skipped item(s) failed in an earlier run; --retry-failed "
+                         f"renders them again")
         if self.retried:
             lines.append(f"{self.retried} item(s) sent again after their worker died")
         for name, w in sorted(self.workers.items()):

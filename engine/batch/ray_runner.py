@@ -59,10 +59,11 @@ class BatchWorker:
         torch.set_num_threads(CPUS_PER_WORKER)
         start = time.perf_counter()
         try:
-            self.engine = self.spec.build()
+            self.engine, notes = self.spec.build_with_notes()
         except UserError as err:
             return {"ok": False, "error": str(err), "worker": self.name}
-        return {"ok": True, "worker": self.name, "pid": os.getpid(), "load_s": time.perf_counter() - start}
+        return {"ok": True, "worker": self.name, "pid": os.getpid(), "load_s": time.perf_counter() - start,
+                "notes": notes}
 
     def render(self, item: Item) -> Outcome:
         from threedis.engine.batch.worker import render_item
@@ -96,8 +97,10 @@ class RayRunner:
     """Spreads items over Ray actors; connects to `address` ("local": start a Ray instance here)."""
 
     def __init__(self, spec: EngineSpec, address: str = "local", workers: int | None = None,
-                 gpus_per_worker: float | None = None, on_resend: Callable[[Item], None] | None = None) -> None:
+                 gpus_per_worker: float | None = None, on_resend: Callable[[Item], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        self.on_note = on_note
         self.address = address
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
@@ -133,6 +136,8 @@ class RayRunner:
             failed = [info for info in self.worker_info if not info["ok"]]
             if failed:
                 raise UserError(f"Ray worker {failed[0]['worker']}: {failed[0]['error']}")
+            for note in self.worker_info[0].get("notes", []) if self.on_note is not None else ():
+                self.on_note(f"{note} (each Ray worker)")
             yield from self._feed(ray, actors, items)
         finally:
             for actor in actors:

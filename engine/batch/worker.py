@@ -16,6 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,12 +42,32 @@ def tiny_checkpoint(kind: str) -> str:
     return str(path_of())
 
 
+# The auxiliary models a batch may keep loaded between items: profile keys and names for messages.
+AUX_KEYS = {"stage1": ("ldm3d_unet", "ldm3d_vae", "ldm3d_text"), "sam": ("sam2",), "photo": ("depth_estimator",)}
+AUX_NAMES = {"stage1": "stage 1", "sam": "SAM2", "photo": "the depth estimator"}
+
+
+@dataclass(frozen=True)
+class Largest:
+    """The most demanding render of a batch: what keeping a model loaded must still leave room for."""
+
+    width: int = 512
+    height: int = 512
+    instances: int = 0
+    stage1: Any = None  # the largest stage-1 settings (Stage1Options) when some job runs stage 1
+    sam: bool = False
+    photo: bool = False  # some job estimates its depth from a photo
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How every worker builds its engine (picklable: it travels to Ray actors).
 
     model None: the tiny built-in checkpoints, like `threedis demo`; `needs` then says
     which tiny auxiliary models (stage1, photo, sam) the jobs use, so only those are made.
+    largest: the batch's most demanding render; with it, `build_with_notes` keeps the
+    auxiliary models a profile frees after each stage (`*-then-freed`) loaded across
+    items wherever the memory plan still fits.
     """
 
     model: str | None = None
@@ -60,9 +81,24 @@ class EngineSpec:
     local_files_only: bool = False
     needs: frozenset = frozenset()
     loras: tuple = ()  # (path, scale) pairs
+    largest: Largest | None = None
 
     def build(self) -> Engine:
         """Load the engine (models themselves load at the first render and stay)."""
+        return self.build_with_notes()[0]
+
+    def build_with_notes(self) -> tuple[Engine, list[str]]:
+        """The engine, keeping auxiliary models loaded where the plan allows, and one line per model saying so."""
+        if self.largest is None or not self.needs:
+            engine, notes = self.bare_engine(self.overrides), []
+        else:
+            engine, notes = keep_loaded(self)
+        for path, scale in self.loras:  # loads the transformer: only into the engine that is kept
+            engine.load_lora(path, scale=scale)
+        return engine, notes
+
+    def bare_engine(self, overrides: dict) -> Engine:
+        """An engine with these profile overrides and no LoRA (nothing is loaded yet)."""
         if self.model is None:
             model = tiny_checkpoint("flux")
             stage1 = self.stage1 or (tiny_checkpoint("stage1") if "stage1" in self.needs else None)
@@ -70,12 +106,44 @@ class EngineSpec:
             sam = self.sam or (tiny_checkpoint("sam") if "sam" in self.needs else None)
         else:
             model, stage1, depth, sam = self.model, self.stage1 or "auto", self.depth_model, self.sam
-        engine = Engine.from_pretrained(model, profile=self.profile, overrides=self.overrides or None,
+        engine = Engine.from_pretrained(model, profile=self.profile, overrides=overrides or None,
                                         device=self.device, backend=self.backend, stage1=stage1, sam=sam,
                                         depth_estimator=depth, local_files_only=self.local_files_only)
-        for path, scale in self.loras:
-            engine.load_lora(path, scale=scale)
         return engine
+
+
+def keep_loaded(spec: EngineSpec) -> tuple[Engine, list[str]]:
+    """Switch `*-then-freed` auxiliary models to kept ones, one kind at a time, while the largest render fits.
+
+    A kept model stays in memory next to the rendering models, so the plan is checked
+    with it (Engine.check_fits) before the switch; what does not fit keeps its profile's
+    load-and-free and is named as reloaded for every item.
+    """
+    largest = spec.largest
+    engine = spec.bare_engine(spec.overrides)
+    kept: dict[str, str] = {}
+    notes: list[str] = []
+    for kind in ("stage1", "sam", "photo"):
+        if kind not in spec.needs:
+            continue
+        freed = [key for key in AUX_KEYS[kind] if engine.profile.policy(key).device.freed_after_stage]
+        if not freed:
+            notes.append(f"{AUX_NAMES[kind]} stays loaded across items (profile {engine.profile.name})")
+            continue
+        trial_overrides = {**kept, **{f"{key}.device": "gpu" if engine.profile.policy(key).device.on_gpu else "cpu"
+                                      for key in freed}}
+        try:
+            trial = spec.bare_engine({**spec.overrides, **trial_overrides})
+            trial.check_fits(largest.width, largest.height, largest.instances, stage1=largest.stage1,
+                             sam=largest.sam, photo=largest.photo)
+        except UserError as err:
+            notes.append(f"{AUX_NAMES[kind]} is loaded for every item and freed after it (profile "
+                         f"{engine.profile.name}): keeping it loaded would not fit ({err})")
+            continue
+        kept, engine = trial_overrides, trial
+        notes.append(f"{AUX_NAMES[kind]} stays loaded across items (the memory plan allows it; the profile "
+                     f"{engine.profile.name} frees it after each render)")
+    return engine, notes
 
 
 @dataclass
@@ -96,6 +164,7 @@ class Outcome:
     traceback: str | None = None  # for failures that are not user mistakes (bugs, out of memory)
     started: float = 0.0  # wall clock (time.time) at start and end, for images per hour per worker
     finished: float = 0.0
+    threads: int = 0  # torch's CPU thread count for this render (CPU sums depend on it)
 
 
 def device_name(engine: Engine) -> str:
@@ -114,7 +183,8 @@ def render_item(engine: Engine, item: Item, worker: str, cancel: threading.Event
     """Render one (job, seed) and read its saved files back as bytes; a failure is an Outcome too."""
     cuda = engine.device.type == "cuda"
     outcome = Outcome(job=item.job.id, seed=item.seed, status="failed", worker=worker,
-                      device=device_name(engine), pid=os.getpid(), started=time.time())
+                      device=device_name(engine), pid=os.getpid(), started=time.time(),
+                      threads=torch.get_num_threads())
     start = time.perf_counter()
     try:
         if item.job.problem is not None:

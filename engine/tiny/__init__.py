@@ -3,7 +3,8 @@
 Why: tests, `threedis demo` and a newcomer without 30+ GB of gated weights need real
 checkpoints (same files, same loader classes) that run in milliseconds on a CPU. One
 module per model: `flux` (FLUX.1-Depth-dev), `ldm3d` (stage 1: LDM3D-4c plus the
-authors' two release files), `sam2` (SAM 2.1), `depth` (Depth Anything V2); `text`
+authors' two release files), `sam2` (SAM 2.1), `depth` (Depth Anything V2), and the
+COCO-MIG evaluation's `grounding_dino` (Grounding DINO) and `sam_vit` (SAM ViT); `text`
 trains their tokenizers, `store` holds what they share (cache, markers, permissions,
 where writing is refused). `threedis make-tiny KIND PATH` writes any of them.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from threedis.engine.tiny import depth, flux, ldm3d, sam2
+from threedis.engine.tiny import depth, flux, grounding_dino, ldm3d, sam2, sam_vit
 from threedis.engine.tiny.flux import (
     MARKER, TINY_FLUX, TINY_VERSION, is_tiny_checkpoint, tiny_flux_path, write_tiny_flux,
 )
@@ -46,11 +47,16 @@ KINDS: dict[str, TinyKind] = {
     "sam2": TinyKind("SAM2", sam2.write_tiny_sam2, sam2.tiny_sam2_path, sam2.STANDS_IN_FOR, OPTIONS["sam2"]),
     "depth": TinyKind("Depth Anything V2", depth.write_tiny_depth_anything, depth.tiny_depth_anything_path,
                       depth.STANDS_IN_FOR, OPTIONS["depth"]),
+    "grounding-dino": TinyKind("Grounding DINO (threedis eval mig's detector)",
+                               grounding_dino.write_tiny_grounding_dino, grounding_dino.tiny_grounding_dino_path,
+                               grounding_dino.STANDS_IN_FOR, OPTIONS["grounding-dino"]),
+    "sam-vit": TinyKind("SAM ViT (threedis eval mig's segmenter)", sam_vit.write_tiny_sam_vit,
+                        sam_vit.tiny_sam_vit_path, sam_vit.STANDS_IN_FOR, OPTIONS["sam-vit"]),
 }
 
 
 def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[tuple[str, Path]]:
-    """Write tiny `kind` ("flux", "ldm3d", "sam2", "depth", or "all": one subfolder each) into a new folder.
+    """Write tiny `kind` (a key of KINDS, or "all": one subfolder each) into a new folder.
 
     Refuses (UserError) a file, a non-empty folder, a system folder and a folder
     named like a real model; returns (kind, folder) per checkpoint written.

@@ -3,7 +3,7 @@
 Why train them: prompts must split into many distinct tokens, as with the real CLIP
 BPE and T5 sentencepiece tokenizers, so that chunking, truncation and the per-instance
 token cells are exercised; the tiny text models' vocabularies match these exactly.
-Shared by the tiny FLUX (CLIP + T5) and LDM3D (CLIP) writers.
+Shared by the tiny FLUX (CLIP + T5), LDM3D (CLIP) and Grounding DINO (BERT WordPiece) writers.
 """
 
 from __future__ import annotations
@@ -228,3 +228,54 @@ def write_t5_tokenizer(out: Path, lines: list[str], max_length: int = T5_MAX_LEN
     (out / "spiece.model").write_bytes(model)
     write_json(out / "special_tokens_map.json",
                 {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+
+
+# The 80 COCO classes (the benchmark's nouns) and the benchmark's colours: whole tokens in the tiny BERT vocab.
+COCO_WORDS = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
+    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
+    "skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine glass cup "
+    "fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair couch potted "
+    "plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven toaster sink "
+    "refrigerator book clock vase scissors teddy hair drier toothbrush red blue green yellow black white brown "
+    "a an the and of photo"
+).split()
+BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+
+
+def bert_vocab(lines: list[str], words: int = 300) -> list[str]:
+    """A WordPiece vocabulary laid out like bert-base-uncased's first 1,100 ids, then frequent whole words.
+
+    Grounding DINO finds its phrase boundaries by token id ([CLS] 101, [SEP] 102, '.' 1012,
+    '?' 1029: transformers' SPECIAL_TOKENS), so these sit where the real vocabulary has them:
+    specials and [unusedN] up to 998, then the printable ASCII characters except upper case
+    from 999 in code order, then '##' continuations of every letter and digit (any lower-case
+    word can be spelled), then COCO's class words and the corpus's most frequent words.
+    """
+    by_id = {v: k for k, v in BERT_SPECIAL_IDS.items()}
+    unused = iter(range(10_000))
+    vocab = [by_id.get(i) or f"[unused{next(unused)}]" for i in range(999)]
+    vocab += [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    vocab += ["##" + c for c in string.digits + string.ascii_lowercase]
+    counts: collections.Counter[str] = collections.Counter(
+        w for line in lines for w in "".join(c if c.isalpha() else " " for c in line.lower()).split() if len(w) > 1)
+    frequent = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    for word in dict.fromkeys([*COCO_WORDS, *frequent]):
+        if len(vocab) >= 999 + 68 + 36 + words:
+            break
+        if len(word) > 1:
+            vocab.append(word)
+    return vocab
+
+
+def write_bert_tokenizer(out: Path, vocab: list[str], max_length: int = 512) -> None:
+    """tokenizer.json, tokenizer_config.json, vocab.txt and special_tokens_map.json, as a BERT hub repo has."""
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, model_max_length=max_length)
+    if len(tok) != len(vocab):
+        raise RuntimeError(f"tiny BERT tokenizer has {len(tok)} entries, expected {len(vocab)}")
+    tok.save_pretrained(out)
+    (out / "vocab.txt").write_text("".join(w + "\n" for w in vocab), encoding="utf-8")
+    write_json(out / "special_tokens_map.json", {
+        "cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]"})
