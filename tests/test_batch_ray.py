@@ -13,7 +13,7 @@ from test_batch_support import images_in, leftovers, manifest_rows, pixels, refe
 from threedis.engine.batch.driver import run_batch
 from threedis.engine.batch.jobs import load_jobs
 from threedis.engine.batch.manifest import sha256_file
-from threedis.engine.batch.ray_runner import RayRunner, plan_workers
+from threedis.engine.batch.ray_runner import RayRunner, plan_workers, start_local_ray
 
 ray = pytest.importorskip("ray", reason="Ray is part of the test extra: pip install -e '.[test]'")
 
@@ -22,7 +22,7 @@ ALL_ITEMS = [f"job{n}/seed-{s}.png" for n in range(4) for s in range(3)]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(ray, num_cpus=2)
     yield ray
     ray.shutdown()
 
@@ -51,6 +51,7 @@ def test_ray_batch_matches_engine_render_pixel_for_pixel(tmp_path, local_ray, sp
                                       reference_pixels(engine, folder, int(row["job"][3:]), row["seed"],
                                                        threads=1))
     assert set(summary.workers) == {r["worker"] for r in rows}
+    assert [info["nice"] for info in runner.worker_info] == [0, 0]  # not Ray's default 15: they do the work
 
 
 def test_killed_worker_has_its_items_finished_by_the_other(tmp_path, local_ray, spec):
