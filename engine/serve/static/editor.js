@@ -441,10 +441,10 @@ function stage1Options() {
 
 /**
  * Render options, or null when the seed field is not a seed. `seedOffset` (a sweep) adds to the
- * seed; an unlocked seed is drawn anew first.
+ * seed; an unlocked seed is drawn anew first, unless `draw` is false (a plan runs nothing).
  */
-function renderOptions(seedOffset = 0n) {
-  if (!$("seed-lock").checked && seedOffset === 0n) $("seed").value = randomSeed();
+function renderOptions(seedOffset = 0n, draw = true) {
+  if (draw && !$("seed-lock").checked && seedOffset === 0n) $("seed").value = randomSeed();
   clearFieldError("seed");
   const seed = seedValue();
   if (seed === null) return null;

@@ -600,7 +600,7 @@ export function initJobs(app) {
 
   $("plan").addEventListener("click", async () => {
     app.clearProblems();
-    const o = app.renderOptions();
+    const o = app.renderOptions(0n, false);
     if (!o) return;
     try {
       const body = { layout: app.layoutJSON(), sam: o.sam, stage1: o.depth.source === "stage1", photo: o.depth.source === "photo" };
