@@ -1,7 +1,8 @@
 """One writer per folder: an exclusive lock that says who holds it.
 
 Why: two `threedis batch` commands on one output folder would both render every
-item and append to one manifest. The lock is an flock on a small file in the
+item and append to one manifest; two `threedis serve` on one folder would share its
+history (the second would mark the first one's running job interrupted). The lock is an flock on a small file in the
 folder, so the operating system releases it when its holder exits or is killed
 (no stale locks to clean up); the file names its holder for the message the
 second command prints. POSIX only: elsewhere (no fcntl) folders are not locked.

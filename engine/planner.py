@@ -48,6 +48,9 @@ Activations (measured on CPU with real layers, see the constants):
   VAE: VAE_DECODE_ELEMS_PER_PX / VAE_ENCODE_ELEMS_PER_PX values per image pixel;
       tiled runs pay that for one VAE_TILE_PX tile (the runtime's tile size) plus the full image's tiles.
   Small models (UNet, SAM2, depth estimator): measured constants below.
+  The VAE, UNet, SAM2 and depth-estimator constants were measured on the real models; a
+  narrower checkpoint of the same architecture (the tiny ones) is priced in proportion to
+  its width (`_width_ratio`: first block's channels or the backbone's hidden size).
 GPU_RESERVE_BYTES is added to every stage that touches the GPU.
 Sizes are reported in GB of 2**30 bytes.
 """
@@ -547,11 +550,32 @@ def _encoder_act(size_cfg: Mapping[str, Any], tokens: int, prompts: int, dtype_b
     return prompts * per_prompt
 
 
-def _vae_act(width: int, height: int, elems_per_px: int, dtype_bytes: int, tiling: bool) -> tuple[int, str]:
+# The width each measured activation constant belongs to: (config path, the measured model's value).
+_MEASURED_WIDTH: Mapping[str, tuple[tuple[str, ...], int]] = MappingProxyType({
+    "vae": (("block_out_channels", "0"), 128), "ldm3d_vae": (("block_out_channels", "0"), 128),
+    "ldm3d_unet": (("block_out_channels", "0"), 320),
+    "depth_estimator": (("backbone_config", "hidden_size"), 1024),
+    "sam2": (("vision_config", "backbone_config", "hidden_size"), 144),
+})
+
+
+def _width_ratio(key: str, cfg: Mapping[str, Any]) -> float:
+    """This model's width over the measured one's (1.0 when the config does not say): activations scale with it."""
+    path, measured = _MEASURED_WIDTH.get(key, ((), 0))
+    value: Any = cfg
+    for part in path:
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return 1.0
+    return value / measured if path and isinstance(value, (int, float)) and value > 0 else 1.0
+
+
+def _vae_act(width: int, height: int, elems_per_px: float, dtype_bytes: int, tiling: bool) -> tuple[int, str]:
     if tiling and max(width, height) > VAE_TILE_PX:
         tile = min(width, VAE_TILE_PX) * min(height, VAE_TILE_PX)
-        return elems_per_px * tile * dtype_bytes + 3 * 3 * width * height * dtype_bytes, f"tiled {VAE_TILE_PX}px"
-    return elems_per_px * width * height * dtype_bytes, "untiled"
+        return int(elems_per_px * tile * dtype_bytes) + 3 * 3 * width * height * dtype_bytes, f"tiled {VAE_TILE_PX}px"
+    return int(elems_per_px * width * height * dtype_bytes), "untiled"
 
 
 def _attention_bytes(backend: str, seq: int, heads: int, masked: bool) -> int:
@@ -566,6 +590,7 @@ def _stages(profile: Profile, req: PlanRequest, cfgs: Mapping[str, Mapping[str, 
             backend: str) -> tuple[list[_Stage], int]:
     w, h, n = req.width, req.height, req.num_instances
     act_bytes = {k: _float_bytes(profile.policy(k).weights) for k in cfgs}
+    ratio = {k: _width_ratio(k, c) for k, c in cfgs.items()}
     stages: list[_Stage] = []
     if "ldm3d_unet" in cfgs:
         w1, h1 = req.stage1_size
@@ -575,25 +600,26 @@ def _stages(profile: Profile, req: PlanRequest, cfgs: Mapping[str, Mapping[str, 
                 f"{n + 2} prompts x 77"))
         lat = (w1 // 8) * (h1 // 8)
         stages.append(_Stage("ldm3d_denoise", ("ldm3d_unet",),
-                             UNET_ELEMS_PER_LATENT_PX * lat * 2 * act_bytes["ldm3d_unet"],
+                             int(UNET_ELEMS_PER_LATENT_PX * ratio["ldm3d_unet"] * lat * 2 * act_bytes["ldm3d_unet"]),
                              f"{w1}x{h1}, CFG batch 2"))
         if "ldm3d_vae" in cfgs:
-            a, how = _vae_act(w1, h1, VAE_DECODE_ELEMS_PER_PX, act_bytes["ldm3d_vae"], profile.vae_tiling)
+            a, how = _vae_act(w1, h1, VAE_DECODE_ELEMS_PER_PX * ratio["ldm3d_vae"], act_bytes["ldm3d_vae"],
+                              profile.vae_tiling)
             stages.append(_Stage("ldm3d_decode", ("ldm3d_vae",), a, f"{w1}x{h1} {how}"))
     if "depth_estimator" in cfgs:
         aspect = max(w, h) / min(w, h)
         stages.append(_Stage("depth_estimate", ("depth_estimator",),
-                             int(DEPTH_ACT_ELEMS * aspect) * act_bytes["depth_estimator"],
+                             int(DEPTH_ACT_ELEMS * ratio["depth_estimator"] * aspect) * act_bytes["depth_estimator"],
                              f"{DEPTH_INPUT_PX}px short side"))
     if "sam2" in cfgs:
-        stages.append(_Stage("sam2_masks", ("sam2",), SAM2_ACT_ELEMS * act_bytes["sam2"],
+        stages.append(_Stage("sam2_masks", ("sam2",), int(SAM2_ACT_ELEMS * ratio["sam2"]) * act_bytes["sam2"],
                              f"1024^2 input, {n} boxes"))
     stages.append(_Stage("clip_encode", ("clip",),
                          _encoder_act(cfgs["clip"], CLIP_TOKENS, 1, act_bytes["clip"]), "global prompt x 77"))
     stages.append(_Stage("t5_encode", ("t5",),
                          _encoder_act(cfgs["t5"], T5_TOKENS, min(n + 1, TEXT_BATCH), act_bytes["t5"]),
                          f"{n + 1} prompts x {T5_TOKENS}, batches of {TEXT_BATCH}"))
-    a, how = _vae_act(w, h, VAE_ENCODE_ELEMS_PER_PX, act_bytes["vae"], profile.vae_tiling)
+    a, how = _vae_act(w, h, VAE_ENCODE_ELEMS_PER_PX * ratio["vae"], act_bytes["vae"], profile.vae_tiling)
     stages.append(_Stage("vae_encode", ("vae",), a, f"depth {w}x{h} {how}"))
     tcfg = cfgs["transformer"]
     hidden = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
@@ -605,7 +631,7 @@ def _stages(profile: Profile, req: PlanRequest, cfgs: Mapping[str, Mapping[str, 
            + req.chunk * (n + 1) * text_dim * 2 + image_tokens * tcfg["in_channels"] * 2 * 3
            + seq * tcfg["attention_head_dim"] * 4 * 2)
     stages.append(_Stage("denoise", ("transformer",), act, f"L={seq}, attention {backend}"))
-    a, how = _vae_act(w, h, VAE_DECODE_ELEMS_PER_PX, act_bytes["vae"], profile.vae_tiling)
+    a, how = _vae_act(w, h, VAE_DECODE_ELEMS_PER_PX * ratio["vae"], act_bytes["vae"], profile.vae_tiling)
     stages.append(_Stage("vae_decode", ("vae",), a, f"{w}x{h} {how}"))
     return stages, seq
 

@@ -229,7 +229,12 @@ def test_a_photo_depth_job_needs_no_prompts(service):
         assert depth.size == (32, 48)
     stage1 = client.post("/api/v1/depth", json={"layout": empty, "options": {"depth": {"source": "stage1"}}})
     assert stage1.status_code == 422  # stage 1 draws from the prompts: they are needed there
-    assert {p["field"] for p in stage1.json()["detail"]["problems"]} == {"prompt", "instances[0].prompt"}
+    problems = stage1.json()["detail"]["problems"]
+    assert {p["field"] for p in problems} == {"prompt", "instances[0].prompt"}
+    for problem in problems:  # and the refusal says why, and what needs no prompt
+        assert problem["message"].startswith("is empty; stage 1 makes the depth from the prompts"), problem
+        assert "a depth from a photo or an uploaded one needs none" in problem["message"]
+    assert "stage 1 makes the depth from the prompts" in stage1.json()["detail"]["message"]
     bad_size = client.post("/api/v1/depth", json={"layout": {**empty, "width": 33}, "options": {
         "depth": {"source": "photo", "upload": photo}}})
     assert bad_size.status_code == 422 and [p["field"] for p in bad_size.json()["detail"]["problems"]] == ["width"]
@@ -430,6 +435,9 @@ def test_bad_layout_gets_422_with_every_problem_as_validate_words_them(service, 
     ({"layout": layout_dict(), "options": {"depth": {"source": "upload", "upload": "../../etc/passwd"}}},
      "options.depth.upload"),
     ({"layout": layout_dict(), "options": {"depth": {"source": "nowhere"}}}, "options.depth.source"),
+    ({"layout": layout_dict(), "options": {"depth": {"source": "upload", "path": "/etc/passwd"}}},
+     "options.depth.path"),
+    ({"layout": layout_dict(), "options": {"depth": {"source": "photo"}}}, "options.depth.upload"),
     ({"layout": layout_dict(), "options": {"schedule": {"i2i": -1}}}, "options.schedule.i2i"),
     ({"layout": layout_dict(), "options": {"steps": 4, "schedule": {"hard": 5}}}, "options.schedule.hard"),
     ({"layout": {**layout_dict(), "instances": [{"prompt": "a", "box": [0, 0, 1, 1], "mask": "/etc/passwd"}]}},
@@ -444,6 +452,7 @@ def test_bad_job_bodies_get_a_4xx_naming_the_field(service, body, field):
     assert answer.status_code == 422, answer.text
     detail = answer.json()["detail"]
     assert detail["message"] and field in [p["field"] for p in detail["problems"]]
+    assert "'None'" not in detail["message"], detail  # a missing id is said to be missing
 
 
 def test_not_json_and_oversized_json_are_refused(service):
@@ -652,10 +661,22 @@ def test_plan_prices_the_models_the_service_loads_and_takes_only_built_in_profil
     models.update({f"ldm3d_{key}": paths["stage1"] / sub / "config.json"
                    for key, sub in (("unet", "unet"), ("vae", "vae"), ("text", "text_encoder"))})
     models["sam2"] = paths["sam"] / "config.json"
-    expected = plan(load_profile("12gb"), 1024, 768, 2, models=models).to_dict()
+    from threedis.engine.tiny_rules import STAGE1_SIZE
+
+    tiny_stage1 = (STAGE1_SIZE, STAGE1_SIZE)  # stage 1 at the size the service's jobs get (tiny: 64), not 512
+    expected = plan(load_profile("12gb"), 1024, 768, 2, models=models, stage1_size=tiny_stage1).to_dict()
     got = answer.json()
-    assert got["stages"] == expected["stages"] and got["profile"] == "12gb"
+    assert got["stages"] == expected["stages"] and got["profile"] == "12gb" and got["stage1_size"] == list(tiny_stage1)
     assert got["peak_host_bytes"] < 2 * 1024**3, got["peak_host_bytes"]  # the tiny models, not FLUX's 12B
+    sized = client.post("/api/v1/plan", json={"layout": layout, "profile": "12gb", "stage1": True, "stage1_size": 512})
+    assert sized.json()["stage1_size"] == [512, 512]  # a size the request names wins
+    # Activations too are the tiny models': a tiny 512^2 render grows the process by ~0.16 GB (its report's
+    # RSS, 0.57 -> 0.73 GB); priced with the real VAE's 1100 values per pixel the plan said 1.15 GB.
+    on_cpu = client.post("/api/v1/plan", json={"layout": {**layout, "width": 512, "height": 512}, "profile": "cpu",
+                                                "stage1": True}).json()
+    assert on_cpu["peak_host_bytes"] < 0.3e9, on_cpu["peak_host_bytes"]
+    photo = client.post("/api/v1/plan", json={"layout": layout, "profile": "12gb", "photo": True}).json()
+    assert "depth_estimate" in [row["stage"] for row in photo["stages"]]  # a photo's depth is priced when asked
     path = tmp_path / "layout.json"
     path.write_text(json.dumps(layout))
     assert cli.main(["plan", str(path), "--profile", "12gb", "--stage1", "--sam", "--json"]) == 0

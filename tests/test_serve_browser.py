@@ -237,6 +237,7 @@ def test_draw_render_reload_restore(service, browser, tmp_path, downloads):
         driver.get(f"{url}/?token={urllib.parse.quote(token)}")
         driver.execute_script("localStorage.clear(); sessionStorage.clear();")
         driver.refresh()
+        driver.get_log("browser")  # from here on the console must hold no CSP refusal (checked at the end)
         _wait(driver, lambda d: "profile" in d.find_element(By.ID, "system").text, UI_S,
               "the page never showed the service's profile (GET /system)")
         assert driver.find_element(By.ID, "tiny-note").is_displayed(), "the tiny-checkpoint note is not shown"
@@ -306,6 +307,26 @@ def test_draw_render_reload_restore(service, browser, tmp_path, downloads):
         remove(2)
         assert len(_model(driver)["instances"]) == 2
 
+        # -- snapping: edges land exactly on the 16-px token grid, and stay there through Ctrl+D and a nudge
+        driver.find_element(By.ID, "snap").click()
+        _drag(driver, canvas, (0.613, 0.757), (0.871, 0.913))
+        _wait(driver, lambda d: len(_model(d)["instances"]) == 3, UI_S, "the snapped drag drew no box")
+        driver.execute_script("document.getElementById('canvas').focus();")
+        chord = lambda key: ActionChains(driver).key_down(Keys.CONTROL).send_keys(key).key_up(Keys.CONTROL).perform()  # noqa: E731
+        chord("d")
+        ActionChains(driver).send_keys(Keys.ARROW_DOWN).perform()
+        from threedis.kernels.rule import box_regions
+
+        for snapped in [i["box"] for i in _model(driver)["instances"][2:]]:
+            tokens = [v * 512 / 16 for v in snapped]  # a 512 x 512 layout: a 32 x 32 token grid
+            assert tokens == [round(t) for t in tokens], f"snapped edges off the token grid: {tokens}"
+            cells = box_regions([snapped], 32, 32)[0]  # the service's rule (floor/ceil): no extra row or column
+            assert int(cells.sum()) == (tokens[2] - tokens[0]) * (tokens[3] - tokens[1]), tokens
+        assert driver.find_element(By.CSS_SELECTOR, '#boxes li[data-index="2"] .box-dup svg'), "duplicate has no icon"
+        driver.find_element(By.ID, "snap").click()
+        remove(3)
+        remove(2)
+
         # -- move (from the label), resize, nudge, delete, each undone with Ctrl+Z ----------------
         box = lambda: _model(driver)["instances"][0]["box"]  # noqa: E731
         label = ((first[0], 12), (first[1], -9))  # the box's label sits on its top edge
@@ -319,7 +340,6 @@ def test_draw_render_reload_restore(service, browser, tmp_path, downloads):
         assert resized[:2] == pytest.approx(moved[:2], abs=1e-4), "the corner drag moved the top-left corner"
         assert resized[2] - moved[2] == pytest.approx(0.05, abs=0.015), (moved, resized)
         keys = lambda *k: ActionChains(driver).send_keys(*k).perform()  # noqa: E731  (to the focused canvas)
-        chord = lambda key: ActionChains(driver).key_down(Keys.CONTROL).send_keys(key).key_up(Keys.CONTROL).perform()  # noqa: E731
         undo = lambda: chord("z")  # noqa: E731
         keys(Keys.ARROW_LEFT)
         assert box()[0] == pytest.approx(resized[0] - 16 / 512, abs=1e-3), "ArrowLeft did not nudge by one token"
@@ -512,11 +532,41 @@ def test_draw_render_reload_restore(service, browser, tmp_path, downloads):
         assert [_api(url, token, f"jobs/{j}")["options"]["seed"] for j in sweep_jobs] == [
             11279306965410786290, 11279306965410786291]
 
+        driver.find_elements(By.CSS_SELECTOR, "#sweep-grid .sweep-cell")[1].click()  # one it did not follow
+        _wait(driver, lambda d: d.find_element(By.ID, "result").get_attribute("data-job") == sweep_jobs[1], UI_S,
+              "clicking a sweep cell did not show its result")
+        _wait(driver, lambda d: "stage1" in d.find_element(By.ID, "result-timings").text, UI_S,
+              "the sweep cell's result has no timings (its report.json was not fetched)")
+
         driver.find_element(By.CSS_SELECTOR, f'#history .card[data-job="{job_b}"]').click()
         _wait(driver, lambda d: len(_model(d)["instances"]) == 2, UI_S, "restoring for the picture failed")
         driver.find_element(By.ID, "canvas").click()  # an empty spot: no box selected, for the picture
         driver.execute_script("window.scrollTo(0, 0);")
         _shot(driver, tmp_path, "serve-editor.png")
+        refused = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, f"the editor broke its own CSP: {refused}"
     except Exception:
         _report(driver, tmp_path, log_path)
         raise
+
+
+def test_a_narrow_window_keeps_the_page_and_its_hint_inside(service, browser, tmp_path):
+    url, token, log_path = service
+    driver = browser
+    try:
+        driver.get(f"{url}/?token={urllib.parse.quote(token)}")
+        for width in (480, 390, 320):
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                   {"width": width, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+            _wait(driver, lambda d: d.execute_script(
+                "return document.getElementById('canvas').getBoundingClientRect().right"
+                " <= document.documentElement.clientWidth;"), UI_S, f"the canvas did not refit at {width} px")
+            sides = driver.execute_script("""
+                const page = document.documentElement, hint = document.getElementById('hint').getBoundingClientRect();
+                return [page.scrollWidth, page.clientWidth, hint.left, hint.right];""")
+            assert sides[0] <= sides[1] and 0 <= sides[2] and sides[3] <= sides[1], (width, sides)
+    except Exception:
+        _report(driver, tmp_path, log_path)
+        raise
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -91,6 +91,16 @@ def test_the_page_needs_the_token_once_then_a_session_cookie(service):
         assert other.post("/login", data={"token": "nope"}).status_code == 401
 
 
+def test_the_editor_page_is_served_only_by_the_route_that_checks_the_session(service):
+    url, _ = service
+    with _plain(url) as client:
+        assert client.get("/static/editor.js").status_code == 200  # its scripts and styles carry no secret
+        client.get("/", params={"token": TOKEN})  # signed in: still not under /static
+        for path in ("/static/index.html", "/static/signin.html", "/static/INDEX.HTML", "/static/./index.html"):
+            answer = client.get(path)
+            assert answer.status_code == 404 and "editor.js" not in answer.text, path
+
+
 def test_the_editor_cannot_be_framed_and_runs_only_its_own_scripts(service):
     url, _ = service
     with _plain(url) as client:
@@ -170,6 +180,9 @@ def test_no_token_reaches_a_log_line(service):
         with _plain(url) as client:
             client.get("/", params={"token": TOKEN})
             client.get("/api/v1/system", params={"token": TOKEN})
+            encoded = client.get(f"/?%74oken={TOKEN}")  # Starlette decodes the name: it signs in...
+            assert encoded.status_code == 303, encoded.text  # ...so its log line must not carry it either
+            client.get(f"/static/{TOKEN}.js")  # a token anywhere in a URL
         from websockets.exceptions import InvalidStatus
 
         with pytest.raises(InvalidStatus):
@@ -185,6 +198,8 @@ def test_no_token_reaches_a_log_line(service):
     assert "token=***" in text, text  # the requests were logged...
     assert TOKEN not in text  # ...without the secret
     assert redact("GET /?token=abc&x=1 and /events?TOKEN=def") == "GET /?token=***&x=1 and /events?TOKEN=***"
+    assert redact("GET /?x=1&%74oken=abc&y=2 /?T%4Fken=d") == "GET /?x=1&%74oken=***&y=2 /?T%4Fken=***"
+    assert redact("/a/s3cret/b s3%2Fcret", frozenset({"s3/cret", "s3cret"})) == "/a/***/b ***"
 
 
 # ---------------------------------------------------------------------------- status codes
@@ -224,11 +239,16 @@ def test_a_second_service_on_the_same_folder_is_refused_and_says_who_holds_it(se
     from threedis.engine.serve.app import create_app
 
     _, config = service
-    with pytest.raises(UserError, match=rf"in use by another threedis serve \(pid {os.getpid()}, "
-                                        rf"http://127.0.0.1:{config.port}/\)"):
+    with pytest.raises(UserError, match=rf"in use by threedis serve at http://127.0.0.1:{config.port}/ "
+                                        rf"\(pid {os.getpid()} on "):
         create_app(_config(config.out), engine_factory=_no_engine)
     history = config.out / "history.sqlite3"
     assert history.is_file()  # and the running service's history was not touched by the refused one
+    from threedis.engine.locks import folder_lock
+
+    with pytest.raises(UserError, match="in use by threedis serve"):  # the project's one folder lock: batch too
+        with folder_lock(config.out, "threedis batch"):
+            pass
 
 
 def test_the_lock_goes_with_its_service(tmp_path):

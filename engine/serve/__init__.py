@@ -5,8 +5,8 @@ This package owns everything between a client and the public engine API: the rou
 in the background (engines.py), the job history in SQLite (history.py), validated image
 uploads (uploads.py), the LoRAs jobs may name (loras.py), event fan-out to WebSocket
 clients (events.py), request parsing (requests.py), the token / session cookie / Host /
-Origin guard and security headers (security.py), one service per output folder
-(folder_lock.py) and the command's checks and uvicorn (server.py). It reaches the engine only
+Origin guard and security headers (security.py), and the command's checks and uvicorn
+(server.py); one service per output folder is the project's folder lock (engine/locks.py). It reaches the engine only
 through the public `Engine` (render, depth_from_layout, depth_from_image, plan, load_lora,
 unload_loras, loaded_models), `Layout`, `RenderOptions`, `Stage1Options` and `UserError`,
 and the checks every reader shares (checks.check_seed, loading.safetensors_header). FastAPI and uvicorn are the

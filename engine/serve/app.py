@@ -32,10 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from threedis import __version__
 from threedis.engine.errors import UserError
+from threedis.engine.locks import folder_lock
 from threedis.engine.serve.config import ServeConfig
 from threedis.engine.serve.engines import EngineHolder, default_factory
 from threedis.engine.serve.events import EventHub
-from threedis.engine.serve.folder_lock import FolderLock
 from threedis.engine.serve.history import FINAL, LIVE, History
 from threedis.engine.serve.jobs import API, JobManager
 from threedis.engine.serve.loras import LoraStore
@@ -57,6 +57,15 @@ _JOB_EXAMPLE = {
                "instances": [{"prompt": "a red cardinal", "box": [0.08, 0.22, 0.45, 0.7]}]},
     "options": {"seed": 0, "steps": 20, "guidance": 10.0, "sam": False, "depth": {"source": "stage1"}},
 }
+
+
+class EditorAssets(StaticFiles):
+    """The editor's scripts and styles. Its HTML pages are served only by `/`, which checks the session."""
+
+    async def get_response(self, path: str, scope: dict) -> Response:
+        if path.lower().endswith((".html", ".htm")):
+            raise StarletteHTTPException(404, "Not Found")
+        return await super().get_response(path, scope)
 
 
 def _error(status: int, message: str, problems: list | None = None) -> JSONResponse:
@@ -132,7 +141,10 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
     The engine is built by the render worker once the app runs (the page answers meanwhile);
     on_loaded(holder) is called from the worker when that build ended (holder.state says how).
     """
-    lock = FolderLock(Path(config.out)).acquire(f"http://{config.host}:{config.port}/")
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    lock = contextlib.ExitStack()  # one service per output folder: a second one would share history.sqlite3
+    lock.enter_context(folder_lock(config.out, f"threedis serve at http://{config.host}:{config.port}/",
+                                   hint="stop it, or pass another --out"))
     try:
         history = History(config.history_path)
         uploads = UploadStore(config.uploads_dir, history, config.max_upload_bytes, config.max_upload_pixels)
@@ -142,10 +154,10 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
         jobs = JobManager(config, history, uploads, hub, engine_factory or default_factory(config), defaults,
                           loras, on_loaded)
     except BaseException:
-        lock.release()
+        lock.close()
         raise
     auth = Auth(config.token, config.port)
-    install_log_redaction()
+    install_log_redaction((config.token,))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -157,7 +169,7 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
             await run_in_threadpool(jobs.stop)
             hub.stop()
             history.close()
-            lock.release()
+            lock.close()
 
     offline_docs = _swagger_assets()
     app = FastAPI(title="threedis serve", version=__version__, lifespan=lifespan,
@@ -215,7 +227,7 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
             return HTMLResponse(sign_in_page("That is not this service's token."), 401, headers=NO_STORE)
         return signed_in(RedirectResponse("/", 303, headers=NO_STORE))
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.mount("/static", EditorAssets(directory=STATIC_DIR, check_dir=False), name="static")
 
     # -- system and planning ---------------------------------------------------
 
@@ -225,10 +237,10 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
 
     @app.post(f"{API}/plan", tags=["system"], summary="the memory planner's rows for a layout",
               openapi_extra=_json_body({"layout": _JOB_EXAMPLE["layout"], "profile": "12gb", "stage1": True,
-                                        "sam": False}))
+                                        "sam": False, "photo": False}))
     async def plan(request: Request) -> dict:
         body = await json_body(request)
-        return await run_in_threadpool(plan_rows, jobs.holder, body, uploads)
+        return await run_in_threadpool(plan_rows, jobs.holder, body, uploads, jobs.defaults.stage1_size)
 
     # -- uploads and LoRAs -----------------------------------------------------
 

@@ -41,12 +41,22 @@ class _Problems:
     def add(self, name: str, message: str) -> None:
         self.items.append({"field": name, "message": message})
 
+    def summary(self, what: str) -> str:
+        first = self.items[0]
+        more = len(self.items) - 1
+        tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        return f"{what}: {first['field']}: {first['message']}{tail}"
+
     def raise_any(self, what: str) -> None:
         if self.items:
-            first = self.items[0]
-            more = len(self.items) - 1
-            tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-            raise RequestError(f"{what}: {first['field']}: {first['message']}{tail}", self.items)
+            raise RequestError(self.summary(what), self.items)
+
+
+# Why a depth from the layout refuses an empty prompt while a photo's depth and a plan take one:
+# stage 1 is text-to-depth; each box's shape comes from its prompt (CLIP), and an empty one gives
+# every box the same text-free blob, which later renders on that depth would inherit.
+STAGE1_NEEDS_PROMPTS = ("is empty; stage 1 makes the depth from the prompts (each box's shape from its own), so a "
+                        "depth from the layout needs every prompt; a depth from a photo or an uploaded one needs none")
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,11 @@ def _check_depth(value: Any, kind: str, defaults: Defaults, uploads: UploadStore
         problems.add("options.depth.source", f"must be one of {', '.join(sources)}, got {got!r:.40}")
         return {"source": "stage1"}
     source = value["source"]
+    keys = {"stage1": ("source", "stage1"), "job": ("source", "job")}.get(source, ("source", "upload"))
+    for key in value:
+        if key not in keys:
+            problems.add(f"options.depth.{key}", f"unknown key for source {source!r}; allowed: {', '.join(keys)}"
+                         + ("; the service reads no paths" if key == "path" else ""))
     if source == "stage1":
         return {"source": source, "stage1": _check_stage1(value.get("stage1"), defaults, problems)}
     if source == "job":
@@ -237,6 +252,10 @@ def _check_depth(value: Any, kind: str, defaults: Defaults, uploads: UploadStore
             problems.add("options.depth.job", f"no depth job with id {job!r:.40}; POST /api/v1/depth first")
         return {"source": source, "job": job}
     upload = value.get("upload")
+    if upload is None:
+        problems.add("options.depth.upload", f"missing; give the id of a {'photo' if source == 'photo' else 'depth'} "
+                                             f"image POSTed to /api/v1/uploads")
+        return {"source": source, "upload": upload}
     try:
         uploads.get(upload, "photo" if source == "photo" else "depth", "options.depth.upload")
     except UploadError as err:
@@ -350,6 +369,9 @@ def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore
     except RequestError as err:
         problems += err.problems  # layout fields as `threedis validate` names them: "instances[1].box"
         message = str(err)
+        if kind == "depth":
+            problems = [{**p, "message": STAGE1_NEEDS_PROMPTS} if _empty_prompt(p) else p for p in problems]
+            message = _Problems(problems).summary("invalid layout")
     try:
         options = check_options(options_sent, kind, defaults, uploads, job_exists, lora_problems)
     except RequestError as err:

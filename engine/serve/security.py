@@ -25,7 +25,7 @@ import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote_plus
 
 from threedis.engine.errors import ThreedisWarning, UserError
 from threedis.engine.paths import make_folder
@@ -36,6 +36,8 @@ SESSION_PURPOSE = b"threedis serve session v1"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
 WS_AUTH_CLOSE = 4401  # WebSocket close code after accept: 4000 + the HTTP status it stands for (401)
 _SECRET_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+# A query parameter as it reaches a log line: undecoded, so "%74oken=" is a token too (Starlette decodes it)
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;\s\"'#]+)=(?P<value>[^&;\s\"'#]*)")
 
 # The editor's own files only: no inline script, no other origin, no framing.
 EDITOR_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -126,33 +128,56 @@ def own_origins(hosts: frozenset[str]) -> frozenset[str]:
     return frozenset(f"http://{h}" for h in hosts)
 
 
-def redact(text: str) -> str:
-    """`text` with every token=... value replaced by ***."""
-    return _SECRET_IN_TEXT.sub(r"\1***", text)
+def redact(text: str, secrets: frozenset[str] = frozenset()) -> str:
+    """`text` with every token=... value (the name spelled in any case or percent-encoding) replaced by ***,
+    and every one of `secrets` (as typed or percent-encoded) too, wherever it stands."""
+    def hide(match: re.Match) -> str:
+        if unquote_plus(match["name"]).strip().lower() == "token":
+            return f"{match['lead']}{match['name']}=***"
+        return match.group(0)
+
+    text = _SECRET_IN_TEXT.sub(r"\1***", _QUERY_PARAM.sub(hide, text))
+    for secret in secrets:
+        for form in {secret, quote(secret, safe="")}:
+            text = text.replace(form, "***")
+    return text
 
 
 class RedactSecrets(logging.Filter):
-    """Rewrites a log record whose message or arguments carry token=... (a URL with the token in its query).
+    """Rewrites a log record whose message or arguments carry token=... or one of the service's tokens.
 
-    The arguments keep their shape: uvicorn's access formatter unpacks them.
+    The arguments keep their shape: uvicorn's access formatter unpacks them. `secrets` grows as
+    services start in this process (each adds its own token), so none of them reaches a log line.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: frozenset[str] = frozenset()
+
+    def _clean(self, value: Any) -> Any:
+        return redact(value, self.secrets) if isinstance(value, str) else value
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            record.msg = self._clean(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(self._clean(a) for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+            record.args = {k: self._clean(v) for k, v in record.args.items()}
         return True
 
 
-def install_log_redaction(names: tuple[str, ...] = ("uvicorn.access", "uvicorn.error", "threedis.serve")) -> None:
-    """Add RedactSecrets to uvicorn's and our loggers once (idempotent)."""
+def install_log_redaction(secrets: tuple[str | None, ...] = (),
+                          names: tuple[str, ...] = ("uvicorn.access", "uvicorn.error", "threedis.serve")) -> None:
+    """Add one RedactSecrets to uvicorn's and our loggers (idempotent) and teach it `secrets`."""
+    known = frozenset(s for s in secrets if s)
     for name in names:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-            logger.addFilter(RedactSecrets())
+        found = next((f for f in logger.filters if isinstance(f, RedactSecrets)), None)
+        if found is None:
+            found = RedactSecrets()
+            logger.addFilter(found)
+        found.secrets = found.secrets | known
 
 
 def _cookies(header: str | None) -> dict[str, str]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from threedis import Engine
 
 GB = 1024**3
-PLAN_KEYS = ("layout", "profile", "stage1", "sam", "stage1_size")
+PLAN_KEYS = ("layout", "profile", "stage1", "sam", "photo", "stage1_size")
 
 
 def _memory(engine: "Engine | None") -> dict[str, float | None]:
@@ -54,17 +54,18 @@ def system_info(holder: EngineHolder, config: ServeConfig, queue_length: int, ru
     }
 
 
-def plan_rows(holder: EngineHolder, body: Any, uploads: UploadStore) -> dict:
+def plan_rows(holder: EngineHolder, body: Any, uploads: UploadStore, stage1_size: int | str = 512) -> dict:
     """Engine.plan for the layout's size and instance count, with a built-in profile (default: the engine's).
 
-    The engine's own checkpoint is priced (the tiny one in tiny mode). Prompts may be empty:
-    a plan reads none.
+    The engine's own checkpoint is priced (the tiny one in tiny mode), with stage 1 at the size a
+    job would get (`stage1_size`: the service's default, tiny in tiny mode) unless the body names
+    one; photo: the depth estimator runs too. Prompts may be empty: a plan reads none.
     """
     from threedis.engine.profiles import list_profiles
     from threedis.engine.sizes import parse_size
 
     if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object {layout, profile?, stage1?, sam?, stage1_size?}",
+        raise RequestError("the body must be a JSON object {layout, profile?, stage1?, sam?, photo?, stage1_size?}",
                            [{"field": "", "message": "must be an object"}])
     unknown = [k for k in body if k not in PLAN_KEYS]
     if unknown:
@@ -76,12 +77,11 @@ def plan_rows(holder: EngineHolder, body: Any, uploads: UploadStore) -> dict:
     if name is not None and (not isinstance(name, str) or name not in list_profiles()):
         problems.append({"field": "profile", "message": f"must be one of {', '.join(list_profiles())} "
                                                         f"(or left out for the service's own)"})
-    for flag in ("stage1", "sam"):
+    for flag in ("stage1", "sam", "photo"):
         if not isinstance(body.get(flag, False), bool):
             problems.append({"field": flag, "message": "must be true or false"})
-    stage1_size = (512, 512)
     try:
-        stage1_size = parse_size(body.get("stage1_size", 512), "stage1_size")
+        stage1_size = parse_size(body.get("stage1_size", stage1_size), "stage1_size")
     except Exception as err:
         problems.append({"field": "stage1_size", "message": str(err)})
     if problems:
@@ -91,5 +91,5 @@ def plan_rows(holder: EngineHolder, body: Any, uploads: UploadStore) -> dict:
                    else f"the models did not load: {holder.error}")
         raise RequestError(message, [{"field": "", "message": message}], status=503)
     plan = holder.engine.plan(width, height, count, stage1=body.get("stage1", False), sam=body.get("sam", False),
-                              stage1_size=stage1_size, profile=name)
+                              depth_from_photo=body.get("photo", False), stage1_size=stage1_size, profile=name)
     return plan.to_dict()

@@ -23,7 +23,17 @@ const BORDER = 5;      // how close to an edge (CSS pixels) a press grabs the bo
 const MIN_DRAW = 6;    // a drag shorter than this (CSS pixels) is a click, not a new box
 const MIN_SIDE = 0.01; // smallest box side, as a fraction of the image
 const LABEL_H = 18;
-const round = (v) => Math.round(Math.min(1, Math.max(0, v)) * 10000) / 10000;
+
+/**
+ * A box with its edges on whole pixels of the layout (width x height), as fractions of the image. Whole
+ * pixels keep token-grid edges exact (16 px is 1/32 of 512): a fraction rounded to a few decimals would
+ * not be, and the service's ceil would give a snapped box an extra row of tokens. Never empty.
+ */
+export function pixelBox(box, width, height) {
+  const [a, b, c, d] = box.map((v, k) => Math.round(Math.min(1, Math.max(0, v)) * (k % 2 ? height : width)));
+  const x1 = Math.max(c, Math.min(width, a + 1)), y1 = Math.max(d, Math.min(height, b + 1));
+  return [Math.min(a, x1 - 1) / width, Math.min(b, y1 - 1) / height, x1 / width, y1 / height];
+}
 
 // Handle names: which edges they move (x0, y0, x1, y1).
 const HANDLES = {
@@ -101,6 +111,9 @@ export class BoxEditor {
     return [(e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height];
   }
 
+  /** `box` on whole pixels of the layout (see pixelBox). */
+  pixels(box) { return pixelBox(box, this.model.width, this.model.height); }
+
   // -- the token grid -----------------------------------------------------------------------------
 
   snapU(u) { const cols = this.model.width / TOKEN_PX; return Math.round(u * cols) / cols; }
@@ -112,7 +125,7 @@ export class BoxEditor {
     let [a, b, c, d] = [this.snapU(x0), this.snapV(y0), this.snapU(x1), this.snapV(y1)];
     if (c <= a) c = Math.min(1, a + 1 / cols);
     if (d <= b) d = Math.min(1, b + 1 / rows);
-    return [a, b, c, d].map(round);
+    return this.pixels([a, b, c, d]);
   }
 
   // -- what is under the pointer -----------------------------------------------------------------
@@ -195,7 +208,7 @@ export class BoxEditor {
     const du = p[0] - d.start[0], dv = p[1] - d.start[1];
     if (d.mode === "draw") {
       const far = Math.abs(du * this.cssW) >= MIN_DRAW || Math.abs(dv * this.cssH) >= MIN_DRAW;
-      this.draft = far ? normalise(d.start, p) : null;
+      this.draft = far ? this.pixels(normalise(d.start, p)) : null;
       if (this.draft && this.snap) this.draft = this.snapBox(this.draft);
     } else if (d.mode === "move") {
       const [x0, y0, x1, y1] = d.box;
@@ -204,7 +217,7 @@ export class BoxEditor {
         su = Math.min(Math.max(this.snapU(x0 + su) - x0, -x0), 1 - x1);
         sv = Math.min(Math.max(this.snapV(y0 + sv) - y0, -y0), 1 - y1);
       }
-      this.model.instances[d.index].box = [x0 + su, y0 + sv, x1 + su, y1 + sv].map(round);
+      this.model.instances[d.index].box = this.pixels([x0 + su, y0 + sv, x1 + su, y1 + sv]);
       this.hooks.changed();
     } else {
       const [m0, m1, m2, m3] = HANDLES[d.handle];
@@ -214,7 +227,7 @@ export class BoxEditor {
       if (m1) y0 = Math.min(sv(y0 + dv), y1 - MIN_SIDE);
       if (m2) x1 = Math.max(su(x1 + du), x0 + MIN_SIDE);
       if (m3) y1 = Math.max(sv(y1 + dv), y0 + MIN_SIDE);
-      this.model.instances[d.index].box = [x0, y0, x1, y1].map(round);
+      this.model.instances[d.index].box = this.pixels([x0, y0, x1, y1]);
       this.hooks.changed();
     }
     this.draw();
@@ -291,7 +304,7 @@ export class BoxEditor {
       const su = Math.min(Math.max(du, -x0), 1 - x1), sv = Math.min(Math.max(dv, -y0), 1 - y1);
       box = [x0 + su, y0 + sv, x1 + su, y1 + sv];
     }
-    this.model.instances[i].box = box.map(round);
+    this.model.instances[i].box = this.pixels(box);
     this.hooks.end();
     this.draw();
   }
@@ -410,5 +423,5 @@ export class BoxEditor {
 }
 
 function normalise(a, b) {
-  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])].map(round);
+  return [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
 }

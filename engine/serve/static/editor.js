@@ -11,6 +11,7 @@ import * as masks from "./masks.js";
 const $ = (id) => document.getElementById(id);
 const DRAFT_KEY = "threedis.editor.draft";
 const UNDO_LIMIT = 200;
+const MAX_SIDE = 8192; // the service's limit per side (its pixel-count limit is checked there, in words)
 export const SEED_MAX = 18446744073709551615n; // 2^64 - 1, as torch (and `threedis render`) take seeds
 
 // -- layout state ---------------------------------------------------------------------------------
@@ -108,11 +109,28 @@ function syncForm() {
 
 const px = (v, side) => Math.round(v * side);
 
+/** Two overlapping squares: the duplicate icon (a drawing, not a glyph: "⧉" is missing from many fonts). */
+function copyIcon() {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "icon");
+  svg.setAttribute("viewBox", "0 0 16 16");
+  svg.setAttribute("aria-hidden", "true");
+  for (const [x, y] of [[1.5, 1.5], [5.5, 5.5]]) {
+    const rect = document.createElementNS(ns, "rect");
+    for (const [k, v] of Object.entries({ x, y, width: 9, height: 9, rx: 1.5, fill: "#fff", stroke: "currentColor", "stroke-width": 1.5 })) {
+      rect.setAttribute(k, String(v));
+    }
+    svg.appendChild(rect);
+  }
+  return svg;
+}
+
 function rowButton(cls, text, title, onClick) {
   const b = document.createElement("button");
   b.type = "button";
   b.className = cls;
-  b.textContent = text;
+  if (typeof text === "string") b.textContent = text; else b.appendChild(text);
   b.title = title;
   b.setAttribute("aria-label", title);
   b.addEventListener("click", onClick);
@@ -161,7 +179,7 @@ function renderBoxes() {
     tools.append(
       rowButton("box-up", "▲", `box ${n}: one place earlier (drawn below the later ones)`, () => reorder(i, i - 1)),
       rowButton("box-down", "▼", `box ${n}: one place later (drawn on top)`, () => reorder(i, i + 1)),
-      rowButton("box-dup", "⧉", `duplicate box ${n} (Ctrl+D)`, () => duplicate(i)),
+      rowButton("box-dup", copyIcon(), `duplicate box ${n} (Ctrl+D)`, () => duplicate(i)),
       rowButton("box-delete", "✕", `delete box ${n}`, () => hooks.remove(i)));
     tools.querySelector(".box-up").disabled = i === 0;
     tools.querySelector(".box-down").disabled = i === model.instances.length - 1;
@@ -222,7 +240,7 @@ function typeCoords(i, li) {
   }
   clear();
   hooks.begin();
-  model.instances[i].box = (editor.snap ? editor.snapBox(box) : box).map((v) => Math.round(v * 10000) / 10000);
+  model.instances[i].box = editor.snap ? editor.snapBox(box) : editor.pixels(box);
   hooks.end();
   editor.draw();
 }
@@ -246,7 +264,7 @@ function duplicate(i) {
   const [x0, y0, x1, y1] = inst.box;
   const su = Math.min(du, 1 - x1), sv = Math.min(dv, 1 - y1);
   hooks.begin();
-  model.instances.splice(i + 1, 0, { ...copyInstance(inst), box: [x0 + su, y0 + sv, x1 + su, y1 + sv].map((v) => Math.round(v * 10000) / 10000) });
+  model.instances.splice(i + 1, 0, { ...copyInstance(inst), box: editor.pixels([x0 + su, y0 + sv, x1 + su, y1 + sv]) });
   model.selected = i + 1;
   hooks.end();
   editor.draw();
@@ -342,15 +360,17 @@ $("size-preset").addEventListener("change", () => {
 function sizeInput() {
   clearFieldError("size");
   if ($("width").value.trim() === "" || $("height").value.trim() === "") return; // still typing
-  const notes = [];
+  const notes = [], refused = [];
   const snapped = ["width", "height"].map((name) => {
     const typed = Number($(name).value);
-    if (!Number.isFinite(typed) || typed <= 0) return name === "width" ? model.width : model.height;
-    const value = Math.min(4096, Math.max(TOKEN_PX, Math.round(typed / TOKEN_PX) * TOKEN_PX));
-    if (value !== typed) notes.push(`${name} ${typed} → ${value}`);
+    const kept = name === "width" ? model.width : model.height;
+    if (!Number.isFinite(typed) || typed <= 0) { refused.push(`${name} ${$(name).value} is not a size: kept ${kept}`); return kept; }
+    const value = Math.min(MAX_SIDE, Math.max(TOKEN_PX, Math.round(typed / TOKEN_PX) * TOKEN_PX));
+    if (value !== typed) notes.push(`${name} ${typed} → ${value}${value === MAX_SIDE ? ` (at most ${MAX_SIDE})` : ""}`);
     return value;
   });
-  $("size-note").textContent = notes.length ? `snapped to the 16-pixel token grid: ${notes.join(", ")}` : "";
+  $("size-note").textContent = [notes.length ? `snapped to the 16-pixel token grid: ${notes.join(", ")}` : "", ...refused]
+    .filter(Boolean).join("; ");
   setSize(...snapped);
 }
 $("width").addEventListener("change", sizeInput);
@@ -421,10 +441,10 @@ function stage1Options() {
 
 /**
  * Render options, or null when the seed field is not a seed. `seedOffset` (a sweep) adds to the
- * seed; an unlocked seed is drawn anew first.
+ * seed; an unlocked seed is drawn anew first, unless `draw` is false (a plan runs nothing).
  */
-function renderOptions(seedOffset = 0n) {
-  if (!$("seed-lock").checked && seedOffset === 0n) $("seed").value = randomSeed();
+function renderOptions(seedOffset = 0n, draw = true) {
+  if (draw && !$("seed-lock").checked && seedOffset === 0n) $("seed").value = randomSeed();
   clearFieldError("seed");
   const seed = seedValue();
   if (seed === null) return null;

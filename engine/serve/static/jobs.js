@@ -257,11 +257,15 @@ export function initJobs(app) {
 
   // -- progress ------------------------------------------------------------------------------
 
+  const toTime = (t) => (typeof t === "number" ? t * (t < 1e12 ? 1000 : 1) : Date.parse(t));
+  const elapsed = (job) => (toTime(job.finished) - toTime(job.started)) / 1000;
+
   function stageLabel(job) {
     if (job.status === "queued") {
       if (systemState === "loading") return `queued: the models are loading${job.position ? `; position ${job.position}` : ""}`;
       return job.position ? `queued: position ${job.position}` : "queued";
     }
+    if (job.status === "done" && job.started && job.finished) return `done in ${seconds(elapsed(job))}`;
     if (job.status !== "running") return job.status;
     return STAGES[job.stage] || job.stage || "starting";
   }
@@ -319,7 +323,7 @@ export function initJobs(app) {
   function renderDone(job) {
     $("cancel").disabled = true;
     if (job.status === "done") {
-      $("progress-stage").textContent = `done${job.started && job.finished ? ` in ${seconds(elapsed(job))}` : ""}`;
+      $("progress-stage").textContent = stageLabel(job);
       $("progress-bar").value = 1;
       if (!app.hasDepth()) app.useDepthOf(job); // the depth stage 1 made, under the boxes
       showResult(job).then(cueResult);
@@ -328,9 +332,6 @@ export function initJobs(app) {
       app.notify(`render ${job.id} ${job.status}: ${job.error || "no message"}`);
     }
   }
-
-  const toTime = (t) => (typeof t === "number" ? t * (t < 1e12 ? 1000 : 1) : Date.parse(t));
-  const elapsed = (job) => (toTime(job.finished) - toTime(job.started)) / 1000;
 
   // -- the result below the fold: a cue until it is seen ---------------------------------------
 
@@ -457,7 +458,8 @@ export function initJobs(app) {
     ]);
     let report = job.report;
     if (!report && files["report.json"]) {
-      try { report = JSON.parse(await (await fetch(await blobUrl(files["report.json"]))).text()); } catch (_) { report = null; }
+      // Straight from the service (connect-src 'self': the CSP refuses a fetch of a blob: URL).
+      try { report = await api("GET", files["report.json"]); } catch (_) { report = null; }
     }
     $("result-timings").innerHTML = timingsTable(report, job);
   }
@@ -598,10 +600,13 @@ export function initJobs(app) {
 
   $("plan").addEventListener("click", async () => {
     app.clearProblems();
-    const o = app.renderOptions();
+    const o = app.renderOptions(0n, false);
     if (!o) return;
     try {
-      const plan = await api("POST", "plan", { layout: app.layoutJSON(), sam: o.sam, stage1: o.depth.source === "stage1" });
+      const body = { layout: app.layoutJSON(), sam: o.sam, stage1: o.depth.source === "stage1", photo: o.depth.source === "photo" };
+      const s1 = o.depth.stage1 || {};
+      if (body.stage1 && s1.size !== undefined) body.stage1_size = s1.size; // else the service's default (tiny: tiny)
+      const plan = await api("POST", "plan", body);
       $("plan-view").hidden = false;
       $("plan-view").innerHTML = planTable(plan);
       $("plan-view").querySelector(".plan-close").addEventListener("click", () => { $("plan-view").hidden = true; });

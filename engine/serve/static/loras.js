@@ -11,6 +11,8 @@ export function initLoras(app) {
   let chosen = [];    // [{name, upload?, scale}] in the order they are applied
 
   const keyOf = (item) => (item.upload ? `upload:${item.upload}` : `name:${item.name}`);
+  // An upload may share a folder LoRA's file name: the list says which one it is.
+  const labelOf = (item) => (item.upload ? `${item.name || item.upload} (uploaded)` : item.name);
   const mb = (bytes) => (bytes ? ` · ${(bytes / 1e6).toFixed(1)} MB` : "");
 
   async function refresh() {
@@ -54,7 +56,7 @@ export function initLoras(app) {
   $("lora-add").addEventListener("click", () => {
     const item = available.find((l) => l.key === $("lora-choice").value);
     if (!item || chosen.some((c) => keyOf(c) === item.key)) return;
-    chosen.push({ ...(item.upload ? { upload: item.upload } : {}), name: item.name, label: item.name, scale: 1 });
+    chosen.push({ ...(item.upload ? { upload: item.upload } : {}), name: item.name, label: labelOf(item), scale: 1 });
     app.clearFieldError("loras");
     draw();
     app.saveDraft();
@@ -67,7 +69,7 @@ export function initLoras(app) {
     try {
       const up = await uploadLora(file);
       await refresh();
-      chosen.push({ upload: up.upload, name: up.name, label: up.name, scale: 1 });
+      chosen.push({ upload: up.upload, name: up.name, label: labelOf(up), scale: 1 });
       draw();
       app.saveDraft();
     } catch (err) { app.showProblems(err); }
@@ -80,7 +82,8 @@ export function initLoras(app) {
     /** Restore a list (a draft's, or a past job's options.loras). */
     set(list) {
       chosen = (Array.isArray(list) ? list : []).filter((c) => c && (c.name || c.upload)).map((c) => ({
-        ...(c.upload ? { upload: c.upload } : { name: c.name }), label: c.label || c.name || `upload ${c.upload}`,
+        ...(c.upload ? { upload: c.upload } : { name: c.name }),
+        label: c.label || labelOf({ ...c, name: c.name || (available.find((a) => a.key === keyOf(c)) || {}).name }),
         name: c.name, scale: Number.isFinite(Number(c.scale)) ? Number(c.scale) : 1 }));
       draw();
     },
