@@ -88,15 +88,30 @@ def entry_from_layout(coco_id: str, layout: Any, where: str) -> TruthEntry:
     return TruthEntry(coco_id=str(coco_id), caption=layout.prompt, instances=instances)
 
 
+def entry_from_job_data(coco_id: str, layout: Any, where: str) -> TruthEntry:
+    """Truth from a job line's layout object as written (not a threedis Layout): for a line the batch could
+    not render (a box the engine refuses, a size it does not take), whose prompt still counts."""
+    if not isinstance(layout, dict) or not isinstance(layout.get("instances"), list):
+        raise UserError(f"{where}: no layout object with instances")
+    instances = []
+    for inst in layout["instances"]:
+        if not isinstance(inst, dict) or "prompt" not in inst or "box" not in inst:
+            raise UserError(f"{where}: each instance needs a prompt and a box")
+        instances.append(TruthInstance(*split_phrase(inst["prompt"], where), _box(inst["box"], where)))
+    return TruthEntry(coco_id=str(coco_id), caption=str(layout.get("prompt", "")), instances=tuple(instances))
+
+
 def truth_from_yaml(path: str | Path) -> dict[str, TruthEntry]:
-    """coco id -> entry, from MIGC's mig_bench_anno.yaml (read by the batch importer)."""
-    from threedis import Layout
+    """coco id -> entry, from MIGC's mig_bench_anno.yaml (read by the batch importer).
+
+    The phrases and boxes as the file has them: the truth need not be a layout the engine would
+    render (another method's images are scored against it too).
+    """
     from threedis.engine.batch.mig import mig_jobs
 
     out: dict[str, TruthEntry] = {}
     for job in mig_jobs(path):
-        coco_id = job["meta"]["coco_id"]
-        entry = entry_from_layout(coco_id, Layout.from_dict(job["layout"]), f"{path}: {job['id']}")
+        entry = entry_from_job_data(job["meta"]["coco_id"], job["layout"], f"{path}: {job['id']}")
         _add(out, entry, path)
     return out
 
