@@ -93,12 +93,18 @@ def entry_from_job_data(coco_id: str, layout: Any, where: str) -> TruthEntry:
     not render (a box the engine refuses, a size it does not take), whose prompt still counts."""
     if not isinstance(layout, dict) or not isinstance(layout.get("instances"), list):
         raise UserError(f"{where}: no layout object with instances")
-    instances = []
-    for inst in layout["instances"]:
-        if not isinstance(inst, dict) or "prompt" not in inst or "box" not in inst:
-            raise UserError(f"{where}: each instance needs a prompt and a box")
-        instances.append(TruthInstance(*split_phrase(inst["prompt"], where), _box(inst["box"], where)))
-    return TruthEntry(coco_id=str(coco_id), caption=str(layout.get("prompt", "")), instances=tuple(instances))
+    instances = _instances(layout["instances"], "prompt", "box", where)
+    return TruthEntry(coco_id=str(coco_id), caption=str(layout.get("prompt", "")), instances=instances)
+
+
+def _instances(items: list, text: str, box: str, where: str) -> tuple[TruthInstance, ...]:
+    """Instances from [{text: "a red dog", box: [x0, y0, x1, y1]}, ...] as written (job lines, the reference JSON)."""
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or text not in item or box not in item:
+            raise UserError(f"{where}: each instance needs a {text} and a {box}")
+        out.append(TruthInstance(*split_phrase(item[text], where), _box(item[box], where)))
+    return tuple(out)
 
 
 def truth_from_yaml(path: str | Path) -> dict[str, TruthEntry]:
@@ -132,12 +138,8 @@ def truth_from_reference_json(path: str | Path) -> dict[str, TruthEntry]:
         where = f"{path}: {coco_id}"
         if not isinstance(value, dict) or not isinstance(value.get("segment"), list):
             raise UserError(f"{where}: expected {{caption, segment: [{{label, bbox}}]}}")
-        instances = []
-        for seg in value["segment"]:
-            if not isinstance(seg, dict) or "label" not in seg or "bbox" not in seg:
-                raise UserError(f"{where}: each segment needs a label and a bbox")
-            instances.append(TruthInstance(*split_phrase(seg["label"], where), _box(seg["bbox"], where)))
-        _add(out, TruthEntry(str(coco_id), str(value.get("caption", "")), tuple(instances)), path)
+        instances = _instances(value["segment"], "label", "bbox", where)
+        _add(out, TruthEntry(str(coco_id), str(value.get("caption", "")), instances), path)
     return out
 
 
