@@ -386,12 +386,13 @@ def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def _check_before_torch(args: argparse.Namespace, model: str | None, stage1: str | None, sam: str | None) -> None:
     """What a render can be refused for without a model or torch, said before either is loaded (the output
-    folder is made only once every argument is checked, in _render).
+    folder is checked here but made only once every argument is checked, in _render).
 
     model / stage1 / sam: those the user named (None: a tiny one comes later). The engine
     checks all of it again; here it only comes seconds, or tens of seconds, sooner.
     """
     from threedis.engine.checks import check_render_args
+    from threedis.engine.paths import check_folder_could_be_made
     from threedis.engine.preflight import check_files, check_models, check_profile
 
     stage1_runs = args.depth is None and args.depth_from_photo is None
@@ -402,6 +403,7 @@ def _check_before_torch(args: argparse.Namespace, model: str | None, stage1: str
     check_render_args(steps=tiny_rules.steps_for(model, args.steps), seed=args.seed, guidance=args.guidance,
                       chunk=args.chunk)
     check_profile(args.profile, _parse_overrides(args.overrides), args.device)
+    check_folder_could_be_made(args.out, "output folder", "choose another --out")
 
 
 def _render(args: argparse.Namespace, layout, model: str, stage1: str | None, sam: str | None) -> int:
@@ -695,8 +697,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from threedis.engine.batch.command import cmd_batch as run
 
-    _parse_device(args)
-    return run(args)
+    return run(args)  # it reads --device once it has checked the rest
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from threedis.engine.errors import UserError
 
-__all__ = ["cache_root", "file_problem", "folder_problem", "input_file", "make_folder"]
+__all__ = ["cache_root", "check_folder_could_be_made", "file_problem", "folder_problem", "input_file", "make_folder",
+           "unmakeable_folder"]
 
 _KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
           (stat.S_ISSOCK, "a socket"))
@@ -94,6 +96,38 @@ def make_folder(path: str | os.PathLike[str], what: str, hint: str) -> Path:
     if not folder.is_dir():  # a link to a file, or a file that appeared meanwhile
         raise UserError(f"cannot create the {what}: {folder} is a file, not a folder; {hint}")
     return folder
+
+
+def unmakeable_folder(path: str | os.PathLike[str]) -> str | None:
+    """None when `path` is a folder that takes new files, or one that could be made; else what is in the way.
+
+    Why: a command checks its output folder before it imports torch, yet makes it only once every
+    argument is checked (a refusal leaves nothing behind). So this makes nothing: a scratch folder
+    is made and removed in the deepest folder on the way that exists, which is the step that fails
+    for no permission, a read-only file system or /proc. The words are folder_problem's.
+    """
+    try:
+        folder = Path(path).expanduser()
+    except RuntimeError:
+        return "this user has no home folder for '~'"
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        scratch = tempfile.mkdtemp(prefix=".threedis-probe-", dir=existing)
+    except OSError as exc:
+        return folder_problem(existing, exc)
+    os.rmdir(scratch)
+    return None
+
+
+def check_folder_could_be_made(path: str | os.PathLike[str], what: str, hint: str) -> None:
+    """unmakeable_folder as make_folder's UserError ("cannot create the <what>: <problem>; <hint>")."""
+    problem = unmakeable_folder(path)
+    if problem is not None:
+        raise UserError(f"cannot create the {what}: {problem}; {hint}")
 
 
 def cache_root() -> Path:

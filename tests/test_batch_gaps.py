@@ -150,6 +150,37 @@ def test_batch_files_get_a_renders_modes_and_the_thread_count(tmp_path, spec, en
     assert row["settings"]["torch_threads"] == torch.get_num_threads()
 
 
+def test_auxiliary_model_folders_that_are_not_there_are_one_line_before_any_item(tmp_path, tiny_flux_dir, capsys):
+    """A flag's stage-1, SAM2 or depth-estimator folder that a job needs: refused once, no failed row per item."""
+    folder = tmp_path / "in"
+    jobs_path = write_jobs(folder, jobs=1, seeds="0-2", extra_lines=[
+        json.dumps({"id": "stage1", "layout": {"prompt": "p", "width": 64, "height": 64}}),
+        json.dumps({"id": "sam", "layout": {"prompt": "p", "width": 64, "height": 64}, "depth": "depth-0.png",
+                    "sam": True}),
+        json.dumps({"id": "photo", "layout": {"prompt": "p", "width": 64, "height": 64},
+                    "depth_from_photo": "depth-0.png"})])
+    missing = str(tmp_path / "missing")
+    for flag, words in (("--stage1", "stage-1 base model folder not found"), ("--sam", "SAM2 model folder not found"),
+                        ("--depth-model", "depth model folder not found")):
+        out = tmp_path / f"out{flag}"
+        assert main(_cli(jobs_path, out, tiny_flux_dir, flag, missing)) == 2
+        assert words in _one_line(capsys.readouterr().err)
+        assert not out.exists(), "nothing is written for a refused batch"
+
+
+def test_a_second_mig_batch_never_replaces_the_job_file_of_the_one_running(tmp_path, tiny_flux_dir, capsys):
+    from threedis.engine.locks import folder_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "jobs-mig.jsonl").write_text("the running command's jobs\n")
+    with folder_lock(out, "threedis batch"):  # the first command, still running
+        assert main(["batch", "--from-mig", str(MIG_FILE), "--out", str(out), "--model", str(tiny_flux_dir),
+                     "--device", "cpu", "--no-progress"]) == 2
+        assert "is in use by" in _one_line(capsys.readouterr().err)
+    assert (out / "jobs-mig.jsonl").read_text() == "the running command's jobs\n"
+
+
 def test_write_jsonl_converts_at_the_documented_size(tmp_path, capsys):
     out = tmp_path / "mig.jsonl"
     assert main(["batch", "--from-mig", str(MIG_FILE), "--write-jsonl", str(out)]) == 0  # no --model: still 512
@@ -159,19 +190,19 @@ def test_write_jsonl_converts_at_the_documented_size(tmp_path, capsys):
 
 
 def test_protocol_flags_set_what_jobs_leave_out(tmp_path):
-    from threedis.engine.batch.command import _defaults
+    from threedis.engine.batch.command import _defaults, _flag_settings
     from threedis.engine.cli import build_parser
 
     args = build_parser().parse_args(["batch", "j.jsonl", "--out", "o", "--steps", "20", "--guidance", "10",
                                       "--size", "512"])
-    defaults = _defaults(args, tiny=True)
+    defaults = _defaults(args, tiny=True, changes=_flag_settings(args))
     assert (defaults.steps, defaults.guidance, defaults.size) == (20, 10.0, (512, 512))
     jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0")  # its job sets steps itself: kept
     job = load_jobs(jobs_path, defaults).jobs[0]
     assert (job.steps, job.guidance, job.layout.width, job.layout.height) == (1, 10.0, 512, 512)
     for bad in (["--size", "500"], ["--steps", "0"], ["--guidance", "nan"]):
         with pytest.raises(Exception, match="--size|--steps|--guidance"):
-            _defaults(build_parser().parse_args(["batch", "j.jsonl", *bad]), tiny=False)
+            _flag_settings(build_parser().parse_args(["batch", "j.jsonl", *bad]))
 
 
 def test_auxiliary_models_stay_loaded_when_the_plan_allows_and_say_so(tiny_flux_dir, monkeypatch):

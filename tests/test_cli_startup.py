@@ -84,6 +84,10 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path):
     missing = str(tmp_path / "missing")
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"not read")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"layout": "not read before the refusal"}\n')
+    batch = ["batch", str(jobs), "--out", str(tmp_path / "runs" / "a"), "--model", str(empty)]
+    blocked = str(photo / "out")  # a folder inside a file cannot be made
     cases = {
         "profile '12gb' puts": ["render", layout, "--model", str(empty), "--profile", "12gb", "--device", "cpu"],
         "--device cuda:99": ["render", layout, "--model", str(empty), "--device", "cuda:99"],
@@ -98,6 +102,17 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path):
         "is neither a built-in": ["demo", "--profile", "nope.toml"],  # the demo: before its tiny checkpoints
         "depth model folder not found: ": ["depth", str(photo), "--depth-model", missing, "--out",
                                            str(tmp_path / "d.png")],
+        f"the output folder: {photo} is a file": ["render", layout, "--model", str(empty), "--out", blocked],
+        f"output folder: {photo} is a file, not": ["demo", "--out", blocked],
+        # batch: the same checks before torch and before its output folder is made
+        "profile '12gb' puts transformer": [*batch, "--profile", "12gb", "--device", "cpu"],
+        "--seeds: range '3-1' runs backwards": [*batch, "--seeds", "3-1"],
+        "--steps must be": [*batch, "--steps", "0"],
+        f"error: LoRA file {missing}": [*batch, "--lora", missing],
+        "model folder not found: ": [*batch, "--model", missing],
+        f"job file {missing}: not found": ["batch", missing, "--out", str(tmp_path / "runs" / "b")],
+        f"COCO-MIG file {missing}: not found": ["batch", "--from-mig", missing, "--out", str(tmp_path / "runs")],
+        f"create the output folder: {photo} is a file": [*batch[:3], blocked],
     }
     done = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps(list(cases.values()))], capture_output=True,
                           text=True, cwd=tmp_path, timeout=300)
@@ -105,6 +120,7 @@ def test_refusals_that_need_no_model_come_before_torch(tmp_path):
     result = json.loads(done.stdout.splitlines()[-1])
     for (expected, argv), code, err in zip(cases.items(), result["codes"], result["errors"]):
         assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "runs").exists(), "a refused batch made its output folder"
     from threedis.engine.cuda_probe import cuda_surely_absent
 
     if cuda_surely_absent():  # else `--device cuda:3` needs torch to be refused, rightly

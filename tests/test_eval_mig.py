@@ -198,10 +198,43 @@ def test_detector_batches_answer_each_pair_as_if_alone(eval_models):
         np.testing.assert_allclose(found.scores, alone.scores, atol=1e-5)
 
 
+def test_a_prompt_the_batch_could_not_render_still_counts(tmp_path, eval_models, capsys):
+    """A YAML box the engine refuses (x0 > x1): the batch records the line as failed once; its prompt's
+    instances stay in every seed's denominator, and the YAML still scores another method's folder."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MIG_YAML.replace("    - 0.45\n", "    - 0.01\n"))  # the red cup's x1: now left of its x0
+    run = tmp_path / "run"
+    assert main(["batch", "--from-mig", str(bad), "--out", str(run), "--seeds", "0-1", "--no-progress", "--size",
+                 "64", "--steps", "1", "--device", "cpu",
+                 "--depth-model", str(tmp_path / "unused")]) == 1  # no job estimates depth: not refused
+    capsys.readouterr()
+    assert main(["eval", "mig", str(run), *eval_models]) == 0  # only the good prompt's images are measured
+    report = json.loads((run / "eval-mig.json").read_text())
+    assert report["items"] == {"expected": 4, "evaluated": 2, "failed": 2, "missing": 0, "unreadable": 0}
+    assert (report["pooled"]["L2"]["instances"], report["pooled"]["L2"]["evaluated"]) == (4, 0)
+    assert report["pooled"]["L2"]["instance_success"] == 0.0
+    assert "x0 = 0.05 must be smaller" in report["not_evaluated"][0]["why"]
+    assert "not a COCO-MIG job" not in capsys.readouterr().out
+    assert main(["batch", "export-mig", str(run), str(tmp_path / "export")]) == 0
+    assert "2 not rendered" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    assert main(["eval", "mig", str(tmp_path / "other"), "--from-mig", str(bad), *eval_models]) == 0
+    assert json.loads((tmp_path / "other.eval-mig.json").read_text())["items"]["missing"] == 2
+
+
 def test_eval_user_mistakes_are_one_line(tmp_path, eval_models, capsys):
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "a-file").write_bytes(b"")
+    (tmp_path / "mig.yaml").write_text(MIG_YAML)
+    truth = ["--from-mig", str(tmp_path / "mig.yaml")]
+    from threedis.engine.cuda_probe import cuda_surely_absent
+
     cases = [
         (["eval", "mig", str(tmp_path / "absent")], "not found"),
+        (["eval", "mig", str(tmp_path / "a-file"), *truth], "is not a folder"),
+        (["eval", "mig", str(tmp_path / "imgs"), *truth, "--device", "bogus"], "not a device name"),
+        *([(["eval", "mig", str(tmp_path / "imgs"), *truth, "--device", "cuda"], "CUDA is not available")]
+          if cuda_surely_absent() else []),
         (["eval", "mig", str(tmp_path / "imgs")], "--from-mig"),  # a folder needs its ground truth
         (["eval", "mig", str(tmp_path / "imgs"), "--truth", str(tmp_path / "none.json")], "not found"),
         (["eval", "mig", str(tmp_path / "imgs"), "--batch-size", "0"], "--batch-size"),

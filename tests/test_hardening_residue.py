@@ -164,6 +164,21 @@ def test_make_tiny_home_folder_of_a_user_without_one(tmp_path, monkeypatch, caps
         paths.cache_root()
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc: a folder that takes nothing")
+def test_make_tiny_suggests_only_a_folder_this_user_could_make(tmp_path, monkeypatch, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    monkeypatch.setenv("THREEDIS_CACHE", "/proc/self")  # a cache (or a home) nobody can write in
+    assert main(["make-tiny", "sam2", str(busy)]) == EXIT_USER_ERROR
+    said = one_line(capsys.readouterr().err)
+    assert "is not empty" in said and "e.g." not in said, said
+    monkeypatch.setenv("THREEDIS_CACHE", str(tmp_path / "cache"))
+    assert main(["make-tiny", "sam2", str(busy)]) == EXIT_USER_ERROR
+    assert f"e.g. {tmp_path / 'cache' / 'make-tiny' / 'sam2'}" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "cache").exists(), "finding out made nothing"
+
+
 def test_make_tiny_that_fails_half_way_leaves_the_folder_as_found(tmp_path, monkeypatch):
     from threedis.engine import tiny
 

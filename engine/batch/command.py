@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -80,20 +81,35 @@ def add_batch_parser(sub: Any) -> None:
                      help="GPUs per Ray worker (default 1, or 0 on a cluster without GPUs)")
 
 
-def _defaults(args: argparse.Namespace, tiny: bool) -> Any:
-    """What jobs get for the settings they leave out: the command's flags, else the defaults (tiny or real)."""
-    from threedis.engine.batch.jobs import TINY_DEFAULTS, JobDefaults
+def _check_before_torch(args: argparse.Namespace) -> dict[str, Any]:
+    """What a batch can be refused for from its flags alone, said before torch is imported (seconds, tens of
+    seconds on a busy machine) and before the output folder is made: the numbers, the job file, the model
+    folders and LoRA files named, the profile on this device, the output folder (as render checks its own,
+    engine/preflight.py). Returns the checked --seeds/--steps/--guidance/--size as JobDefaults fields.
+    """
+    from threedis.engine.paths import check_folder_could_be_made, input_file
+    from threedis.engine.preflight import check_models, check_profile
+    from threedis.engine.profiles import parse_overrides
+
+    changes = _flag_settings(args)
+    if args.from_mig is not None:
+        input_file(args.from_mig, "COCO-MIG file")
+    elif args.jobs:
+        input_file(args.jobs[0], "job file")
+    check_models(model=args.model or None, loras=[path for path, _ in args.lora])
+    check_profile(args.profile, parse_overrides(args.overrides), args.device)
+    if args.out is not None:
+        check_folder_could_be_made(args.out, "output folder", "choose another --out")
+    return changes
+
+
+def _flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--seeds, --steps, --guidance and --size, checked (no torch): the JobDefaults fields they set."""
     from threedis.engine.batch.seeds import parse_seeds
     from threedis.engine.checks import check_guidance, check_steps
     from threedis.engine.layout import SIZE_MULTIPLE
     from threedis.engine.sizes import parse_size
 
-    from threedis.engine.stages import default_stage1
-    from threedis.engine.tiny_rules import is_tiny
-
-    base = TINY_DEFAULTS if tiny or is_tiny(args.model) else JobDefaults()
-    if args.stage1 is not None:  # the stage-1 model decides stage 1's numbers (stages.default_stage1)
-        base = replace(base, stage1=default_stage1(args.stage1))
     changes: dict[str, Any] = {}
     if args.seeds is not None:
         changes["seeds"] = parse_seeds(args.seeds, "--seeds")
@@ -106,6 +122,29 @@ def _defaults(args: argparse.Namespace, tiny: bool) -> Any:
         if any(side % SIZE_MULTIPLE for side in changes["size"]):
             raise UserError(f"--size must be a multiple of {SIZE_MULTIPLE} (one FLUX token is "
                             f"{SIZE_MULTIPLE}x{SIZE_MULTIPLE} pixels), got {args.size}")
+    return changes
+
+
+def _check_models_jobs_need(args: argparse.Namespace, needs: frozenset[str]) -> None:
+    """The auxiliary model folders named by flags that some job will load (stage 1, SAM2, the depth
+    estimator): a folder that is not there is one line now, not a failed row for every item."""
+    from threedis.engine.preflight import check_models
+
+    check_models(stage1=args.stage1 if "stage1" in needs else None,
+                 sam=sam_spec(args.sam) if "sam" in needs else None,
+                 depth_model=args.depth_model if "photo" in needs else None)
+
+
+def _defaults(args: argparse.Namespace, tiny: bool, changes: dict[str, Any]) -> Any:
+    """What jobs get for the settings they leave out: the command's flags (`changes`, checked), else the
+    defaults (tiny or real)."""
+    from threedis.engine.batch.jobs import TINY_DEFAULTS, JobDefaults
+    from threedis.engine.stages import default_stage1
+    from threedis.engine.tiny_rules import is_tiny
+
+    base = TINY_DEFAULTS if tiny or is_tiny(args.model) else JobDefaults()
+    if args.stage1 is not None:  # the stage-1 model decides stage 1's numbers (stages.default_stage1)
+        base = replace(base, stage1=default_stage1(args.stage1))
     return replace(base, **changes)
 
 
@@ -135,40 +174,54 @@ def _run_record(jobs_path: Path, out: Path, seeds: str | None) -> dict[str, Any]
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from threedis.engine.batch.driver import run_batch
-    from threedis.engine.batch.jobs import load_jobs
-    from threedis.engine.batch.worker import EngineSpec
-    from threedis.engine.profiles import parse_overrides
-
     if args.jobs and args.jobs[0] == "export-mig":
         return _export_mig(args)
     if len(args.jobs) > 1:
         raise UserError(f"give one JSONL job file, got {len(args.jobs)} ({' '.join(args.jobs)})")
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise UserError("--workers and --gpus-per-worker apply to Ray mode; add --ray")
-    if args.ray is not None:
-        from threedis.engine.batch.ray_runner import import_ray
-
-        import_ray()  # before anything else: say how to install it
-    tiny = not args.model
-    defaults = _defaults(args, tiny)
     if args.from_mig is not None:
-        jobs_path = _import_mig(args, tiny)
-        if jobs_path is None:
-            return 0
+        if args.jobs:
+            raise UserError("give either a JSONL job file or --from-mig FILE.yaml, not both")
+        if args.write_jsonl is None and args.out is None:
+            raise UserError("--from-mig needs --out DIR (to render) or --write-jsonl JOBS.jsonl (to convert)")
     else:
         if not args.jobs:
             raise UserError("give a JSONL job file (threedis batch jobs.jsonl --out DIR) or --from-mig FILE.yaml")
         if args.write_jsonl is not None or args.mig_size is not None:
             raise UserError("--write-jsonl and --mig-size go with --from-mig")
+    changes = _check_before_torch(args)
+    if args.device is not None:
+        from threedis.engine.checks import parse_device
+
+        args.device = parse_device(args.device)  # torch from here on
+    if args.ray is not None:
+        from threedis.engine.batch.ray_runner import import_ray
+
+        import_ray()  # before anything else: say how to install it
+    from threedis.engine.batch.driver import run_batch
+    from threedis.engine.batch.jobs import load_jobs
+    from threedis.engine.batch.worker import EngineSpec
+    from threedis.engine.profiles import parse_overrides
+
+    tiny = not args.model
+    defaults = _defaults(args, tiny, changes)
+    prepare = None
+    if args.from_mig is not None:
+        mig = _import_mig(args, tiny, defaults)
+        if mig is None:
+            return 0
+        jobs_path, jobs, prepare = mig
+    else:
+        if args.out is None:
+            raise UserError("give an output folder: --out DIR")
         jobs_path = Path(args.jobs[0])
-    if args.out is None:
-        raise UserError("give an output folder: --out DIR")
-    jobs = load_jobs(jobs_path, defaults)
+        jobs = load_jobs(jobs_path, defaults)
     if jobs.problems:
         print(f"{len(jobs.problems)} job line(s) have problems and are recorded as failed, once each "
               f"(threedis validate {jobs_path} lists them)")
     needs = frozenset().union(*(job.needs for job in jobs.jobs))
+    _check_models_jobs_need(args, needs)
     spec = EngineSpec(model=args.model or None, profile=args.profile, overrides=parse_overrides(args.overrides),
                       device=args.device, backend=args.backend, stage1=args.stage1, sam=sam_spec(args.sam),
                       depth_model=args.depth_model, local_files_only=args.local_files_only, needs=needs,
@@ -185,7 +238,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         runner = LocalRunner(spec, on_note=print)
     summary = run_batch(jobs, args.out, runner, retry_failed=args.retry_failed, progress=not args.no_progress,
-                        run=_run_record(jobs_path, args.out, args.seeds))
+                        run=_run_record(jobs_path, args.out, args.seeds), prepare=prepare)
     print(summary.text())
     print(f"manifest: {args.out / 'manifest.jsonl'}")
     if summary.interrupted:
@@ -198,31 +251,29 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_mig(args: argparse.Namespace, tiny: bool) -> Path | None:
-    """--from-mig: the jobs as JSONL (--write-jsonl, or DIR/jobs-mig.jsonl); None when only converting.
+def _import_mig(args: argparse.Namespace, tiny: bool, defaults: Any) -> tuple[Path, Any, Any] | None:
+    """--from-mig: (job file, its jobs, what writes it under the output folder's lock), or None when only
+    converting. With --write-jsonl the file is written now and its jobs rendered if --out is given; else the
+    jobs go to DIR/jobs-mig.jsonl, written once the batch holds DIR (a second command on DIR never replaces
+    the job file of the one still running), the same file each run so that a rerun resumes.
 
     The layout size is --mig-size, else 512 (the benchmark's), except when rendering straight from the
     YAML on the tiny checkpoints (64, so a check of the chain takes seconds); --write-jsonl always
     converts at the benchmark's size unless told otherwise.
     """
-    from threedis.engine.batch.mig import mig_jobs, write_jobs_jsonl
+    from threedis.engine.batch.jobs import jobs_from_lines, load_jobs
+    from threedis.engine.batch.mig import MIG_JOBS_NAME, mig_jobs, write_jobs_jsonl
 
-    if args.jobs:
-        raise UserError("give either a JSONL job file or --from-mig FILE.yaml, not both")
-    straight = args.write_jsonl is None and args.out is not None
+    straight = args.write_jsonl is None
     size = args.mig_size if args.mig_size is not None else (64 if tiny and straight else 512)
-    jobs = mig_jobs(args.from_mig, size=size)
-    if args.write_jsonl is not None:
-        path = write_jobs_jsonl(jobs, args.write_jsonl)
-        print(f"wrote {len(jobs)} COCO-MIG jobs ({size}x{size}) to {path}")
-        if args.out is None:
-            return None
-        return path
-    if args.out is None:
-        raise UserError("--from-mig needs --out DIR (to render) or --write-jsonl JOBS.jsonl (to convert)")
-    path = args.out / "jobs-mig.jsonl"
-    write_jobs_jsonl(jobs, path, overwrite=True)  # the same file each run, so resuming finds the same jobs
-    return path
+    objects = mig_jobs(args.from_mig, size=size)
+    if not straight:
+        path = write_jobs_jsonl(objects, args.write_jsonl)
+        print(f"wrote {len(objects)} COCO-MIG jobs ({size}x{size}) to {path}")
+        return None if args.out is None else (path, load_jobs(path, defaults), None)
+    path = args.out / MIG_JOBS_NAME
+    jobs = jobs_from_lines([json.dumps(job) for job in objects], path, defaults)
+    return path, jobs, lambda out: write_jobs_jsonl(objects, out / MIG_JOBS_NAME, overwrite=True)
 
 
 def _export_mig(args: argparse.Namespace) -> int:

@@ -112,17 +112,21 @@ class Recorder:
 
 
 def run_batch(jobs: JobFile, out: str | Path, runner: Runner, retry_failed: bool = False, progress: bool = True,
-              on_outcome: Callable[[Outcome], None] | None = None, run: dict[str, Any] | None = None) -> Summary:
+              on_outcome: Callable[[Outcome], None] | None = None, run: dict[str, Any] | None = None,
+              prepare: Callable[[Path], None] | None = None) -> Summary:
     """Render every item of `jobs` not finished yet into `out`; returns the summary (interrupted on Ctrl-C).
 
     run: what every manifest row records about this command (its job file and default seeds), so that
     readers of the run (threedis eval mig) find every item it should hold. A second batch already writing
-    `out` is a UserError.
+    `out` is a UserError. prepare: called with `out` once it is locked, before anything else is written
+    there (`batch --from-mig` writes its job file into `out`: never over the file of a batch still running).
     """
     from threedis.engine.outputs import check_output_folder
 
     out = check_output_folder(out, need_bytes=0)  # a read-only folder: one line, before anything loads
     with folder_lock(out, "threedis batch", hint="give this command another --out"):
+        if prepare is not None:
+            prepare(out)
         return _run_locked(jobs, out, runner, retry_failed, progress, on_outcome, run)
 
 

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from threedis import Layout, RenderOptions, Stage1Options, UserError
 from threedis.engine.batch.seeds import parse_seeds
@@ -278,7 +278,7 @@ def _nesting_exceeds(data: Any, limit: int) -> bool:
     return True
 
 
-def _read_line(text: str) -> tuple[Any, str | None]:
+def read_line(text: str) -> tuple[Any, str | None]:
     """(parsed value, None) or (None, the problem): a line over the size or nesting limit is not parsed further."""
     size = len(text.encode("utf-8", errors="replace"))
     if size > MAX_LINE_BYTES:
@@ -305,13 +305,22 @@ def load_jobs(path: str | Path, defaults: JobDefaults = JobDefaults()) -> JobFil
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read job file {path}: {exc}") from None
+    return jobs_from_lines(lines, path, defaults)
+
+
+def jobs_from_lines(lines: Sequence[str], path: Path, defaults: JobDefaults = JobDefaults()) -> JobFile:
+    """The jobs of JSONL `lines` read from, or about to be written to, `path` (relative paths: its folder).
+
+    Why apart from load_jobs: `batch --from-mig` parses its jobs before it may write them into
+    an output folder another command could be writing (the file is written under the lock).
+    """
     folder = path.parent
     jobs: list[Job] = []
     first_line: dict[str, int] = {}
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
-        data, problem = _read_line(text)
+        data, problem = read_line(text)
         if problem is not None:
             job = Job(id=f"job-{number:05d}", line=number, seeds=defaults.seeds, problem=problem)
         else:

@@ -17,6 +17,8 @@ from typing import Any
 from threedis import UserError
 from threedis.engine.paths import input_file, make_folder
 
+MIG_JOBS_NAME = "jobs-mig.jsonl"  # where `batch --from-mig --out DIR` keeps the jobs, in DIR
+
 
 def _boxes(prompt: str, phrase: Any, boxes: Any) -> list[dict[str, Any]]:
     where = f"prompt {prompt!r}, phrase {phrase!r}"

@@ -67,9 +67,8 @@ def _default_out(kind: str, path: Path) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from threedis.engine.batch.manifest import MANIFEST_NAME
+    from threedis.engine.checks import parse_device
     from threedis.engine.eval.cache import ResultCache, default_cache_path
     from threedis.engine.eval.measure import measure_items
     from threedis.engine.eval.models import GroundingDino, SamViT, model_ident
@@ -79,8 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not args.path.exists():
-        raise UserError(f"{args.path} not found: give a `threedis batch` output folder or a folder of images")
+    if not args.path.is_dir():
+        what = "not found" if not args.path.exists() else "is not a folder"
+        raise UserError(f"{args.path} {what}: give a `threedis batch` output folder or a folder of images")
     if (args.path / MANIFEST_NAME).is_file():
         if args.truth is not None:
             raise UserError("--truth is for a plain folder of images; a run's truth comes from its jobs "
@@ -96,8 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = None if str(args.out) == "-" else (args.out or _default_out(source.kind, args.path))
     if out is not None:
         check_output_folder(out.resolve().parent, need_bytes=0)  # before the work, not after it
-    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = torch.device(device).type == "cuda"
+    device = parse_device(args.device)  # a device this machine has (None: cuda if present, else cpu)
+    on_gpu = device.type == "cuda"
     batch = args.batch_size or (16 if on_gpu else 2)
     models = {"detector": model_ident(args.detector), "sam": model_ident(args.sam)}
     cache_path = None if args.no_cache else (args.cache or default_cache_path(source.kind, args.path))

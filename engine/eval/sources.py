@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from threedis import UserError
-from threedis.engine.eval.truth import TruthEntry, entry_from_layout, truth_from_reference_json, truth_from_yaml
+from threedis.engine.batch.mig import MIG_JOBS_NAME
+from threedis.engine.eval.truth import (TruthEntry, entry_from_job_data, entry_from_layout, truth_from_reference_json,
+                                        truth_from_yaml)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ANNOTATED_PREFIX = "anno_"  # MIGC also saves a copy with the boxes drawn on it: never scored
-RUN_JOBS_NAME = "jobs-mig.jsonl"  # what `batch --from-mig --out DIR` writes
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _jobs_file(run_dir: Path, info: dict[str, Any], jobs: Path | None) -> Path:
     candidates = []
     if isinstance(recorded, str) and recorded:
         candidates.append(run_dir / recorded if not Path(recorded).is_absolute() else Path(recorded))
-    candidates.append(run_dir / RUN_JOBS_NAME)
+    candidates.append(run_dir / MIG_JOBS_NAME)
     for path in candidates:
         if path.is_file():
             return path
@@ -97,7 +98,11 @@ def _jobs_file(run_dir: Path, info: dict[str, Any], jobs: Path | None) -> Path:
 
 
 def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | None = None) -> Source:
-    """Every (COCO-MIG job, seed) of a batch run, with its image when the manifest says it was rendered."""
+    """Every (COCO-MIG job, seed) of a batch run, with its image when the manifest says it was rendered.
+
+    A job line the batch could not render (recorded once as failed) still asks for its prompt's
+    instances in every seed: its items are failed, read from the line as written.
+    """
     from threedis.engine.batch.jobs import JobDefaults, load_jobs, parse_job
     from threedis.engine.batch.manifest import MANIFEST_NAME, latest_rows, read_rows, resolve_inside
     from threedis.engine.batch.mig import mig_jobs
@@ -112,25 +117,62 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
     defaults = JobDefaults(seeds=_default_seeds(rows))
     source = Source(kind="run", path=run_dir)
     if from_mig is not None:
-        parsed = [parse_job(data, n, from_mig.parent, defaults) for n, data in enumerate(mig_jobs(from_mig), 1)]
+        written = mig_jobs(from_mig)
+        parsed = [parse_job(data, n, from_mig.parent, defaults) for n, data in enumerate(written, 1)]
         source.truth_from = str(from_mig)
+
+        def as_written(job: Any) -> Any:
+            return written[job.line - 1]
     else:
         path = _jobs_file(run_dir, info, jobs)
         parsed = load_jobs(path, defaults).jobs
         source.truth_from = str(path)
+        as_written = _line_reader(path)
     for job in parsed:
+        if job.problem is not None or job.layout is None:
+            truth = _truth_of_a_bad_line(job, as_written(job), source)
+            for seed in job.seeds if truth is not None else ():
+                source.items.append(EvalItem(name=f"{job.id}/seed-{seed}", group=str(seed), truth=truth, image=None,
+                                             status="failed", note=f"line {job.line}: {job.problem}"))
+            continue
         coco_id = job.meta.get("coco_id") if isinstance(job.meta, dict) else None
         if coco_id is None:
             source.notes.append(f"job {job.id} (line {job.line}) is not a COCO-MIG job (no meta.coco_id): skipped")
-            continue
-        if job.problem is not None or job.layout is None:
-            source.notes.append(f"job {job.id} (line {job.line}) cannot be read ({job.problem}): skipped")
             continue
         truth = entry_from_layout(str(coco_id), job.layout, f"job {job.id}")
         rendered = [seed for (name, seed) in rows if name == job.id and isinstance(seed, int)]
         for seed in dict.fromkeys([*job.seeds, *sorted(rendered)]):
             source.items.append(_run_item(run_dir, job.id, seed, truth, rows.get((job.id, seed)), resolve_inside))
     return source
+
+
+def _line_reader(path: Path) -> Any:
+    """job -> its line of `path` as JSON (None when it cannot be read), held to the batch's per-line limits."""
+    from threedis.engine.batch.jobs import read_line
+
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def read(job: Any) -> Any:
+        text = lines[job.line - 1] if 0 < job.line <= len(lines) else ""
+        return read_line(text)[0]
+
+    return read
+
+
+def _truth_of_a_bad_line(job: Any, data: Any, source: Source) -> TruthEntry | None:
+    """The prompt a bad COCO-MIG line asks for (its items count as failed), or None with a note saying why not."""
+    meta = data.get("meta") if isinstance(data, dict) else None
+    coco_id = meta.get("coco_id") if isinstance(meta, dict) else None
+    if coco_id is None:
+        source.notes.append(f"job {job.id} (line {job.line}) cannot be read and names no meta.coco_id "
+                            f"({job.problem}): not counted")
+        return None
+    try:
+        return entry_from_job_data(str(coco_id), data.get("layout"), f"job {job.id} (line {job.line})")
+    except UserError as err:
+        source.notes.append(f"job {job.id} (line {job.line}) names coco_id {coco_id} but its instances cannot be "
+                            f"read ({err}): not counted")
+        return None
 
 
 def _run_item(run_dir: Path, job: str, seed: int, truth: TruthEntry, row: dict[str, Any] | None,

@@ -88,15 +88,36 @@ def entry_from_layout(coco_id: str, layout: Any, where: str) -> TruthEntry:
     return TruthEntry(coco_id=str(coco_id), caption=layout.prompt, instances=instances)
 
 
+def entry_from_job_data(coco_id: str, layout: Any, where: str) -> TruthEntry:
+    """Truth from a job line's layout object as written (not a threedis Layout): for a line the batch could
+    not render (a box the engine refuses, a size it does not take), whose prompt still counts."""
+    if not isinstance(layout, dict) or not isinstance(layout.get("instances"), list):
+        raise UserError(f"{where}: no layout object with instances")
+    instances = _instances(layout["instances"], "prompt", "box", where)
+    return TruthEntry(coco_id=str(coco_id), caption=str(layout.get("prompt", "")), instances=instances)
+
+
+def _instances(items: list, text: str, box: str, where: str) -> tuple[TruthInstance, ...]:
+    """Instances from [{text: "a red dog", box: [x0, y0, x1, y1]}, ...] as written (job lines, the reference JSON)."""
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or text not in item or box not in item:
+            raise UserError(f"{where}: each instance needs a {text} and a {box}")
+        out.append(TruthInstance(*split_phrase(item[text], where), _box(item[box], where)))
+    return tuple(out)
+
+
 def truth_from_yaml(path: str | Path) -> dict[str, TruthEntry]:
-    """coco id -> entry, from MIGC's mig_bench_anno.yaml (read by the batch importer)."""
-    from threedis import Layout
+    """coco id -> entry, from MIGC's mig_bench_anno.yaml (read by the batch importer).
+
+    The phrases and boxes as the file has them: the truth need not be a layout the engine would
+    render (another method's images are scored against it too).
+    """
     from threedis.engine.batch.mig import mig_jobs
 
     out: dict[str, TruthEntry] = {}
     for job in mig_jobs(path):
-        coco_id = job["meta"]["coco_id"]
-        entry = entry_from_layout(coco_id, Layout.from_dict(job["layout"]), f"{path}: {job['id']}")
+        entry = entry_from_job_data(job["meta"]["coco_id"], job["layout"], f"{path}: {job['id']}")
         _add(out, entry, path)
     return out
 
@@ -117,12 +138,8 @@ def truth_from_reference_json(path: str | Path) -> dict[str, TruthEntry]:
         where = f"{path}: {coco_id}"
         if not isinstance(value, dict) or not isinstance(value.get("segment"), list):
             raise UserError(f"{where}: expected {{caption, segment: [{{label, bbox}}]}}")
-        instances = []
-        for seg in value["segment"]:
-            if not isinstance(seg, dict) or "label" not in seg or "bbox" not in seg:
-                raise UserError(f"{where}: each segment needs a label and a bbox")
-            instances.append(TruthInstance(*split_phrase(seg["label"], where), _box(seg["bbox"], where)))
-        _add(out, TruthEntry(str(coco_id), str(value.get("caption", "")), tuple(instances)), path)
+        instances = _instances(value["segment"], "label", "bbox", where)
+        _add(out, TruthEntry(str(coco_id), str(value.get("caption", "")), instances), path)
     return out
 
 

@@ -21,7 +21,7 @@ from threedis.engine.tiny.flux import (
     MARKER, TINY_FLUX, TINY_VERSION, is_tiny_checkpoint, tiny_flux_path, write_tiny_flux,
 )
 from threedis.engine.errors import UserError
-from threedis.engine.tiny.store import check_new_folder, new_folder_guard
+from threedis.engine.tiny.store import check_new_folder, example_clause, new_folder_guard
 from threedis.engine.tiny_rules import OPTIONS, suggested_folder, tiny_hint
 
 __all__ = ["KINDS", "MARKER", "TINY_FLUX", "TINY_VERSION", "TinyKind", "is_tiny_checkpoint", "tiny_flux_path",
@@ -72,7 +72,7 @@ def write_tiny(kind: str, path: str | os.PathLike[str], seed: int = 0) -> list[t
     except UserError:  # no cache folder to suggest (no home, no $THREEDIS_CACHE): the message names none
         instead = None
     root = check_new_folder(path, [spec.stands_in_for for spec in KINDS.values()], instead=instead)
-    with new_folder_guard(root, f"choose a folder you can write{f', e.g. {instead}' if instead else ''}"):
+    with new_folder_guard(root, f"choose a folder you can write{example_clause(instead)}"):
         if kind == "all":
             return [(name, KINDS[name].write(root / name, seed=seed)) for name in kinds]
         return [(kind, KINDS[kind].write(root, seed=seed))]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from threedis.engine.errors import UserError
-from threedis.engine.paths import folder_problem, make_folder
+from threedis.engine.paths import folder_problem, make_folder, unmakeable_folder
 from threedis.engine.tiny_rules import MARKER, cache_root  # noqa: F401  (MARKER: written last = complete)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what the real SAM2 and Depth Anything preprocessors normalise with
@@ -171,12 +171,14 @@ def cached_build(root: str | os.PathLike[str] | None, dir_name: str, version: in
     return target
 
 
-def _example(instead: Path | None) -> str:
-    """", e.g. <folder>" for messages: `instead`, else one under the cache (nothing when there is no cache folder)."""
+def example_clause(instead: Path | None) -> str:
+    """", e.g. <folder>" for messages: `instead`, else one under the cache; nothing when there is no cache
+    folder or this user could not make the example (a home folder that is not there or not theirs)."""
     try:
-        return f", e.g. {instead or cache_root() / 'make-tiny'}"
+        example = instead or cache_root() / "make-tiny"
     except UserError:
         return ""
+    return "" if unmakeable_folder(example) is not None else f", e.g. {example}"
 
 
 @contextlib.contextmanager
@@ -215,7 +217,7 @@ def check_new_folder(path: str | os.PathLike[str], real_names: Iterable[str] = (
     random weights would later be taken for the real ones. `instead`: the folder the
     message suggests (default: one under the cache).
     """
-    safe = f"choose a new folder{_example(instead)}"
+    safe = f"choose a new folder{example_clause(instead)}"
     try:
         given = Path(path).expanduser()
     except RuntimeError:  # "~" for a user without a home folder
