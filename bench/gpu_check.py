@@ -14,6 +14,8 @@ the reason:
   4 attention-bench     flash / Triton / compiled FlexAttention / dense-mask SDPA times and memory
   5 renders             12gb under 12 GB, resident baseline, 8gb under 8 GB, 16gb under 16 GB
   6 stage1-sam2         stage 1 fp32 and fp16 (their depth difference) and SAM2: time and memory
+  7 eval-mig            `threedis eval mig` with real-size random-weight Grounding DINO + SAM ViT-H, fp32:
+                        s/image, images/s, peak VRAM, minutes for 800 prompts x 4 seeds
 
 Every measurement is one JSON line appended (and flushed) to DIR/gpu-<gpu>-<date>.jsonl the
 moment it is made, with the device and versions in it, so a run cut off by its time limit
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from gpucheck_goals import ATTENTION, ENV, KERNELS, RENDERS, STAGE1, TESTS, evaluate, markdown
+from gpucheck_goals import ATTENTION, ENV, EVAL, KERNELS, RENDERS, STAGE1, TESTS, evaluate, markdown
 from gpucheck_rows import Clock, Rows, first_line, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,7 @@ PARTS: tuple[Part, ...] = (
     Part(4, ATTENTION, "gpucheck_kernels", "attention_bench", 60, 10, 100),
     Part(5, RENDERS, "gpucheck_models", "renders", 90, 30, None, keep_s=45),
     Part(6, STAGE1, "gpucheck_models", "stage1_sam2", 45, 15, None),
+    Part(7, EVAL, "gpucheck_eval", "eval_mig", 75, 5, 150),  # the least valuable: only when time is left
 )
 
 
@@ -118,7 +121,8 @@ def _select(text: str | None) -> list[Part]:
     chosen = [p for p in PARTS if str(p.number) in wanted or p.name in wanted]
     unknown = wanted - {str(p.number) for p in chosen} - {p.name for p in chosen}
     if unknown:
-        raise ValueError(f"unknown part(s) {sorted(unknown)}; choose numbers 1-6 or {', '.join(p.name for p in PARTS)}")
+        raise ValueError(f"unknown part(s) {sorted(unknown)}; choose numbers 1-{len(PARTS)} or "
+                         f"{', '.join(p.name for p in PARTS)}")
     return [PARTS[0], *[p for p in chosen if p.number != 1]]  # the environment always: every row names the card
 
 
@@ -151,7 +155,7 @@ def schedule(parts: Sequence[Part], deadline: float, budget_s: float, rows_path:
 def run_child(names: str, rows_path: Path, deadline: float, budget_s: float, dry: bool, run: str, out: Path,
               stem: str) -> int:
     """Inside a part's process (a GPU run: one part) or the dry run's single process (every part, scheduled
-    here: one import of torch and diffusers instead of six). Imports torch after fixing the environment."""
+    here: one import of torch and diffusers instead of one a part). Imports torch after fixing the environment."""
     faulthandler.enable()  # a segfault in a native library still leaves its Python stack in the log
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; never wait on a network
     if dry:

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 MET, MISSED, NOT_MEASURED, MEASURED = "met", "missed", "not measured", "measured"
 
 # Part names, as the check writes them in each row's "part".
-ENV, TESTS, KERNELS, ATTENTION, RENDERS, STAGE1 = (
-    "environment", "cuda-tests", "kernel-correctness", "attention-bench", "renders", "stage1-sam2")
+ENV, TESTS, KERNELS, ATTENTION, RENDERS, STAGE1, EVAL = (
+    "environment", "cuda-tests", "kernel-correctness", "attention-bench", "renders", "stage1-sam2", "eval-mig")
 GOAL_CASE = "1024x1024-n9"  # the shape the memory goals are written for
 
 
@@ -220,6 +220,20 @@ def _stage1_precision(rows: Sequence[dict[str, Any]]) -> Outcome:
                    f"off by more than 1 (random real-size weights, not the release's)")
 
 
+def _eval_mig(rows: Sequence[dict[str, Any]]) -> Outcome:
+    """Issue 18: 800 images x 4 seeds "should take minutes, not hours": under an hour on one GPU."""
+    goal = "eval mig: 800 prompts x 4 seeds in under an hour on one GPU (fp32)"
+    found = [r for r in _cuda(rows, EVAL) if r.get("what") == "eval mig" and r.get("status") == "ok"]
+    if not found:
+        return Outcome(goal, NOT_MEASURED, "", _why_not(rows, EVAL, "eval mig"))
+    r = found[-1]
+    minutes = r["minutes_for_800x4"]
+    return Outcome(goal, MET if minutes < 60 else MISSED, f"{minutes:.1f} min",
+                   f"{r['s_per_image'] * 1000:.0f} ms/image (detector {r['detector_s_per_image'] * 1000:.0f}, SAM "
+                   f"{r['sam_s_per_image'] * 1000:.0f}), peak {r.get('peak_allocated_gb')} GB, {r['images']} images; "
+                   f"random real-size weights, SAM on every instance")
+
+
 def evaluate(rows: Sequence[dict[str, Any]]) -> list[Outcome]:
     """The table, goals first (bench/README.md), then the checks the goals rest on."""
     less = lambda found: max(found)  # noqa: E731 - the worst of ratios that should be small
@@ -240,6 +254,7 @@ def evaluate(rows: Sequence[dict[str, Any]]) -> list[Outcome]:
         _correctness(rows),
         _tests(rows),
         _stage1_precision(rows),
+        _eval_mig(rows),
     ]
 
 

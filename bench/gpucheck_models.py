@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpucheck_rows import first_line, is_fatal_cuda_error
+from gpucheck_rows import first_line, float32_settings, is_fatal_cuda_error
 
 # (label, profile, overrides, cap GB, instances), most valuable first: the goals are written for 9 instances.
 RESIDENT = {"transformer.offload": "none", "t5.offload": "none"}
@@ -113,17 +113,6 @@ def _sync(torch: Any, device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _precision(torch: Any) -> dict[str, Any]:
-    """PyTorch's float32 settings: "fp32" on CUDA means these defaults, as in the authors' own runs."""
-    import warnings
-
-    with warnings.catch_warnings():  # newer torch prefers its fp32_precision settings: reading is enough here
-        warnings.simplefilter("ignore")
-        return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-                "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
-
-
 def _weights_gb(*modules: Any) -> float:
     """GiB of the modules' parameters, each counted once (the adapters are also the UNet's submodules)."""
     params = {id(p): p for m in modules for p in m.parameters()}
@@ -188,7 +177,7 @@ def _stage1(ctx: Any, torch: Any, cfgs: dict[str, Any], layout: Any, size: int, 
     pipe32 = Stage1Pipeline(unet, vae, text, tokenizer, scheduler, True, device, fp32)
     ref, ref_timing = _generate(torch, pipe32, layout, size, steps, migc)
     ctx.rows.emit("stage1 fp32", "ok" if ref_timing["depth_finite"] else "failed", **common, **ref_timing,
-                  formats="unet, adapter, text encoder and VAE fp32 (the authors')", precision=_precision(torch),
+                  formats="unet, adapter, text encoder and VAE fp32 (the authors')", precision=float32_settings(),
                   weights_gb=_weights_gb(unet, vae, text, *procs.values()))
     with torch.no_grad():
         unet.to(torch.float16)

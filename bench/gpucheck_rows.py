@@ -4,8 +4,9 @@ Why: the GPU machine is lent briefly and a command is killed at its time limit, 
 measurement is appended to the rows file and flushed the moment it is made (a cut-off
 run keeps every finished row), and each row says on which card, driver and package
 versions it was made, so a file read months later still says where it came from.
-Imports no torch: the orchestrator (bench/gpu_check.py) must not create a CUDA context
-of its own, which would count as memory outside the measured process's allocator.
+Imports no torch (float32_settings does, when a part calls it): the orchestrator
+(bench/gpu_check.py) must not create a CUDA context of its own, which would count as
+memory outside the measured process's allocator.
 """
 
 from __future__ import annotations
@@ -102,6 +103,20 @@ class Rows:
     def mine(self) -> Iterator[dict[str, Any]]:
         """This part's rows of this run written so far."""
         return (r for r in read_rows(self.path) if r.get("part") == self.part and r.get("run") == self.run)
+
+
+def float32_settings() -> dict[str, Any]:
+    """PyTorch's float32 settings (TF32 in matmuls and convolutions): what "fp32" meant in a row. Imports torch:
+    for the parts and bench scripts, never the orchestrator."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # newer torch prefers its fp32_precision settings: reading is enough here
+        warnings.simplefilter("ignore")
+        return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def first_line(exc: BaseException) -> str:

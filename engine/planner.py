@@ -241,6 +241,12 @@ def _library_and_class(cfg: Mapping[str, Any], where: str) -> tuple[str, str]:
 
 def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> "torch.nn.Module":
     """Build the model with no storage (seconds even for 12B parameters)."""
+    return instantiate(cfg, where, "meta")
+
+
+def instantiate(cfg: Mapping[str, Any], where: str = "config", device: Any = "meta") -> "torch.nn.Module":
+    """Build the model from a config on `device`: "meta" gives no storage; a real device, the library's own
+    random initialisation there (bench/eval_mig.py --random-real), every buffer computed as the class does."""
     import torch  # heavy: only for a config without stored counts (plan itself answers without torch)
 
     library, class_name = _library_and_class(cfg, where)
@@ -254,7 +260,7 @@ def instantiate_meta(cfg: Mapping[str, Any], where: str = "config") -> "torch.nn
         cls = getattr(transformers, class_name, None)
     if cls is None:
         raise UserError(f"model config {where}: {library} has no class {class_name!r}")
-    with torch.device("meta"):
+    with torch.device(device):
         if library == "diffusers":
             return cls.from_config(clean)
         return cls(cls.config_class(**clean))

@@ -244,3 +244,19 @@ def test_eval_user_mistakes_are_one_line(tmp_path, eval_models, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("threedis: error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_bundled_detector_and_sam_configs_have_the_published_sizes():
+    """bench/eval_mig.py --random-real and the GPU check build both models from these configs: their sizes must be
+    the hub checkpoints' (model.safetensors of IDEA-Research/grounding-dino-tiny: 689 MB, of facebook/sam-vit-huge:
+    2.56 GB, float32), and their preprocessor sections the real input sizes (800 px short side, 1024 px long side)."""
+    from threedis.engine.eval.models import GroundingDino, SamViT
+    from threedis.engine.planner import instantiate_meta, load_config
+
+    for name, published_bytes in (("grounding_dino_tiny", 689e6), ("sam_vit_huge", 2.56e9)):
+        params = sum(p.numel() for p in instantiate_meta(load_config(name), name).parameters())
+        assert 4 * params == pytest.approx(published_bytes, rel=0.005), name
+    detector = GroundingDino.from_model(None, None, load_config("grounding_dino_tiny")["_preprocessor"], "cpu", "x")
+    sam = SamViT.from_model(None, load_config("sam_vit_huge")["_preprocessor"], "cpu", "x")
+    assert (detector.side, sam.longest, sam.pad) == (800, 1024, (1024, 1024))
+    assert detector.normalise.mean == sam.normalise.mean == (0.485, 0.456, 0.406)

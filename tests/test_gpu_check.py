@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "bench" / "gpu_check.py"
-PARTS = ("environment", "cuda-tests", "kernel-correctness", "attention-bench", "renders", "stage1-sam2")
+PARTS = ("environment", "cuda-tests", "kernel-correctness", "attention-bench", "renders", "stage1-sam2", "eval-mig")
 
 
 @pytest.fixture
@@ -83,11 +83,23 @@ def test_dry_run_runs_every_part_and_leaves_gpu_figures_unmeasured(dry_run):
     assert 0 < diff["depth_mean_abs"] < 0.05 and diff["depth_max_abs"] < 0.5  # rounding, not another model
     assert next(r for r in rows if r["what"] == "sam2")["masks_found"] == 9
 
+    built = next(r for r in rows if r["what"] == "eval mig models")
+    assert built["weights"] == "random, tiny configs" and built["detector_side"] == built["sam_side"] == 64
+    assert 0 < built["params"]["detector"] < 1e6 and 0 < built["params"]["sam"] < 1e6
+    timed = next(r for r in rows if r["what"] == "eval mig")
+    # 3 timed images after 1 warm-up: levels 3, 4, 5 (synthetic() cycles 2..6), every one placed right and cut by SAM
+    assert timed["status"] == "ok" and timed["images"] == 3 and timed["instances"] == 12 and not timed["images_cut"]
+    assert timed["placed_right"] == 1.0 and timed["sam_images"] == 3 and timed["sam_boxes"] == 12
+    assert 3 <= timed["detector_pairs"] <= 12  # one detection per (image, class); classes repeat at most
+    assert timed["minutes_for_800x4"] == pytest.approx(3200 * timed["s_per_image"] / 60)
+    assert timed["s_per_image"] >= timed["detector_s_per_image"] + timed["sam_s_per_image"] > 0
+    assert timed["peak_allocated_gb"] is None and timed["dtype"] == "float32"
+
     goals = [r for r in rows if r["part"] == "goals"]
-    assert len(goals) == 12 and all(g["result"] == "not measured" and "CPU" in g["detail"] for g in goals)
+    assert len(goals) == 13 and all(g["result"] == "not measured" and "CPU" in g["detail"] for g in goals)
     table = next(out.glob("goals-*.md")).read_text()
-    assert "| goal | result | value | detail |" in table and "0 met, 0 missed, 12 not measured" in table
-    assert stdout.rstrip().endswith("0 met, 0 missed, 12 not measured")  # the table is the output's end
+    assert "| goal | result | value | detail |" in table and "0 met, 0 missed, 13 not measured" in table
+    assert stdout.rstrip().endswith("0 met, 0 missed, 13 not measured")  # the table is the output's end
 
 
 def test_a_budget_too_small_for_any_part_marks_each_not_measured(tmp_path):
@@ -102,8 +114,8 @@ def test_unknown_parts_are_refused_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--parts", "3,nine"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "gpu_check: error: unknown part(s) ['nine']; choose numbers 1-6 or environment, cuda-tests, "
-        "kernel-correctness, attention-bench, renders, stage1-sam2"]
+        "gpu_check: error: unknown part(s) ['nine']; choose numbers 1-7 or environment, cuda-tests, "
+        "kernel-correctness, attention-bench, renders, stage1-sam2, eval-mig"]
 
 
 # -- the goal table on hand-made CUDA rows -------------------------------------------------------------
@@ -133,6 +145,9 @@ def test_goal_table_verdicts_worked_by_hand(bench_module):
         _cuda_row("kernel-correctness", "correctness", "failed", backend="flex", rel_err=0.2, dtype="float16",
                   case="768x1024-n4", phases="t2t", max_abs_err=0.9),
         _cuda_row("cuda-tests", "pytest -m gpu", passed=9, failed=0, errors=0, failures=[]),
+        # 0.45 s an image: 3200 images take 1440 s = 24 min, under the hour
+        _cuda_row("eval-mig", "eval mig", images=64, s_per_image=0.45, minutes_for_800x4=24.0,
+                  detector_s_per_image=0.15, sam_s_per_image=0.25, peak_allocated_gb=30.5),
     ]
     got = {o.goal: o for o in goals.evaluate(rows)}
     assert [(o.result, o.value) for o in goals.evaluate(rows)][:5] == [
@@ -146,6 +161,11 @@ def test_goal_table_verdicts_worked_by_hand(bench_module):
     assert correct.result == "missed" and "flex 768x1024-n4 float16 t2t" in correct.detail
     assert got["CUDA tests pass"].result == "met"
     assert got["stage 1 fp16 vs fp32 depth (same weights, seed, layout)"].result == "not measured"
+    eval_goal = got["eval mig: 800 prompts x 4 seeds in under an hour on one GPU (fp32)"]
+    assert (eval_goal.result, eval_goal.value) == ("met", "24.0 min")
+    assert "450 ms/image (detector 150, SAM 250)" in eval_goal.detail
+    slow = [r if r["part"] != "eval-mig" else {**r, "minutes_for_800x4": 75.0} for r in rows]
+    assert {o.goal: o for o in goals.evaluate(slow)}[eval_goal.goal].result == "missed"
     # a CPU row never counts: the same rows measured on the CPU leave every goal unmeasured
     cpu = [{**r, "device_type": "cpu"} for r in rows]
     assert {o.result for o in goals.evaluate(cpu)} == {"not measured"}

@@ -122,7 +122,7 @@ def _settings(what: str, folder: Path) -> dict[str, Any]:
     return read_json(what, folder / "preprocessor_config.json")
 
 
-def _size(cfg: dict[str, Any], key: str, what: str, file: Path) -> int:
+def _size(cfg: dict[str, Any], key: str, what: str, file: Path | str) -> int:
     size = cfg.get("size") or {}
     value = size.get(key) if isinstance(size, dict) else None
     if not isinstance(value, int) or isinstance(value, bool) or not 16 <= value <= 4096:
@@ -165,15 +165,28 @@ class GroundingDino:
                                               "grounding_dino_tiny", local_files_only, device, torch.float32,
                                               extra_files=TOKENIZER_FILES, required_files=TOKENIZER_FILES[:1])
         cfg = _settings(what, folder)
-        size = cfg.get("size") or {}
-        shortest = _size(cfg, "shortest_edge", what, folder / "preprocessor_config.json")
-        longest = size.get("longest_edge", shortest) if isinstance(size, dict) else shortest
+        side = cls._side(cfg, what, folder / "preprocessor_config.json")  # checked before the weights load
         with loading_component(what, folder):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = _load(what, folder, GroundingDinoForObjectDetection, dtype, device)
-        # Square EVAL_SIZE images: the short side goes to shortest_edge unless the long side would pass longest_edge.
-        side = min(shortest, int(longest)) if isinstance(longest, int) else shortest
         return cls(model, tokenizer, side, _Normalise.from_config(cfg), device, model_ident(path_or_id), batch_size)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, preprocessor: dict[str, Any], device: torch.device | str,
+                   ident: str, batch_size: int = 8) -> "GroundingDino":
+        """A model already built and placed (bench/eval_mig.py --random-real), read as from_pretrained reads one."""
+        side = cls._side(preprocessor, "detector (Grounding DINO)", "its preprocessor settings")
+        return cls(model, tokenizer, side, _Normalise.from_config(preprocessor), torch.device(device), ident,
+                   batch_size)
+
+    @staticmethod
+    def _side(cfg: dict[str, Any], what: str, file: Path | str) -> int:
+        """Square EVAL_SIZE images: the short side goes to shortest_edge unless the long side would pass
+        longest_edge."""
+        size = cfg.get("size") or {}
+        shortest = _size(cfg, "shortest_edge", what, file)
+        longest = size.get("longest_edge", shortest) if isinstance(size, dict) else shortest
+        return min(shortest, int(longest)) if isinstance(longest, int) else shortest
 
     @staticmethod
     def caption(query: str) -> str:
@@ -243,12 +256,26 @@ class SamViT:
         folder, device, dtype = open_hf_model(path_or_id, what, DEFAULT_SEGMENTER, "sam-vit", "sam_vit_huge",
                                               local_files_only, device, torch.float32)
         cfg = _settings(what, folder)
-        longest = _size(cfg, "longest_edge", what, folder / "preprocessor_config.json")
+        longest, pad_hw = cls._geometry(cfg, what, folder / "preprocessor_config.json")  # before the weights load
+        model = _load(what, folder, SamModel, dtype, device)
+        return cls(model, longest, pad_hw, _Normalise.from_config(cfg), device, model_ident(path_or_id), batch_size)
+
+    @classmethod
+    def from_model(cls, model: Any, preprocessor: dict[str, Any], device: torch.device | str, ident: str,
+                   batch_size: int = 4) -> "SamViT":
+        """A model already built and placed (bench/eval_mig.py --random-real), read as from_pretrained reads one."""
+        longest, pad_hw = cls._geometry(preprocessor, "SAM model", "its preprocessor settings")
+        return cls(model, longest, pad_hw, _Normalise.from_config(preprocessor), torch.device(device), ident,
+                   batch_size)
+
+    @staticmethod
+    def _geometry(cfg: dict[str, Any], what: str, file: Path | str) -> tuple[int, tuple[int, int]]:
+        """(longest_edge, padded (height, width)): the resize and the zero padding before the image encoder."""
+        longest = _size(cfg, "longest_edge", what, file)
         pad = cfg.get("pad_size") or {}
         pad_hw = (int(pad.get("height", longest)), int(pad.get("width", longest))) if isinstance(pad, dict) \
             else (longest, longest)
-        model = _load(what, folder, SamModel, dtype, device)
-        return cls(model, longest, pad_hw, _Normalise.from_config(cfg), device, model_ident(path_or_id), batch_size)
+        return longest, pad_hw
 
     @torch.inference_mode()
     def masks(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[np.ndarray]]:
