@@ -349,3 +349,40 @@ def test_sam_takes_the_best_of_three_masks_of_the_scaled_box():
     # the chosen mask's positive quarter, up-sampled 16 -> 64 -> 512: its edges cross zero at 256 px
     assert mask.shape == (512, 512) and mask[:250, :128].all() and mask[:128, :250].all()
     assert not mask[262:, :].any() and not mask[:, 262:].any()
+
+
+def test_a_batch_that_runs_out_of_memory_is_run_again_in_halves():
+    """SAM ViT-H's default batch suits a large card; on a small one the batch halves until it fits."""
+    import torch
+
+    from threedis import UserError
+    from threedis.engine.eval.models import SamViT, _Normalise
+
+    embedded = []
+
+    class SamThatFitsTwo:
+        def get_image_embeddings(self, pixels):
+            if pixels.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+            embedded.append(pixels.shape[0])
+            return torch.zeros(pixels.shape[0], 2, 4, 4)
+
+        def __call__(self, image_embeddings, input_boxes, multimask_output):
+            masks = torch.full((1, 1, 3, 16, 16), 5.0)
+            return types.SimpleNamespace(pred_masks=masks, iou_scores=torch.tensor([[[0.2, 0.9, 0.5]]]))
+
+    sam = SamViT(SamThatFitsTwo(), longest=64, pad=(64, 64), normalise=_Normalise(), device=torch.device("cpu"),
+                 ident="fake", batch_size=8)
+    images, boxes = [np.zeros((512, 512, 3), np.uint8)] * 7, [[[0.0, 0.0, 512.0, 512.0]]] * 7
+    out = sam.masks(images, boxes)
+    assert embedded == [2, 2, 2, 1] and sam.batch_size == 2  # 8 -> 4 -> 2, then kept
+    assert [len(m) for m in out] == [1] * 7 and all(m[0].all() for m in out)
+
+    class SamThatFitsNone(SamThatFitsTwo):
+        def get_image_embeddings(self, pixels):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    sam = SamViT(SamThatFitsNone(), longest=64, pad=(64, 64), normalise=_Normalise(), device=torch.device("cpu"),
+                 ident="fake", batch_size=4)
+    with pytest.raises(UserError, match="out of memory with one image at a time"):
+        sam.masks(images[:1], boxes[:1])

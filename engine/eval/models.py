@@ -26,7 +26,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +139,29 @@ def _load(what: str, folder: Path, cls: Any, dtype: torch.dtype, device: torch.d
     return model.eval().requires_grad_(False).to(device)
 
 
+def in_batches(owner: Any, rows: list[int], run: Callable[[list[int]], None]) -> None:
+    """run(chunk) over rows in chunks of owner.batch_size; a chunk that runs out of GPU memory is run again
+    in halves, and the smaller size is kept.
+
+    Why: the default batches suit a large card (SAM ViT-H's global attention alone is about 1 GB
+    per image in fp32), and a 12-16 GB card would otherwise stop on the first batch.
+    """
+    start = 0
+    while start < len(rows):
+        chunk = rows[start:start + owner.batch_size]
+        try:
+            run(chunk)
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise UserError(f"{type(owner).__name__}: out of memory with one image at a time on {owner.device}; "
+                                f"close what else uses that GPU, or pass --device for another") from None
+            owner.batch_size = (len(chunk) + 1) // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+
+
 # ---------------------------------------------------------------- the detector
 
 
@@ -207,20 +230,22 @@ class GroundingDino:
             by_length.setdefault(int(tok["input_ids"].shape[1]), []).append(i)
         pixels: dict[int, torch.Tensor] = {}  # one normalised copy per image
         out: list[Detections | None] = [None] * len(images)
+
+        def run(chunk: list[int]) -> None:
+            for i in chunk:
+                if id(images[i]) not in pixels:
+                    pixels[id(images[i])] = self.normalise(images[i], self.side, self.side)
+            batch = torch.stack([pixels[id(images[i])] for i in chunk]).to(self.device)  # [B, 3, S, S]
+            mask = torch.ones(len(chunk), self.side, self.side, dtype=torch.long, device=self.device)  # no padding
+            text = {k: torch.cat([tokens[i][k] for i in chunk]).to(self.device) for k in tokens[chunk[0]]}
+            result = self.model(pixel_values=batch, pixel_mask=mask, **text)
+            scores = result.logits.float().sigmoid().amax(dim=-1).cpu().numpy()  # [B, queries]
+            boxes = result.pred_boxes.float().cpu().numpy()  # [B, queries, 4]: (cx, cy, w, h) in 0..1
+            for i, score, box in zip(chunk, scores, boxes):
+                out[i] = self._kept(score, box)
+
         for rows in by_length.values():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                for i in chunk:
-                    if id(images[i]) not in pixels:
-                        pixels[id(images[i])] = self.normalise(images[i], self.side, self.side)
-                batch = torch.stack([pixels[id(images[i])] for i in chunk]).to(self.device)  # [B, 3, S, S]
-                mask = torch.ones(len(chunk), self.side, self.side, dtype=torch.long, device=self.device)  # no padding
-                text = {k: torch.cat([tokens[i][k] for i in chunk]).to(self.device) for k in tokens[chunk[0]]}
-                result = self.model(pixel_values=batch, pixel_mask=mask, **text)
-                scores = result.logits.float().sigmoid().amax(dim=-1).cpu().numpy()  # [B, queries]
-                boxes = result.pred_boxes.float().cpu().numpy()  # [B, queries, 4]: (cx, cy, w, h) in 0..1
-                for i, score, box in zip(chunk, scores, boxes):
-                    out[i] = self._kept(score, box)
+            in_batches(self, rows, run)
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -284,8 +309,8 @@ class SamViT:
         todo = [i for i, b in enumerate(boxes) if len(b)]
         scale = self.longest / EVAL_SIZE
         side = int(EVAL_SIZE * scale + 0.5)  # the resized image, before padding
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
+
+        def run(chunk: list[int]) -> None:
             pixels = torch.stack([self.normalise(images[i], side, side) for i in chunk])  # [B, 3, side, side]
             pixels = F.pad(pixels, (0, self.pad[1] - side, 0, self.pad[0] - side)).to(self.device)
             embeddings = self.model.get_image_embeddings(pixels)
@@ -300,5 +325,7 @@ class SamViT:
                 full = F.interpolate(padded[..., :side, :side], size=(EVAL_SIZE, EVAL_SIZE), mode="bilinear",
                                      align_corners=False)
                 out[i] = list((full[:, 0] > 0).cpu().numpy())
+
+        in_batches(self, todo, run)
         return out
 
