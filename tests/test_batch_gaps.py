@@ -69,13 +69,29 @@ def test_a_full_disk_is_one_line_not_a_traceback(tmp_path, tiny_flux_dir, monkey
     assert "No space left on device" in _one_line(capsys.readouterr().err)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_is_one_line(tmp_path, tiny_flux_dir, capsys):
+def test_a_read_only_folder_is_one_line(tmp_path, tiny_flux_dir, unwritable, capsys):
     jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0")
-    out = tmp_path / "ro"
-    out.mkdir(mode=0o555)
+    assert main(_cli(jobs_path, unwritable, tiny_flux_dir)) == 2
+    assert "locked" in _one_line(capsys.readouterr().err)
+
+
+def test_a_disk_that_fills_up_mid_item_leaves_no_file_of_it(tmp_path, tiny_flux_dir, monkeypatch, capsys):
+    """The image is written, then the disk is full: no image without its set and manifest row."""
+    jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0")
+    real, calls = os.fsync, []
+
+    def fills_up(fd):
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fills_up)
+    out = tmp_path / "out"
     assert main(_cli(jobs_path, out, tiny_flux_dir)) == 2
-    assert "ro" in _one_line(capsys.readouterr().err)
+    assert "No space left on device" in _one_line(capsys.readouterr().err)
+    assert len(calls) > 1 and images_in(out) == []
+    assert not (out / "job0").exists() or not list((out / "job0").iterdir())  # not the image either
 
 
 def test_failed_items_keep_the_exit_code_non_zero_until_retried(tmp_path, tiny_flux_dir, capsys):

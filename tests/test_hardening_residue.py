@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -32,25 +30,6 @@ def one_line(stream: str) -> str:
     assert len(lines) == 1 and "Traceback" not in stream, stream
     assert lines[0].startswith("threedis: error: "), stream
     return lines[0]
-
-
-@pytest.fixture
-def unwritable(tmp_path: Path) -> Iterator[Path]:
-    """An existing empty folder that nobody running this test can write into."""
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"root ignores chmod, and `chattr +i` is not available here ({done.stderr.strip()[:80]})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def _layout_file(tmp_path: Path) -> Path:

@@ -29,11 +29,16 @@ def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
     """
     folder = make_folder(out / job_id, "job's output folder", f"move the file {out / job_id} away")
     written: dict[str, str] = {}
-    for kind, (name, data) in files.items():
-        if Path(name).name != name or name.startswith("."):
-            raise UserError(f"refusing to write {name!r}: not a plain file name")  # pragma: no cover
-        replace_file(folder / name, data)
-        written[kind] = f"{job_id}/{name}"
+    try:
+        for kind, (name, data) in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise UserError(f"refusing to write {name!r}: not a plain file name")  # pragma: no cover
+            replace_file(folder / name, data)
+            written[kind] = f"{job_id}/{name}"
+    except BaseException:  # a full disk or Ctrl-C half-way: no image without its set and manifest row
+        for path in written.values():
+            (out / path).unlink(missing_ok=True)
+        raise
     own = folder.resolve()
     for old in (stale or {}).values():
         path = resolve_inside(out, old) if old not in written.values() else None
