@@ -32,6 +32,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_transformers_loading_bars() -> Iterator[None]:
+    """transformers' "Loading weights" bar reaches a test's stderr or not depending on which test
+    loads first; tests that count the CLI's stderr lines must not depend on the order."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
 @pytest.fixture
 def ctrl_c_raises() -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt for this test, as in an interactive shell.

@@ -237,19 +237,44 @@ def test_cli_batch_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert 'pip install "threedis-flux[ray]"' in err and err.count("\n") == 1
 
 
-def test_ctrl_c_while_recording_waits_for_the_row(ctrl_c_raises):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_recording_waits_for_the_row(tmp_path, spec, engine, ctrl_c_raises, monkeypatch, signum):
+    """Ctrl-C or a kill (the CLI turns SIGTERM into an exception) between the files and the row."""
     import os
     import signal
 
-    from threedis.engine.batch.driver import interrupts_held
+    from threedis.engine.batch import driver
 
-    finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-record
-            finished.append("row written")
-    assert finished == ["row written"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    real_place = driver.place_files
+
+    def place_then_signal(*args, **kwargs):
+        written = real_place(*args, **kwargs)
+        os.kill(os.getpid(), getattr(signal, signum))  # arrives after the files, before the row
+        return written
+
+    monkeypatch.setattr(driver, "place_files", place_then_signal)
+    jobs_path = write_jobs(tmp_path / "in", jobs=2, seeds="0")
+    out = tmp_path / "out"
+    try:
+        if signum == "SIGINT":  # the batch stops and says it was interrupted
+            summary = run_batch(load_jobs(jobs_path), out, LocalRunner(spec, engine=engine), progress=False)
+            assert summary.interrupted and summary.done == 1
+        else:
+            with pytest.raises(Stopped):
+                run_batch(load_jobs(jobs_path), out, LocalRunner(spec, engine=engine), progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = manifest_rows(out)
+    assert [r["status"] for r in rows] == ["done"], "the first item's row was written before the signal acted"
+    assert images_in(out) == [rows[0]["files"]["image"]]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_out_of_memory_is_recorded_and_the_batch_goes_on(tmp_path, spec, engine):

@@ -94,6 +94,24 @@ def test_a_disk_that_fills_up_mid_item_leaves_no_file_of_it(tmp_path, tiny_flux_
     assert not (out / "job0").exists() or not list((out / "job0").iterdir())  # not the image either
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell the manifest's fsync")
+def test_a_disk_that_fills_up_at_the_manifest_row_takes_the_files_back(tmp_path, tiny_flux_dir, monkeypatch, capsys):
+    """Files written, the row not: the files go, so the folder and the manifest still agree."""
+    real = os.fsync
+
+    def full_at_the_manifest(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("manifest.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at_the_manifest)
+    jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0")
+    out = tmp_path / "out"
+    assert main(_cli(jobs_path, out, tiny_flux_dir)) == 2
+    assert "No space left on device" in _one_line(capsys.readouterr().err)
+    assert images_in(out) == [] and not list((out / "job0").iterdir())
+
+
 def test_failed_items_keep_the_exit_code_non_zero_until_retried(tmp_path, tiny_flux_dir, capsys):
     folder = tmp_path / "in"
     jobs_path = write_jobs(folder, jobs=1, seeds="0", extra_lines=[json.dumps(

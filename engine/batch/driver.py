@@ -1,7 +1,7 @@
 """The driver: decide what to render (resume), run it on a runner, record every outcome once.
 
 Recording an outcome is: put its files in DIR/<job-id>/, then append its
-manifest row. Ctrl-C during that step is held until the row is written, so an
+manifest row. Ctrl-C or SIGTERM during that step is held until the row is written, so an
 interrupted batch leaves a manifest that matches the folder; the item that was
 rendering has no row and is rendered on the next run. The driver holds DIR's lock
 (engine/locks.py) from start to end: a second batch on the same folder stops at
@@ -10,40 +10,22 @@ once and says who is writing it.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from threedis.engine.batch.files import place_files, sha256_bytes
+from threedis.engine.batch.files import place_files, remove_placed, sha256_bytes
 from threedis.engine.batch.jobs import Item, JobFile
 from threedis.engine.batch.manifest import ManifestWriter, plan_resume
 from threedis.engine.batch.progress import ProgressBar, Summary
 from threedis.engine.batch.worker import Outcome
+from threedis.engine.interrupts import uninterruptible
 from threedis.engine.locks import folder_lock
 
 
 class Runner(Protocol):
     def run(self, items: Iterable[Item]) -> Iterator[Outcome]: ...
-
-
-@contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Delay Ctrl-C until the block ends (main thread only; elsewhere signals cannot arrive anyway)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
 
 
 def _problem_outcome(item: Item) -> Outcome:
@@ -96,11 +78,15 @@ class Recorder:
         self.manifest = ManifestWriter(out)
 
     def record(self, item: Item, outcome: Outcome) -> None:
-        with interrupts_held():
+        with uninterruptible():  # SIGINT and SIGTERM: files and row land together
             stale = self.previous.get((item.job.id, item.seed), {}).get("files")
             files = place_files(self.out, item.job.id, outcome.files, stale=stale)
             row = manifest_row(item, outcome, files, self.run)
-            self.manifest.append(row)
+            try:
+                self.manifest.append(row)
+            except BaseException:  # e.g. the disk filled up: the next run renders the item again
+                remove_placed(self.out, files.values())
+                raise
             self.previous[(item.job.id, item.seed)] = row
             self.summary.add(outcome)
             self.bar.update(outcome)

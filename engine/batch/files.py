@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterable
 
 from threedis import UserError
 from threedis.engine.batch.manifest import resolve_inside
@@ -35,9 +36,8 @@ def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
                 raise UserError(f"refusing to write {name!r}: not a plain file name")  # pragma: no cover
             replace_file(folder / name, data)
             written[kind] = f"{job_id}/{name}"
-    except BaseException:  # a full disk or Ctrl-C half-way: no image without its set and manifest row
-        for path in written.values():
-            (out / path).unlink(missing_ok=True)
+    except BaseException:  # a full disk half-way: no image without its set and manifest row
+        remove_placed(out, written.values())
         raise
     own = folder.resolve()
     for old in (stale or {}).values():
@@ -49,3 +49,9 @@ def place_files(out: Path, job_id: str, files: dict[str, tuple[str, bytes]],
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def remove_placed(out: Path, paths: Iterable[str]) -> None:
+    """Take back an item's files (paths relative to `out`) when its set or its manifest row could not be written."""
+    for path in paths:
+        (out / path).unlink(missing_ok=True)
