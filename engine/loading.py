@@ -282,7 +282,7 @@ def safetensors_header(path: Path, max_header_bytes: int | None = None) -> dict[
     try:
         header = json.loads(raw)
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):  # nesting bomb too
         raise ValueError("not a readable safetensors file") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:

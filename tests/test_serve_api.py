@@ -272,6 +272,8 @@ def test_the_job_list_pages_and_filters(service, depth_id):
     assert everything["total"] == len(everything["jobs"]) >= 3
     first = client.get("/api/v1/jobs", params={"limit": 2}).json()
     second = client.get("/api/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    beyond = client.get("/api/v1/jobs", params={"offset": 10**23})  # past SQLite's integers: an empty page
+    assert beyond.status_code == 200 and beyond.json()["jobs"] == [], beyond.text
     assert [j["id"] for j in first["jobs"] + second["jobs"]] == [j["id"] for j in everything["jobs"][:4]]
     done = client.get("/api/v1/jobs", params={"status": "done", "kind": "render"}).json()
     assert done["total"] == sum(1 for j in everything["jobs"] if j["status"] == "done" and j["kind"] == "render")
@@ -311,14 +313,25 @@ def test_a_failing_render_records_its_error_and_the_service_stays_up(service, de
     assert wait_final(client, client.post("/api/v1/jobs", json=_job(depth_id)).json()["id"])["status"] == "done"
 
 
+def _nested_header(depth: int) -> bytes:
+    header = b"[" * depth + b"]" * depth
+    return len(header).to_bytes(8, "little") + header
+
+
 def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_id, tmp_path):
     url, client, _, config, _ = service
     good = _lora_bytes(service, good=True)
     (config.lora_dir / "style.safetensors").write_bytes(good)
     (config.lora_dir / "notes.txt").write_text("not a LoRA")
+    (config.lora_dir / "folder-lora").mkdir()  # a diffusers LoRA folder: offered under its folder's name
+    (config.lora_dir / "folder-lora" / "pytorch_lora_weights.safetensors").write_bytes(good)
+    (config.lora_dir / "two-files").mkdir()  # which of two? not offered
+    for name in ("a.safetensors", "b.safetensors"):
+        (config.lora_dir / "two-files" / name).write_bytes(good)
     listed = client.get("/api/v1/loras").json()
     assert {"name": "style.safetensors", "bytes": len(good)} in listed["named"]
-    assert "notes.txt" not in [item["name"] for item in listed["named"]]
+    assert {"name": "folder-lora", "bytes": len(good)} in listed["named"]
+    assert not {"notes.txt", "two-files"} & {item["name"] for item in listed["named"]}
 
     uploaded = client.post("/api/v1/loras", files={"file": ("../../My Style!.safetensors", good)})
     assert uploaded.status_code == 201, uploaded.text
@@ -334,7 +347,8 @@ def test_loras_by_name_from_the_folder_or_uploaded_never_by_path(service, depth_
     assert {"upload": by_client, "name": "by-client.safetensors", "bytes": len(good)} in python.loras()["uploaded"]
     for data, status, words in ((b"PK\x03\x04 a zip, not safetensors", 422, "not a LoRA file"),
                                 (_lora_bytes(service, good=False)[:40], 422, "not a LoRA file"),
-                                (b"x" * (config.max_lora_bytes + 1), 413, "--max-lora-mb")):
+                                (b"x" * (config.max_lora_bytes + 1), 413, "--max-lora-mb"),
+                                (_nested_header(5000), 422, "not a LoRA file")):  # a nesting bomb, not a 500
         refused = client.post("/api/v1/loras", files={"file": ("x.safetensors", data)})
         assert refused.status_code == status and words in refused.json()["detail"]["message"], refused.text
     from safetensors.torch import save as save_tensors

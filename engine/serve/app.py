@@ -283,7 +283,7 @@ def create_app(config: ServeConfig, engine_factory: Callable[[], Any] | None = N
     def list_jobs(limit: int = 500, offset: int = 0, status: str | None = None, kind: str | None = None) -> dict:
         statuses = _names(status, (*LIVE, *FINAL), "status")
         kinds = _names(kind, JOB_KINDS, "kind")
-        return jobs.jobs(max(1, min(limit, 5000)), max(0, offset), statuses, kinds)
+        return jobs.jobs(max(1, min(limit, 5000)), max(0, min(offset, 2**62)), statuses, kinds)  # SQLite's range
 
     @app.get(f"{API}/jobs/{{job_id}}", tags=["jobs"], summary="one job: status, progress, files, report")
     def get_job(job_id: str) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from threedis.engine.errors import UserError
+from threedis.engine.model_paths import lora_file
 from threedis.engine.serve.history import History
 
 SUFFIX = ".safetensors"
@@ -40,15 +41,6 @@ def _label(filename: str | None) -> str:
     return base or "upload.safetensors"
 
 
-def _single_safetensors(folder: Path) -> Path | None:
-    """The LoRA file of a diffusers LoRA folder (pytorch_lora_weights.safetensors, or its only .safetensors)."""
-    preferred = folder / "pytorch_lora_weights.safetensors"
-    if preferred.is_file():
-        return preferred
-    found = [p for p in folder.glob(f"*{SUFFIX}") if p.is_file()]
-    return found[0] if len(found) == 1 else None
-
-
 class LoraStore:
     """The LoRA folder (read only) and the uploaded LoRAs (records in the history database)."""
 
@@ -70,9 +62,10 @@ class LoraStore:
             if entry.is_file() and entry.name.endswith(SUFFIX):
                 out[entry.name] = path
             elif entry.is_dir():
-                single = _single_safetensors(path)
-                if single is not None:
-                    out[entry.name] = single
+                try:
+                    out[entry.name] = lora_file(path)
+                except UserError:  # not a LoRA folder (none or several files): not offered
+                    continue
         return out
 
     def available(self) -> dict:
