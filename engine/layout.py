@@ -290,8 +290,8 @@ def _key_name(key: Any) -> str:
     return key if isinstance(key, str) and key.isprintable() and len(key) <= 40 else _describe(key)
 
 
-def _check_nesting(data: Any, limit: int = _MAX_NESTING) -> None:
-    """Refuse values nested deeper than any layout, iteratively: no recursion for a nesting bomb."""
+def check_nesting(data: Any, limit: int = _MAX_NESTING) -> None:
+    """Refuse values nested deeper than `limit` (a layout's by default), iteratively: no recursion for a nesting bomb."""
     level = [data]
     for depth in range(limit + 1):
         level = [child for item in level if isinstance(item, (Mapping, list, tuple))
@@ -406,7 +406,7 @@ class Layout:
         raised names the first and lists all of them in `problems`.
         """
         limits = limits or DEFAULT_LAYOUT_LIMITS
-        _check_nesting(data)
+        check_nesting(data)
         data = _check_object(data, "")
         problems = _Problems()
         problems.check(_check_keys, data, "", _LAYOUT_KEYS, _LAYOUT_REQUIRED)
@@ -440,8 +440,7 @@ class Layout:
             raise LayoutError(f"{source}: {len(text)} characters, more than the limit of {limits.max_file_bytes} "
                               f"for a layout; is this the right file?")
         try:
-            data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant,
-                              object_pairs_hook=_unique_keys)
+            data = loads_strict(text)
         except json.JSONDecodeError as exc:
             raise LayoutError(
                 f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
@@ -560,14 +559,21 @@ def _check_count(n: int, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> None:
         )
 
 
-# -- strict JSON hooks ------------------------------------------------------------
+# -- strict JSON ------------------------------------------------------------------
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """json.loads for text from users (layouts, job lines, request bodies): NaN/Infinity, a key given
+    twice and numbers over 20 digits are LayoutErrors; bad JSON and nesting bombs raise as json does
+    (JSONDecodeError, RecursionError), so each caller words those for its input."""
+    return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
 
 
 def _bounded_int(text: str) -> int:
     """json's parse_int: a 5000-digit number is refused here, before int() spends time on it."""
     digits = len(text.lstrip("-"))
     if digits > _MAX_INT_DIGITS:
-        raise LayoutError(f"a number with {digits} digits is not a plausible layout value "
+        raise LayoutError(f"a number with {digits} digits is not a plausible value "
                           f"(at most {_MAX_INT_DIGITS} digits)")
     return int(text)
 

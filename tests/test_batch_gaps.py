@@ -146,6 +146,17 @@ def test_a_bad_line_is_recorded_once_whatever_its_seeds(tmp_path, spec, engine):
     assert (again.skipped, again.failed_before) == (4, 3)
 
 
+def test_a_line_is_read_as_strictly_as_a_layout_file(tmp_path):
+    layout = '"layout": {"prompt": "p", "width": 64, "height": 64}'
+    jobs_path = write_jobs(tmp_path / "in", jobs=1, seeds="0", extra_lines=[
+        '{"id": "huge", ' + layout + ', "steps": ' + "9" * 5000 + "}",  # was a ValueError traceback
+        '{"id": "twice", "id": "again", ' + layout + "}",
+        '{"id": "nan", ' + layout + ', "guidance": NaN}',
+    ])
+    problems = [j.problem for j in load_jobs(jobs_path).problems]
+    assert ["5000 digits" in problems[0], "appears twice" in problems[1], "NaN" in problems[2]] == [True] * 3
+
+
 def test_resume_checks_every_listed_file_and_only_inside_the_run(tmp_path, spec, engine):
     jobs_path = write_jobs(tmp_path / "in", jobs=2, seeds="0")
     out = tmp_path / "out"

@@ -222,6 +222,10 @@ def test_an_oversized_chunked_body_gets_413_and_a_nesting_bomb_422(service):
         assert plan_bomb.status_code == 422
         nan = client.post("/api/v1/jobs", content=b'{"layout": {}, "options": {"seed": NaN}}')
         assert nan.status_code == 422 and "NaN" in nan.json()["detail"]["message"]
+        for body, words in ((b'{"layout": {}, "options": {"seed": ' + b"9" * 5000 + b"}}", "5000 digits"),
+                            (b'{"layout": {}, "layout": {}}', "appears twice")):  # read as a layout file is
+            strict = client.post("/api/v1/jobs", content=body)
+            assert strict.status_code == 422 and words in strict.json()["detail"]["message"], strict.text
         failed = client.get("/api/v1/system").json()
         assert failed["state"] == "failed" and failed["error"] == "no engine in this test"
         layout = {"prompt": "p", "width": 64, "height": 64, "instances": []}

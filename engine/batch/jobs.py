@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 from threedis import Layout, RenderOptions, Stage1Options, UserError
 from threedis.engine.batch.seeds import parse_seeds
-from threedis.engine.layout import DEFAULT_LAYOUT_LIMITS
+from threedis.engine.layout import DEFAULT_LAYOUT_LIMITS, LayoutError, check_nesting, loads_strict
 from threedis.engine.stages import TINY_STAGE1
 from threedis.engine.tiny_rules import STEPS
 from threedis.engine.paths import input_file
@@ -267,30 +267,24 @@ def parse_job(data: Any, line: int, folder: Path, defaults: JobDefaults) -> Job:
     return replace(job, key=_job_key(job))
 
 
-def _nesting_exceeds(data: Any, limit: int) -> bool:
-    """Whether `data` nests deeper than `limit` (walked level by level: no recursion)."""
-    level = [data]
-    for _ in range(limit + 1):
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item)]
-        if not level:
-            return False
-    return True
-
-
 def read_line(text: str) -> tuple[Any, str | None]:
     """(parsed value, None) or (None, the problem): a line over the size or nesting limit is not parsed further."""
     size = len(text.encode("utf-8", errors="replace"))
     if size > MAX_LINE_BYTES:
         return None, f"the line is {size} bytes, more than the limit of {MAX_LINE_BYTES} for one job"
+    too_deep = f"the JSON nests more than {MAX_LINE_NESTING} levels deep; a job is not nested like that"
     try:
-        data = json.loads(text)
+        data = loads_strict(text)
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON at column {exc.colno}: {exc.msg}"
     except RecursionError:
-        return None, f"the JSON nests more than {MAX_LINE_NESTING} levels deep; a job is not nested like that"
-    if _nesting_exceeds(data, MAX_LINE_NESTING):
-        return None, f"the JSON nests more than {MAX_LINE_NESTING} levels deep; a job is not nested like that"
+        return None, too_deep
+    except LayoutError as err:  # NaN, a key given twice, a 5000-digit number
+        return None, str(err)
+    try:
+        check_nesting(data, MAX_LINE_NESTING)
+    except LayoutError:
+        return None, too_deep
     return data, None
 
 

@@ -9,7 +9,6 @@ server-side mask paths is rebuilt from those when the job runs.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from threedis.engine import tiny_rules
 from threedis.engine.checks import MAX_STEPS, check_lora_scale, check_seed
 from threedis.engine.errors import UserError
-from threedis.engine.layout import Layout, LayoutError
+from threedis.engine.layout import Layout, LayoutError, loads_strict
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
@@ -88,14 +87,15 @@ def defaults_for(model: str | None, stage1: str | None) -> Defaults:
 
 
 def parse_json(raw: bytes) -> Any:
-    """A request body as JSON; RequestError 422 for text that is not JSON, NaN/Infinity, or a nesting bomb."""
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a JSON number; send a finite number")
-
+    """A request body as JSON, read as strictly as a layout file (engine.layout.loads_strict);
+    RequestError 422 for text that is not JSON, NaN/Infinity, a key given twice, a 5000-digit
+    number or a nesting bomb."""
     try:
-        return json.loads(raw, parse_constant=no_constant)
+        return loads_strict(raw)
     except RecursionError:
         message = "the JSON is nested too deeply to read; a job is an object {layout, options} a few levels deep"
+    except LayoutError as err:
+        message = str(err)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         message = f"the body is not valid JSON: {str(err).splitlines()[0][:200]}"
     raise RequestError(message, [{"field": "", "message": message}])
