@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gpucheck_goals import ATTENTION, ENV, EVAL, KERNELS, RENDERS, STAGE1, TESTS, evaluate, markdown
+from gpucheck_env import nvidia_smi
 from gpucheck_rows import Clock, Rows, first_line, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,8 @@ class Part:
     function: str
     estimate_s: float  # on the H200, before it starts (the dry run's is dry_estimate_s)
     dry_estimate_s: float
-    cap_s: float | None  # cut after this long, so the parts after it keep their time
-    keep_s: float = 0.0  # time it leaves to the parts after it when they are selected
+    cap_s: float | None  # cut after this long, whatever time is left
+    reserved: bool = True  # the parts before it leave it its estimate (False: it runs on what is left)
 
     def estimate(self, dry: bool) -> float:
         return self.dry_estimate_s if dry else self.estimate_s
@@ -74,9 +75,9 @@ PARTS: tuple[Part, ...] = (
     Part(2, TESTS, "gpucheck_env", "cuda_tests", 120, 25, 170),
     Part(3, KERNELS, "gpucheck_kernels", "kernel_correctness", 60, 15, 120),
     Part(4, ATTENTION, "gpucheck_kernels", "attention_bench", 60, 10, 100),
-    Part(5, RENDERS, "gpucheck_models", "renders", 90, 30, None, keep_s=45),
+    Part(5, RENDERS, "gpucheck_models", "renders", 90, 30, None),
     Part(6, STAGE1, "gpucheck_models", "stage1_sam2", 45, 15, None),
-    Part(7, EVAL, "gpucheck_eval", "eval_mig", 75, 5, 150),  # the least valuable: only when time is left
+    Part(7, EVAL, "gpucheck_eval", "eval_mig", 75, 5, 150, reserved=False),  # the least valuable: on what is left
 )
 
 
@@ -88,12 +89,7 @@ def gpu_slug(dry: bool) -> str:
     """The card's name for file names, from nvidia-smi (no CUDA context here); "cpu-dry-run" for a dry run."""
     if dry:
         return "cpu-dry-run"
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30)
-        name = done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else ""
-    except (OSError, subprocess.TimeoutExpired):
-        name = ""
+    name = (nvidia_smi() or {}).get("name", "")
     return _slug(name.removeprefix("NVIDIA ")) if name else "unknown-gpu"
 
 
@@ -130,7 +126,7 @@ def schedule(parts: Sequence[Part], deadline: float, budget_s: float, rows_path:
              runner: Callable[[Part, float], None]) -> bool:
     """Run the parts in order, each only when its estimate fits; False when a GPU run finds no CUDA."""
     for i, part in enumerate(parts):
-        keep = part.keep_s if parts[i + 1:] else 0.0
+        keep = sum(p.estimate(dry) for p in parts[i + 1:] if p.reserved)  # a part that runs long eats slack only
         left = deadline - time.time() - keep
         estimate = part.estimate(dry)
         if left < estimate:
@@ -231,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", default=None, help="comma list of part numbers or names to (re)run "
                         "(default: all; the environment always runs)")
     parser.add_argument("--dry-run", action="store_true", help="every part on the CPU at tiny sizes")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: the goal table again from the "
+                        "rows already in --out (a run cut off before its table; any machine)")
     for hidden in ("--child", "--rows", "--deadline", "--run", "--stem"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -239,12 +237,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.out, args.stem)
 
     begin = time.time()
+    if args.table_only:
+        found = sorted(args.out.glob("gpu-*.jsonl"))
+        if len(found) != 1:
+            print(f"gpu_check: error: --table-only needs one gpu-*.jsonl in {args.out}, found {len(found)}",
+                  file=sys.stderr)
+            return 2
+        run = "table-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return finish(found[0], args.out, found[0].stem.removeprefix("gpu-"), run, begin)
     deadline = begin + args.budget_s
     try:
         parts = _select(args.parts)
     except ValueError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
+    args.out = args.out.resolve()  # the parts run from the checkout root
     args.out.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     run, stem = now.strftime("%Y%m%dT%H%M%SZ"), f"{gpu_slug(args.dry_run)}-{now.strftime('%Y%m%d')}"

@@ -110,6 +110,22 @@ def test_a_budget_too_small_for_any_part_marks_each_not_measured(tmp_path):
     assert all(r["result"] == "not measured" for r in rows if r["part"] == "goals")
 
 
+def test_a_run_cut_off_before_its_table_gets_it_from_its_rows(tmp_path):
+    done, rows = _run(tmp_path, "--budget-s", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rows_file,) = tmp_path.glob("gpu-*.jsonl")
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows if r["part"] != "goals"))  # as if killed
+    for table in tmp_path.glob("goals-*.md"):
+        table.unlink()
+    again = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--table-only"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.rstrip().endswith("0 met, 0 missed, 13 not measured")
+    assert len(list(tmp_path.glob("goals-cpu-dry-run-*.md"))) == 1
+    goals = [json.loads(line) for line in rows_file.read_text().splitlines() if json.loads(line)["part"] == "goals"]
+    assert len(goals) == 13
+
+
 def test_unknown_parts_are_refused_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--parts", "3,nine"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -201,3 +217,21 @@ def test_every_test_that_skips_without_cuda_is_marked_gpu():
                 if marks is not None and _skips_without_cuda(marks) and "mark.gpu" not in ast.unparse(marks):
                     unmarked.append(f"{path.name}: pytest.param at line {node.lineno}")
     assert not unmarked, unmarked
+
+
+def test_parts_that_run_to_their_caps_leave_the_renders_their_time(bench_module, tmp_path, monkeypatch):
+    """A GPU run's schedule on a fake clock: parts 3 and 4 measure until they are cut, yet parts 5 and 6
+    (the 12gb/8gb and stage-1 rows) still start within the default 480 s; part 7 runs on what is left."""
+    check = bench_module("gpu_check")
+    now = [0.0]
+    monkeypatch.setattr(check.time, "time", lambda: now[0])
+    started = []
+
+    def runner(part, part_deadline):
+        started.append(part.number)
+        assert part_deadline <= 480
+        now[0] = part_deadline if part.number in (3, 4) else now[0] + part.estimate(False)
+
+    monkeypatch.setattr(check, "_no_cuda", lambda rows_path, run: False)  # part 1 "found" a GPU
+    check.schedule(check.PARTS, 480.0, 480.0, tmp_path / "rows.jsonl", "run", False, runner)
+    assert started[:6] == [1, 2, 3, 4, 5, 6]
