@@ -108,6 +108,10 @@ class LayoutError(UserError, ValueError):
         return cls(f"{problems[0]}{note}", problems[0].field, problems)
 
 
+class EmptyPromptError(LayoutError):
+    """A prompt that is empty: what a caller that reads no prompt (a photo's depth, a plan) may let pass."""
+
+
 def _fail(field: str, message: str) -> LayoutError:
     return LayoutError(f"{field}: {message}" if field else message, field)
 
@@ -173,7 +177,7 @@ def _check_prompt(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_
         raise _fail(field, f"must be a text prompt (a string), got {_type_name(value)} {_describe(value)}")
     _check_text(value, field, limits.max_prompt_chars, "prompt")
     if not value.strip():
-        raise _fail(field, "is empty; write a short description of what should appear")
+        raise EmptyPromptError(f"{field}: is empty; write a short description of what should appear", field)
     return value
 
 

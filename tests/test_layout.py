@@ -117,6 +117,18 @@ def test_direct_instance_construction_validates():
 # -- prompts ---------------------------------------------------------------------
 
 
+def test_empty_prompts_are_told_apart_from_other_problems():
+    """A caller that reads no prompt (a photo's depth, a plan) lets EmptyPromptError pass and nothing else."""
+    from threedis.engine.layout import EmptyPromptError
+
+    data = {"prompt": " ", "width": 64, "height": 64,
+            "instances": [{"prompt": "", "box": [0, 0, 1, 1]}, {"prompt": "a cat", "box": [0, 0, 2, 1]}]}
+    with pytest.raises(LayoutError) as caught:
+        Layout.from_dict(data)
+    kinds = {p.field: isinstance(p, EmptyPromptError) for p in caught.value.problems}
+    assert kinds == {"prompt": True, "instances[0].prompt": True, "instances[1].box": False}
+
+
 @pytest.mark.parametrize("value, words", [("", ["empty"]), ("  \n\t", ["empty"]), (7, ["a string", "int"]), (None, ["null"])])
 def test_bad_global_prompt(value, words):
     fails(with_("prompt", value), "prompt", *words)

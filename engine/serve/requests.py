@@ -16,7 +16,7 @@ from typing import Any
 from threedis.engine import tiny_rules
 from threedis.engine.checks import MAX_STEPS, check_lora_scale, check_seed
 from threedis.engine.errors import UserError
-from threedis.engine.layout import Layout, LayoutError, loads_strict
+from threedis.engine.layout import EmptyPromptError, Layout, LayoutError, loads_strict
 from threedis.engine.serve.uploads import UploadError, UploadStore
 
 DEPTH_SOURCES = {"render": ("stage1", "upload", "photo", "job"), "depth": ("stage1", "photo")}
@@ -109,7 +109,8 @@ def _number(value: Any, low: float, high: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
-def resolve_layout(data: Any, uploads: UploadStore) -> Layout:
+def resolve_layout(data: Any, uploads: UploadStore, allow_empty_prompts: bool = False,
+                   empty_prompt_message: str | None = None) -> Layout | None:
     """The client's layout JSON -> Layout, with {"mask": {"mask_upload": id}} turned into stored files.
 
     A mask given as a path is refused: no client-supplied path reaches the file system.
@@ -137,19 +138,17 @@ def resolve_layout(data: Any, uploads: UploadStore) -> Layout:
         layout = Layout.from_dict(data)
     except LayoutError as err:
         for problem in err.problems:
+            if isinstance(problem, EmptyPromptError) and allow_empty_prompts:
+                continue
             text = str(problem)
             where = problem.field
+            if isinstance(problem, EmptyPromptError) and empty_prompt_message:
+                text = empty_prompt_message
             problems.append({"field": where, "message": text.removeprefix(f"{where}: ") if where else text})
         layout = None
     if problems:
         _Problems(problems).raise_any("invalid layout")
     return layout
-
-
-def _empty_prompt(problem: dict) -> bool:
-    field_name = problem["field"]
-    prompt_field = field_name == "prompt" or (field_name.startswith("instances[") and field_name.endswith("].prompt"))
-    return prompt_field and problem["message"].startswith("is empty")
 
 
 def layout_shape(data: Any, uploads: UploadStore) -> tuple[int, int, int]:
@@ -158,12 +157,8 @@ def layout_shape(data: Any, uploads: UploadStore) -> tuple[int, int, int]:
     What a photo's depth map and a memory plan need: neither reads a prompt, so an editor
     can ask for them before the prompts are written. Every other problem is refused.
     """
-    try:
-        layout = resolve_layout(data, uploads)
-    except RequestError as err:
-        kept = [p for p in err.problems if not _empty_prompt(p)]
-        if kept:
-            _Problems(kept).raise_any("invalid layout")
+    layout = resolve_layout(data, uploads, allow_empty_prompts=True)
+    if layout is None:  # its only problems are empty prompts: every other field was checked
         return data["width"], data["height"], len(data.get("instances") or [])
     return layout.width, layout.height, len(layout.instances)
 
@@ -365,13 +360,13 @@ def check_request(body: Any, kind: str, defaults: Defaults, uploads: UploadStore
     photo = (kind == "depth" and isinstance(options_sent, dict) and isinstance(options_sent.get("depth"), dict)
              and options_sent["depth"].get("source") == "photo")
     try:
-        (layout_shape if photo else resolve_layout)(body["layout"], uploads)
+        if photo:
+            layout_shape(body["layout"], uploads)
+        else:  # a stage-1 depth job reads the prompts: an empty one is refused with that reason
+            resolve_layout(body["layout"], uploads, empty_prompt_message=STAGE1_NEEDS_PROMPTS if kind == "depth" else None)
     except RequestError as err:
         problems += err.problems  # layout fields as `threedis validate` names them: "instances[1].box"
         message = str(err)
-        if kind == "depth":
-            problems = [{**p, "message": STAGE1_NEEDS_PROMPTS} if _empty_prompt(p) else p for p in problems]
-            message = _Problems(problems).summary("invalid layout")
     try:
         options = check_options(options_sent, kind, defaults, uploads, job_exists, lora_problems)
     except RequestError as err:
