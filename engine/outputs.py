@@ -289,17 +289,18 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
     return target
 
 
-def replace_file(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
+def replace_file(path: str | os.PathLike, data: bytes, what: str = "", mode: int = 0o666) -> Path:
     """Write `data` at `path`, replacing any file there, so that the name only ever holds a whole file.
 
     Written to a temporary name in the same folder, flushed to disk and renamed. The file
-    gets the modes any new file gets here (umask: 0644 usually), like the images a render
-    saves. A full, read-only or missing folder is one UserError naming the file.
+    gets `mode` less the umask (0644 usually, like the images a render saves; 0o600 for a
+    secret, which is never readable by others, not even while it is written). A full,
+    read-only or missing folder is one UserError naming the file.
     """
     target = Path(path)
     tmp = target.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{target.name}")
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

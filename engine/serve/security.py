@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, quote, unquote_plus
 
 from threedis.engine.errors import ThreedisWarning, UserError
+from threedis.engine.outputs import replace_file
 from threedis.engine.paths import make_folder
 
 TOKEN_FILE = ("serve", "token")
@@ -86,15 +87,9 @@ def load_or_create_token(cache_dir: Path) -> str:
     make_folder(path.parent, "cache folder for the service's token", "set $THREEDIS_CACHE to a folder you can write")
     token = secrets.token_urlsafe(32)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".token-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"cannot write the token file {path}: {err.strerror or err}; set THREEDIS_CACHE to a "
-                        f"folder you can write") from None
+        replace_file(path, (token + "\n").encode(), f"the token file {path}", mode=0o600)
+    except UserError as err:
+        raise UserError(f"{err} (the folder: $THREEDIS_CACHE)") from None
     return token
 
 
