@@ -440,11 +440,11 @@ function stage1Options() {
 }
 
 /**
- * Render options, or null when the seed field is not a seed. `seedOffset` (a sweep) adds to the
- * seed; an unlocked seed is drawn anew first, unless `draw` is false (a plan runs nothing).
+ * Render options, or null when the seed field is not a seed. An unlocked seed is drawn anew
+ * first, unless `draw` is false (a plan runs nothing).
  */
-function renderOptions(seedOffset = 0n, draw = true) {
-  if (draw && !$("seed-lock").checked && seedOffset === 0n) $("seed").value = randomSeed();
+function renderOptions(draw = true) {
+  if (draw && !$("seed-lock").checked) $("seed").value = randomSeed();
   clearFieldError("seed");
   const seed = seedValue();
   if (seed === null) return null;
@@ -457,7 +457,7 @@ function renderOptions(seedOffset = 0n, draw = true) {
   }
   saveDraft();
   // A blank field is left out, so the service's default applies (and says so in the job's options).
-  const options = { schedule, sam: $("sam").checked, depth: depthOption(), seed: (seed + seedOffset) % (SEED_MAX + 1n) };
+  const options = { schedule, sam: $("sam").checked, depth: depthOption(), seed };
   for (const [key, id] of [["steps", "steps"], ["guidance", "guidance"]]) {
     const v = $(id).value.trim();
     if (v !== "") options[key] = Number(v);
@@ -773,7 +773,7 @@ async function restore(job) {
 
 const hasDepth = () => depth !== null;
 const loras = initLoras({ showProblems, saveDraft, clearFieldError });
-const app = { hasDepth, layoutJSON, renderOptions, setDepth, restore, useDepthOf, reusableDepth, showProblems,
+const app = { SEED_MAX, hasDepth, layoutJSON, renderOptions, setDepth, restore, useDepthOf, reusableDepth, showProblems,
   clearProblems, notify, boxWords };
 const jobs = initJobs(app);
 

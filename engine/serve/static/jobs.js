@@ -174,7 +174,7 @@ export function initJobs(app) {
     const layout = app.layoutJSON();
     const ids = [], seeds = [];
     for (let k = 0; k < count; k++) {
-      const options = { ...base, seed: (base.seed + BigInt(k)) % 18446744073709551616n };
+      const options = { ...base, seed: (base.seed + BigInt(k)) % (app.SEED_MAX + 1n) }; // wraps past 2^64 - 1
       let created;
       try {
         created = await api("POST", "jobs", { layout, options });
@@ -600,7 +600,7 @@ export function initJobs(app) {
 
   $("plan").addEventListener("click", async () => {
     app.clearProblems();
-    const o = app.renderOptions(0n, false);
+    const o = app.renderOptions(false);
     if (!o) return;
     try {
       const body = { layout: app.layoutJSON(), sam: o.sam, stage1: o.depth.source === "stage1", photo: o.depth.source === "photo" };

@@ -40,8 +40,8 @@ export function initLoras(app) {
       const label = document.createElement("span");
       label.className = "lora-name";
       label.textContent = item.label || item.name || `upload ${item.upload}`;
-      const scale = Object.assign(document.createElement("input"), { type: "number", step: "0.05", min: "-10",
-        max: "10", value: String(item.scale) });
+      const scale = Object.assign(document.createElement("input"), { type: "number", step: "0.05", min: "-100",
+        max: "100", value: String(item.scale) }); // the engine's range (checks.LORA_SCALE_MAX)
       scale.setAttribute("aria-label", `scale of ${label.textContent}`);
       scale.addEventListener("change", () => { item.scale = Number(scale.value); app.clearFieldError("loras"); app.saveDraft(); });
       const remove = Object.assign(document.createElement("button"), { type: "button", textContent: "✕",
