@@ -230,7 +230,8 @@ def _check_size(value: Any, field: str, limits: LayoutLimits = DEFAULT_LAYOUT_LI
     return value
 
 
-def _check_pixels(width: int, height: int, limits: LayoutLimits) -> None:
+def check_pixels(width: int, height: int, limits: LayoutLimits = DEFAULT_LAYOUT_LIMITS) -> None:
+    """Refuse a size over the pixel limit (a LayoutError on the field `width`)."""
     if width * height > limits.max_pixels:
         raise _fail("width", f"{width}x{height} is {width * height} pixels, more than the limit of "
                              f"{limits.max_pixels} ({_megapixels(limits.max_pixels)}); choose a smaller size")
@@ -383,7 +384,7 @@ class Layout:
         _check_prompt(self.prompt, "prompt", self.limits)
         _check_size(self.width, "width", self.limits)
         _check_size(self.height, "height", self.limits)
-        _check_pixels(self.width, self.height, self.limits)
+        check_pixels(self.width, self.height, self.limits)
         items = self.instances
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise _fail("instances", f"must be a list of instances, got {_type_name(items)} {_describe(items)}")
@@ -419,7 +420,7 @@ class Layout:
             if key in data:
                 values[key] = problems.check(check, data[key], key, limits)
         if values.get("width") is not None and values.get("height") is not None:
-            problems.check(_check_pixels, values["width"], values["height"], limits)
+            problems.check(check_pixels, values["width"], values["height"], limits)
         raw = data.get("instances", [])
         instances: list[Instance | None] = []
         if not isinstance(raw, list):

@@ -14,6 +14,7 @@ import pytest
 from test_batch_support import engine, spec  # noqa: F401 (shared fixtures)
 from test_batch_support import images_in, manifest_rows, write_jobs
 
+from threedis import UserError
 from threedis.engine.batch.driver import run_batch
 from threedis.engine.batch.jobs import load_jobs
 from threedis.engine.batch.local import LocalRunner
@@ -248,6 +249,11 @@ def test_protocol_flags_set_what_jobs_leave_out(tmp_path):
     for bad in (["--size", "500"], ["--steps", "0"], ["--guidance", "nan"]):
         with pytest.raises(Exception, match="--size|--steps|--guidance"):
             _flag_settings(build_parser().parse_args(["batch", "j.jsonl", *bad]))
+    wide = _flag_settings(build_parser().parse_args(["batch", "j.jsonl", "--size", "8192x2048"]))
+    assert wide["size"] == (8192, 2048)  # the layout's limits (a side to 8192, 16.8 megapixels), not stage 1's
+    for bad, words in (("8208x16", "up to 8192"), ("4608x4096", "more than the limit")):
+        with pytest.raises(UserError, match=words):
+            _flag_settings(build_parser().parse_args(["batch", "j.jsonl", "--size", bad]))
 
 
 def test_auxiliary_models_stay_loaded_when_the_plan_allows_and_say_so(tiny_flux_dir, monkeypatch):

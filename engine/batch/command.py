@@ -107,7 +107,7 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, Any]:
     """--seeds, --steps, --guidance and --size, checked (no torch): the JobDefaults fields they set."""
     from threedis.engine.batch.seeds import parse_seeds
     from threedis.engine.checks import check_guidance, check_steps
-    from threedis.engine.layout import SIZE_MULTIPLE
+    from threedis.engine.layout import DEFAULT_LAYOUT_LIMITS, SIZE_MULTIPLE, LayoutError, check_pixels
     from threedis.engine.sizes import parse_size
 
     changes: dict[str, Any] = {}
@@ -117,11 +117,12 @@ def _flag_settings(args: argparse.Namespace) -> dict[str, Any]:
         changes["steps"] = check_steps(args.steps, "--steps")
     if args.guidance is not None:
         changes["guidance"] = check_guidance(args.guidance, "--guidance")
-    if args.size is not None:
-        changes["size"] = parse_size(args.size, "--size")
-        if any(side % SIZE_MULTIPLE for side in changes["size"]):
-            raise UserError(f"--size must be a multiple of {SIZE_MULTIPLE} (one FLUX token is "
-                            f"{SIZE_MULTIPLE}x{SIZE_MULTIPLE} pixels), got {args.size}")
+    if args.size is not None:  # the layout's own rule: its multiple (one FLUX token), side and pixel limits
+        changes["size"] = parse_size(args.size, "--size", SIZE_MULTIPLE, DEFAULT_LAYOUT_LIMITS.max_side)
+        try:
+            check_pixels(*changes["size"])
+        except LayoutError as err:
+            raise UserError(f"--size {args.size}: {str(err).removeprefix('width: ')}") from None
     return changes
 
 
