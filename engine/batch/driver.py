@@ -121,7 +121,7 @@ def _run_locked(jobs: JobFile, out: Path, runner: Runner, retry_failed: bool, pr
     items = list(jobs.items())
     plan = plan_resume(items, out, retry_failed)
     summary = Summary(total=len(items), skipped=len(plan.skipped),
-                      failed_before=sum(1 for _, why in plan.skipped if why != "done"))
+                      failed_before=plan.failed_before)
     by_name = {item.name: item for item in plan.to_run}
     bar = ProgressBar(len(plan.to_run), enabled=progress)
     recorder = Recorder(out, plan.previous, summary, bar, on_outcome, run)

@@ -73,13 +73,22 @@ def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int | None], 
     return out
 
 
+DONE = "done"
+FAILED_BEFORE = "failed before (--retry-failed renders it again)"
+
+
 @dataclass
 class ResumePlan:
     """What this run does with each item: render it, or skip it (with why)."""
 
     to_run: list[Item]
-    skipped: list[tuple[Item, str]]
+    skipped: list[tuple[Item, str]]  # why: DONE or FAILED_BEFORE
     previous: dict[tuple[str, int], dict[str, Any]]
+
+    @property
+    def failed_before(self) -> int:
+        """Skipped items that failed in an earlier run (the batch's exit code stays non-zero for them)."""
+        return sum(1 for _, why in self.skipped if why == FAILED_BEFORE)
 
 
 def plan_resume(items: Iterable[Item], out: Path, retry_failed: bool) -> ResumePlan:
@@ -94,10 +103,10 @@ def plan_resume(items: Iterable[Item], out: Path, retry_failed: bool) -> ResumeP
             if retry_failed:
                 to_run.append(item)
             else:
-                skipped.append((item, "failed before (--retry-failed renders it again)"))
+                skipped.append((item, FAILED_BEFORE))
         elif row.get("status") == "done":
             if _files_intact(out, row):
-                skipped.append((item, "done"))
+                skipped.append((item, DONE))
             else:  # missing, changed or outside the run folder: make it again
                 to_run.append(item)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from threedis import UserError
+from threedis.engine.outputs import replace_file
 from threedis.engine.paths import input_file, make_folder
 
 MIG_JOBS_NAME = "jobs-mig.jsonl"  # where `batch --from-mig --out DIR` keeps the jobs, in DIR
@@ -76,7 +77,4 @@ def write_jobs_jsonl(jobs: list[dict[str, Any]], path: str | Path, overwrite: bo
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists; choose another --write-jsonl name")
     make_folder(path.parent, "folder", "choose another --write-jsonl name")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return replace_file(path, "".join(json.dumps(job) + "\n" for job in jobs).encode("utf-8"))
