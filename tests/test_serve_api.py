@@ -7,8 +7,10 @@ depends on timing. Bounds (timeouts) only stop a broken run from hanging.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -612,6 +614,18 @@ def test_restart_brings_back_queued_jobs_as_interrupted_and_keeps_files(tmp_path
         assert client.status(finished)["status"] == "done"
         again = client.download(finished, "image.png", tmp_path / "again.png")
         assert again.read_bytes() == saved.read_bytes()
+
+        def no_hard_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")  # exFAT, some network shares
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "link", no_hard_links)
+            linkless = client.download(finished, "image.png", tmp_path / "linkless.png")
+            assert linkless.read_bytes() == saved.read_bytes()
+            with pytest.raises(ClientError, match="exists; pass overwrite=True"):
+                client.download(finished, "image.png", linkless)
+        with pytest.raises(ClientError, match="cannot write"):  # a file where the folder should be
+            client.download(finished, "image.png", again / "inside.png")
         new = client.resubmit(queued[0])
         assert client.wait(new, timeout=120)["status"] == "done"
         assert client.status(new)["resubmitted_from"] == queued[0]

@@ -12,6 +12,7 @@ HTTP status and per-field problems. Other languages use the HTTP API (docs/api.m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mimetypes
 import os
@@ -149,19 +150,20 @@ class Client:
         data = self._request("GET", f"/jobs/{job_id}/files/{name}")
         if not isinstance(data, bytes):
             data = json.dumps(data, indent=2).encode("utf-8")
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             if overwrite:
                 os.replace(tmp, target)
-            else:
-                try:
-                    os.link(tmp, target)  # fails if the file appeared meanwhile: never overwritten by surprise
-                except FileExistsError:
-                    raise ClientError(f"{target} exists; pass overwrite=True or another path") from None
+            elif not _placed_new(tmp, target, data):  # it appeared meanwhile: never overwritten by surprise
+                raise ClientError(f"{target} exists; pass overwrite=True or another path")
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename and Path(err.filename) != target else ""
+            raise ClientError(f"cannot write {target}: {err.strerror or err}{where}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # its folder may not exist, or be a file
+                tmp.unlink(missing_ok=True)
         return target
 
     def upload(self, path: str | os.PathLike, kind: str) -> str:
@@ -207,3 +209,19 @@ def _error_of(err: urllib.error.HTTPError) -> ClientError:
     if isinstance(detail, dict):
         return ClientError(detail.get("message") or f"HTTP {err.code}", err.code, detail.get("problems"))
     return ClientError(str(detail) if detail else f"HTTP {err.code} {err.reason}", err.code)
+
+
+def _placed_new(tmp: Path, target: Path, data: bytes) -> bool:
+    """Put the whole file at `target` only if nothing is there (False if something is): a hard link of
+    the finished temp file, or where the file system has none (exFAT, some shares) an exclusive create."""
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:
+            with open(target, "xb") as handle:
+                handle.write(data)
+    except FileExistsError:
+        return False
+    return True
