@@ -122,7 +122,7 @@ class TimedDetector:
     found (random weights: every instance placed right, so SAM gets every instance, as --random-real documents)."""
 
     def __init__(self, inner: Detector, device: torch.device, place_right: dict[str, dict[str, list]] | None) -> None:
-        self.inner, self.ident, self.device, self.place_right = inner, inner.ident, device, place_right
+        self.inner, self.device, self.place_right = inner, device, place_right
         self.seconds, self.pairs, self.found = 0.0, 0, 0
 
     def detect(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Detections]:
@@ -147,7 +147,7 @@ class TimedSegmenter:
     """SAM as measure_items calls it, timed, counting the images it embeds and the boxes it prompts."""
 
     def __init__(self, inner: Segmenter, device: torch.device) -> None:
-        self.inner, self.ident, self.device = inner, inner.ident, device
+        self.inner, self.device = inner, device
         self.seconds, self.images, self.boxes = 0.0, 0, 0
 
     def masks(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[np.ndarray]]:
@@ -213,11 +213,8 @@ def random_models(device: torch.device, batch_size: int, scratch: Path, tiny: bo
         raise RuntimeError(f"tokenizer has {len(tokenizer)} ids, the text encoder {text_vocab}")
     built["weights_gb"] = round(sum(p.numel() * p.element_size() for m in models.values()
                                     for p in m.parameters()) / 2**30, 3)
-    label = "tiny" if tiny else "real-size"
-    detector = GroundingDino.from_model(models["detector"], tokenizer, prep["detector"], device,
-                                        f"random {label} Grounding DINO", batch_size)
-    segmenter = SamViT.from_model(models["sam"], prep["sam"], device, f"random {label} SAM ViT",
-                                  max(1, batch_size // 2))
+    detector = GroundingDino.from_model(models["detector"], tokenizer, prep["detector"], device, batch_size)
+    segmenter = SamViT.from_model(models["sam"], prep["sam"], device, max(1, batch_size // 2))
     built.update(weights=f"random, {'tiny configs' if tiny else 'real sizes'}", detector_side=detector.side,
                  sam_side=segmenter.longest, detector_batch=detector.batch_size, sam_batch=segmenter.batch_size)
     return detector, segmenter, built

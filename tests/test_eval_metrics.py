@@ -166,8 +166,6 @@ def _key(image: np.ndarray) -> str:
 
 
 class StubDetector:
-    ident = "stub-detector"
-
     def __init__(self, answers_by_image):
         self.answers = answers_by_image
         self.calls = 0
@@ -183,8 +181,6 @@ class StubDetector:
 
 class BoxSegmenter:
     """The ground-truth box as the mask: the colour share is the share of the cell filled in colour."""
-
-    ident = "box-segmenter"
 
     def masks(self, images, boxes):
         out = []
@@ -314,7 +310,7 @@ def test_grounding_dino_keeps_boxes_above_the_threshold_in_pixels():
         return {"input_ids": torch.ones(1, 6, dtype=torch.long)}
 
     detector = GroundingDino(model, tokenizer, side=32, normalise=_Normalise(), device=torch.device("cpu"),
-                             ident="fake", batch_size=4)
+                             batch_size=4)
     (found,) = detector.detect([np.zeros((512, 512, 3), np.uint8)], ["Teddy Bear"])
     assert calls[0] == ["teddy bear."] and calls[1]["pixel_values"].shape == (1, 3, 32, 32)
     np.testing.assert_allclose(found.scores, [0.9, 0.26], rtol=1e-5)
@@ -340,7 +336,7 @@ def test_sam_takes_the_best_of_three_masks_of_the_scaled_box():
             return types.SimpleNamespace(pred_masks=masks, iou_scores=torch.tensor([[[0.2, 0.9, 0.5]]]))
 
     sam = SamViT(FakeSam(), longest=64, pad=(64, 64), normalise=_Normalise(), device=torch.device("cpu"),
-                 ident="fake", batch_size=2)
+                 batch_size=2)
     out = sam.masks([np.zeros((512, 512, 3), np.uint8)] * 2, [[[64.0, 128.0, 256.0, 512.0]], []])
     assert calls[0] == (1, 3, 64, 64)  # only the image with a box is embedded
     np.testing.assert_allclose(calls[1][0].numpy(), [[[8.0, 16.0, 32.0, 64.0]]])  # 512 px -> 64 px input
@@ -372,7 +368,7 @@ def test_a_batch_that_runs_out_of_memory_is_run_again_in_halves():
             return types.SimpleNamespace(pred_masks=masks, iou_scores=torch.tensor([[[0.2, 0.9, 0.5]]]))
 
     sam = SamViT(SamThatFitsTwo(), longest=64, pad=(64, 64), normalise=_Normalise(), device=torch.device("cpu"),
-                 ident="fake", batch_size=8)
+                 batch_size=8)
     images, boxes = [np.zeros((512, 512, 3), np.uint8)] * 7, [[[0.0, 0.0, 512.0, 512.0]]] * 7
     out = sam.masks(images, boxes)
     assert embedded == [2, 2, 2, 1] and sam.batch_size == 2  # 8 -> 4 -> 2, then kept
@@ -383,6 +379,6 @@ def test_a_batch_that_runs_out_of_memory_is_run_again_in_halves():
             raise torch.OutOfMemoryError("CUDA out of memory")
 
     sam = SamViT(SamThatFitsNone(), longest=64, pad=(64, 64), normalise=_Normalise(), device=torch.device("cpu"),
-                 ident="fake", batch_size=4)
+                 batch_size=4)
     with pytest.raises(UserError, match="out of memory with one image at a time"):
         sam.masks(images[:1], boxes[:1])

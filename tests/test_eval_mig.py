@@ -256,7 +256,7 @@ def test_bundled_detector_and_sam_configs_have_the_published_sizes():
     for name, published_bytes in (("grounding_dino_tiny", 689e6), ("sam_vit_huge", 2.56e9)):
         params = sum(p.numel() for p in instantiate_meta(load_config(name), name).parameters())
         assert 4 * params == pytest.approx(published_bytes, rel=0.005), name
-    detector = GroundingDino.from_model(None, None, load_config("grounding_dino_tiny")["_preprocessor"], "cpu", "x")
-    sam = SamViT.from_model(None, load_config("sam_vit_huge")["_preprocessor"], "cpu", "x")
+    detector = GroundingDino.from_model(None, None, load_config("grounding_dino_tiny")["_preprocessor"], "cpu")
+    sam = SamViT.from_model(None, load_config("sam_vit_huge")["_preprocessor"], "cpu")
     assert (detector.side, sam.longest, sam.pad) == (800, 1024, (1024, 1024))
     assert detector.normalise.mean == sam.normalise.mean == (0.485, 0.456, 0.406)

@@ -22,12 +22,12 @@ from threedis.engine.eval.score import InstanceMeasure
 CACHE_NAME = "eval-mig-cache.jsonl"
 
 
-def default_cache_path(kind: str, path: Path) -> Path:
-    """RUN_DIR/eval-mig-cache.jsonl; beside a plain folder (never inside it: the reference evaluator
-    would take every file in it for an image)."""
+def beside_source(kind: str, path: Path, name: str) -> Path:
+    """RUN_DIR/<name> for a run; FOLDER.<name> beside a plain folder (never inside it: the reference
+    evaluator would take every file in it for an image). Where the cache and the results go."""
     if kind == "run":
-        return path / CACHE_NAME
-    return path.resolve().parent / f"{path.resolve().name}.{CACHE_NAME}"
+        return path / name
+    return path.resolve().parent / f"{path.resolve().name}.{name}"
 
 
 class ResultCache:

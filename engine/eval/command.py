@@ -62,14 +62,10 @@ def add_eval_parser(sub: Any) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _default_out(kind: str, path: Path) -> Path:
-    return path / "eval-mig.json" if kind == "run" else path.resolve().parent / f"{path.resolve().name}.eval-mig.json"
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from threedis.engine.batch.manifest import MANIFEST_NAME
     from threedis.engine.checks import parse_device
-    from threedis.engine.eval.cache import ResultCache, default_cache_path
+    from threedis.engine.eval.cache import CACHE_NAME, ResultCache, beside_source
     from threedis.engine.eval.measure import measure_items
     from threedis.engine.eval.models import GroundingDino, SamViT, model_ident
     from threedis.engine.eval.report import build_report, table
@@ -93,14 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         source = folder_source(args.path, truth, truth_from)
     if not source.items:
         raise UserError(f"{args.path}: nothing to evaluate (no COCO-MIG jobs or images)")
-    out = None if str(args.out) == "-" else (args.out or _default_out(source.kind, args.path))
+    out = None if str(args.out) == "-" else (args.out or beside_source(source.kind, args.path, "eval-mig.json"))
     if out is not None:
         check_output_folder(out.resolve().parent, need_bytes=0)  # before the work, not after it
     device = parse_device(args.device)  # a device this machine has (None: cuda if present, else cpu)
     on_gpu = device.type == "cuda"
     batch = args.batch_size or (16 if on_gpu else 2)
     models = {"detector": model_ident(args.detector), "sam": model_ident(args.sam)}
-    cache_path = None if args.no_cache else (args.cache or default_cache_path(source.kind, args.path))
+    cache_path = None if args.no_cache else (args.cache or beside_source(source.kind, args.path, CACHE_NAME))
     cache = ResultCache(cache_path, [models["detector"], models["sam"]])
     results = measure_items(
         source.items,

@@ -19,6 +19,7 @@ from threedis import UserError
 from threedis.engine.eval.protocol import REFERENCE_TRUTH_NAME
 from threedis.engine.eval.sources import run_source
 from threedis.engine.eval.truth import reference_json
+from threedis.engine.paths import make_folder
 
 IMAGES = "images"
 
@@ -44,13 +45,12 @@ def _link(target: Path, link: Path) -> None:
         shutil.copyfile(target, link)
 
 
-def export_mig(run_dir: str | Path, dest: str | Path, jobs: Path | None = None,
-               from_mig: Path | None = None) -> Exported:
+def export_mig(run_dir: str | Path, dest: str | Path, from_mig: Path | None = None) -> Exported:
     """Link every rendered image of a COCO-MIG run into DEST/images and write DEST/sample_prompt_color_split.json."""
     from threedis.engine.outputs import replace_file
 
     run_dir, dest = Path(run_dir), Path(dest)
-    source = run_source(run_dir, jobs=jobs, from_mig=from_mig)
+    source = run_source(run_dir, from_mig=from_mig)
     if not source.items:
         raise UserError(f"{run_dir}: no COCO-MIG jobs in the run (jobs need meta.coco_id, as --from-mig writes)")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -63,10 +63,7 @@ def export_mig(run_dir: str | Path, dest: str | Path, jobs: Path | None = None,
                             f"'.'; fix the annotation file")
     truth = reference_json(item.truth for item in source.items)
     images = dest / IMAGES
-    try:
-        images.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {images}: {exc.strerror or exc}; choose another DEST") from None
+    make_folder(images, "image folder", "choose another DEST")
     linked = 0
     for item in source.items:
         coco_id = item.truth.coco_id

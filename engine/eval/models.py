@@ -37,6 +37,7 @@ from threedis.engine.eval.boxes import nms
 from threedis.engine.eval.protocol import (
     BOX_THRESHOLD, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, EVAL_SIZE, NMS_IOU,
 )
+from threedis.engine.offload import release_memory
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,15 +56,11 @@ class Detections:
 class Detector(Protocol):
     """Finds queries[i] in images[i] (uint8 RGB [EVAL_SIZE, EVAL_SIZE, 3]); the real one or a test stub."""
 
-    ident: str
-
     def detect(self, images: Sequence[np.ndarray], queries: Sequence[str]) -> list[Detections]: ...
 
 
 class Segmenter(Protocol):
     """One bool mask [EVAL_SIZE, EVAL_SIZE] per pixel box, per image."""
-
-    ident: str
 
     def masks(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[np.ndarray]]:
         ...
@@ -156,8 +153,7 @@ def in_batches(owner: Any, rows: list[int], run: Callable[[list[int]], None]) ->
                 raise UserError(f"{type(owner).__name__}: out of memory with one image at a time on {owner.device}; "
                                 f"close what else uses that GPU, or pass --device for another") from None
             owner.batch_size = (len(chunk) + 1) // 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory(owner.device)  # the failed batch's tensors too, before the halves run
             continue
         start += len(chunk)
 
@@ -169,9 +165,9 @@ class GroundingDino:
     """Grounding DINO (transformers GroundingDinoForObjectDetection) with the protocol's thresholds and NMS."""
 
     def __init__(self, model: Any, tokenizer: Any, side: int, normalise: _Normalise, device: torch.device,
-                 ident: str, batch_size: int) -> None:
+                 batch_size: int) -> None:
         self.model, self.tokenizer, self.side, self.normalise = model, tokenizer, side, normalise
-        self.device, self.ident, self.batch_size = device, ident, max(1, batch_size)
+        self.device, self.batch_size = device, max(1, batch_size)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str] = DEFAULT_DETECTOR,
@@ -192,14 +188,14 @@ class GroundingDino:
         with loading_component(what, folder):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = _load(what, folder, GroundingDinoForObjectDetection, dtype, device)
-        return cls(model, tokenizer, side, _Normalise.from_config(cfg), device, model_ident(path_or_id), batch_size)
+        return cls(model, tokenizer, side, _Normalise.from_config(cfg), device, batch_size)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, preprocessor: dict[str, Any], device: torch.device | str,
-                   ident: str, batch_size: int = 8) -> "GroundingDino":
+                   batch_size: int = 8) -> "GroundingDino":
         """A model already built and placed (bench/eval_mig.py --random-real), read as from_pretrained reads one."""
         side = cls._side(preprocessor, "detector (Grounding DINO)", "its preprocessor settings")
-        return cls(model, tokenizer, side, _Normalise.from_config(preprocessor), torch.device(device), ident,
+        return cls(model, tokenizer, side, _Normalise.from_config(preprocessor), torch.device(device),
                    batch_size)
 
     @staticmethod
@@ -265,9 +261,9 @@ class SamViT:
     """SAM (transformers SamModel) prompted with boxes: the best of three masks per box."""
 
     def __init__(self, model: Any, longest: int, pad: tuple[int, int], normalise: _Normalise, device: torch.device,
-                 ident: str, batch_size: int) -> None:
+                 batch_size: int) -> None:
         self.model, self.longest, self.pad, self.normalise = model, longest, pad, normalise
-        self.device, self.ident, self.batch_size = device, ident, max(1, batch_size)
+        self.device, self.batch_size = device, max(1, batch_size)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike[str] = DEFAULT_SEGMENTER,
@@ -283,14 +279,14 @@ class SamViT:
         cfg = _settings(what, folder)
         longest, pad_hw = cls._geometry(cfg, what, folder / "preprocessor_config.json")  # before the weights load
         model = _load(what, folder, SamModel, dtype, device)
-        return cls(model, longest, pad_hw, _Normalise.from_config(cfg), device, model_ident(path_or_id), batch_size)
+        return cls(model, longest, pad_hw, _Normalise.from_config(cfg), device, batch_size)
 
     @classmethod
-    def from_model(cls, model: Any, preprocessor: dict[str, Any], device: torch.device | str, ident: str,
+    def from_model(cls, model: Any, preprocessor: dict[str, Any], device: torch.device | str,
                    batch_size: int = 4) -> "SamViT":
         """A model already built and placed (bench/eval_mig.py --random-real), read as from_pretrained reads one."""
         longest, pad_hw = cls._geometry(preprocessor, "SAM model", "its preprocessor settings")
-        return cls(model, longest, pad_hw, _Normalise.from_config(preprocessor), torch.device(device), ident,
+        return cls(model, longest, pad_hw, _Normalise.from_config(preprocessor), torch.device(device),
                    batch_size)
 
     @staticmethod
