@@ -112,6 +112,20 @@ def test_eval_reads_the_run_and_counts_what_is_missing(mig_run, eval_models, tmp
     assert (copy / "eval-mig-cache.jsonl").is_file()
 
 
+def test_a_run_scored_with_its_yaml_matches_the_run_scored_with_its_jobs(mig_run, eval_models, tmp_path):
+    """--from-mig on a run: the jobs read from the yaml as `batch --from-mig` read them (same ids)."""
+    yaml, run = mig_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["eval", "mig", str(copy), *eval_models, "--no-cache", "--out", str(tmp_path / "jobs.json")]) == 0
+    assert main(["eval", "mig", str(copy), "--from-mig", str(yaml), *eval_models, "--no-cache",
+                 "--out", str(tmp_path / "yaml.json")]) == 0
+    by_jobs, by_yaml = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("jobs", "yaml"))
+    assert by_yaml["items"] == by_jobs["items"] == {"expected": 2, "evaluated": 2, "failed": 0, "missing": 0,
+                                                    "unreadable": 0}
+    assert by_yaml["pooled"] == by_jobs["pooled"]
+
+
 def test_seeds_added_by_a_later_command_are_expected_too(mig_run, eval_models, tmp_path):
     _, run = mig_run
     copy = tmp_path / "run"

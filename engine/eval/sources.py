@@ -15,6 +15,7 @@ prompts count as missing in each seed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
     A job line the batch could not render (recorded once as failed) still asks for its prompt's
     instances in every seed: its items are failed, read from the line as written.
     """
-    from threedis.engine.batch.jobs import JobDefaults, load_jobs, parse_job
+    from threedis.engine.batch.jobs import JobDefaults, jobs_from_lines, load_jobs
     from threedis.engine.batch.manifest import MANIFEST_NAME, latest_rows, read_rows, resolve_inside
     from threedis.engine.batch.mig import mig_jobs
 
@@ -117,8 +118,8 @@ def run_source(run_dir: str | Path, jobs: Path | None = None, from_mig: Path | N
     defaults = JobDefaults(seeds=_default_seeds(rows))
     source = Source(kind="run", path=run_dir)
     if from_mig is not None:
-        written = mig_jobs(from_mig)
-        parsed = [parse_job(data, n, from_mig.parent, defaults) for n, data in enumerate(written, 1)]
+        written = mig_jobs(from_mig)  # read as `batch --from-mig` reads them: the same ids, duplicates too
+        parsed = jobs_from_lines([json.dumps(data) for data in written], from_mig, defaults).jobs
         source.truth_from = str(from_mig)
 
         def as_written(job: Any) -> Any:
