@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -287,6 +287,21 @@ def save_image_new(image: Image.Image, path: str | os.PathLike, overwrite: bool 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def open_appending(path: str | os.PathLike) -> IO[str]:
+    """`path` opened to append JSON lines, on a fresh line: a last line torn by a crash or a full disk
+    is ended first, so the next row is not glued to it (and lost with it). OSError propagates."""
+    path = Path(path)
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    handle = open(path, "a", encoding="utf-8")
+    if torn:
+        handle.write("\n")
+    return handle
 
 
 def replace_file(path: str | os.PathLike, data: bytes, what: str = "", mode: int = 0o666) -> Path:

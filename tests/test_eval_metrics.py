@@ -277,6 +277,22 @@ def test_missing_images_stay_in_the_denominator_and_seeds_give_a_spread(scenes, 
     assert other.entries == {}
 
 
+def test_a_cache_line_torn_by_a_crash_costs_only_itself(tmp_path):
+    from threedis.engine.eval.score import InstanceMeasure
+
+    path = tmp_path / "cache.jsonl"
+    first = ResultCache(path, ["stub"])
+    measure = [InstanceMeasure(detections=1, best_iou=0.75, colour_share=0.5, mask_pixels=40)]
+    first.put("a:1", measure)
+    first.close()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"key": "b:1", "models": ["stu')  # the process died mid-line
+    second = ResultCache(path, ["stub"])
+    second.put("c:1", measure)
+    second.close()
+    assert set(ResultCache(path, ["stub"]).entries) == {"a:1", "c:1"}
+
+
 def test_a_changed_image_is_not_scored(scenes, tmp_path):
     truth, path, _, _ = scenes[2]
     item = EvalItem("x/seed-0", "0", truth, path, "done", sha256="0" * 64)

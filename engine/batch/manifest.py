@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from threedis import UserError
 from threedis.engine.batch.jobs import Item
+from threedis.engine.outputs import open_appending
 from threedis.engine.paths import make_folder
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -132,18 +133,10 @@ class ManifestWriter:
         self.path = out / MANIFEST_NAME
         make_folder(out, "output folder", "choose another --out")
         try:
-            needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self._ends_with_newline()
-            self._file = open(self.path, "a", encoding="utf-8")
-            if needs_newline:  # a torn last line: start ours on a fresh line
-                self._file.write("\n")
+            self._file = open_appending(self.path)
         except OSError as exc:
             raise UserError(f"cannot write the manifest {self.path}: {exc.strerror or exc}; check the folder's "
                             f"permissions or choose another --out") from None
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
     def append(self, row: dict[str, Any]) -> None:
         try:

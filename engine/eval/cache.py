@@ -18,6 +18,7 @@ from typing import Any
 from threedis.engine.errors import ThreedisWarning
 from threedis.engine.eval.protocol import PROTOCOL_VERSION
 from threedis.engine.eval.score import InstanceMeasure
+from threedis.engine.outputs import open_appending
 
 CACHE_NAME = "eval-mig-cache.jsonl"
 
@@ -75,7 +76,7 @@ class ResultCache:
         try:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")
+                self._file = open_appending(self.path)
             self._file.write(line)
             self._file.flush()
         except OSError as exc:
