@@ -268,6 +268,24 @@ def test_seeds_take_the_engines_whole_range(service, depth_id):
     assert answer.json()["detail"]["problems"][0]["field"] == "options.depth.stage1.seed"
 
 
+def test_an_upload_the_service_cannot_store_is_507_and_leaves_nothing(service, unwritable):
+    """The service's disk (full, read-only), not the client's mistake: 507, one message, no temp file."""
+    _, client, _, _, app = service
+    stores = (app.state.uploads, "folder"), (app.state.jobs.loras, "uploads_dir")
+    kept = [getattr(store, name) for store, name in stores]
+    try:
+        for store, name in stores:
+            setattr(store, name, unwritable)
+        image = _upload(client, png_bytes())
+        lora = client.post("/api/v1/loras", files={"file": ("x.safetensors", _lora_bytes(service, good=True))})
+    finally:
+        for (store, name), value in zip(stores, kept):
+            setattr(store, name, value)
+    for answer, words in ((image, "cannot store the upload"), (lora, "cannot store the LoRA")):
+        assert answer.status_code == 507 and words in answer.json()["detail"]["message"], answer.text
+    assert list(unwritable.iterdir()) == []
+
+
 def test_the_job_list_pages_and_filters(service, depth_id):
     _, client, _, _, _ = service
     everything = client.get("/api/v1/jobs").json()

@@ -9,6 +9,7 @@ OUT/loras/<32 hex>.safetensors after their safetensors header was read and check
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -114,10 +115,10 @@ class LoraStore:
         """Copy an uploaded file into the store if it is a complete safetensors file with LoRA weights."""
         from threedis.engine.loading import safetensors_header  # imports torch: only when a LoRA comes in
 
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
         upload_id = secrets.token_hex(16)
         tmp = self.uploads_dir / f".{upload_id}.tmp"
         try:
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as out:
                 copied = _copy_capped(source, out, self.max_bytes)
             if copied < 0:
@@ -133,8 +134,11 @@ class LoraStore:
             if not any("lora" in key.lower() for key in header if key != "__metadata__"):
                 raise LoraError("the safetensors file holds no LoRA weights (no tensor name contains 'lora')")
             os.replace(tmp, self.uploads_dir / f"{upload_id}{SUFFIX}")
+        except OSError as exc:  # the service's disk, not the client's mistake
+            raise LoraError(f"the service cannot store the LoRA: {exc.strerror or exc}", status=507) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         label = _label(filename)
         self.history.add_lora(upload_id, label, copied, time.time())
         return {"upload": upload_id, "name": label, "bytes": copied}

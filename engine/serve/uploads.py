@@ -80,8 +80,12 @@ class UploadStore:
         upload_id = secrets.token_hex(16)
         path = self.folder / f"{upload_id}.png"
         tmp = self.folder / f".{upload_id}.tmp.png"
-        _normalised(image, kind).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        try:
+            _normalised(image, kind).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except OSError as exc:  # the service's disk, not the client's mistake
+            tmp.unlink(missing_ok=True)
+            raise UploadError(f"the service cannot store the upload: {exc.strerror or exc}", status=507) from None
         self.history.add_upload(upload_id, kind, image.width, image.height)
         return StoredUpload(upload_id, kind, image.width, image.height, path)
 
