@@ -125,6 +125,9 @@ def environment(ctx: Any) -> None:
 
     device = ctx.device
     cuda = device.type == "cuda"
+    gpu = _gpu(torch, device) if cuda else None
+    if gpu is not None:  # first, alone: importing bitsandbytes or quanto below may crash in native code
+        ctx.rows.emit("card", gpu=gpu)
     row: dict[str, Any] = {
         "cuda": torch.cuda.is_available(), "dry_run": ctx.dry, "imports": _imports(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.executable,
@@ -134,11 +137,10 @@ def environment(ctx: Any) -> None:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "kernel_configs": _kernel_configs(torch, device),
     }
-    if cuda:
-        row["gpu"] = _gpu(torch, device)
+    if gpu is not None:
+        row["gpu"] = gpu
     ctx.rows.emit("environment", **row)
-    gpu = row.get("gpu")
-    card = (f"{gpu['name']} sm_{gpu['capability'].replace('.', '')} {gpu['memory_gb']} GB, driver {gpu['driver']}"
+    card = (f"{gpu['name']} sm_{gpu['capability'].replace('.', '')} {gpu['memory_gb']} GiB, driver {gpu['driver']}"
             if gpu else "no CUDA device")
     print(f"  {card}, torch {torch.__version__}; imports: "
           + ", ".join(f"{k} {v}" for k, v in row["imports"].items() if k != "bitsandbytes_library"), flush=True)

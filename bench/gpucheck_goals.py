@@ -133,18 +133,18 @@ def _render(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] | None
 
 def _peak_goal(rows: Sequence[dict[str, Any]], profile: str, cap_gb: int) -> Outcome:
     label = f"{profile}-n9"
-    goal = f"{profile} peak <= {cap_gb} GB at 1024^2, 9 instances"
+    goal = f"{profile} peak <= {cap_gb} GiB at 1024^2, 9 instances"  # a "12 GB" card has 12288 MiB
     row = _render(rows, label)
     if row is None:
         return Outcome(goal, NOT_MEASURED, "", _why_not(rows, RENDERS, label))
     if row.get("render_status") != "ok":
-        return Outcome(goal, MISSED, "did not render", f"under a {cap_gb} GB cap: {row.get('render_status')}")
+        return Outcome(goal, MISSED, "did not render", f"under a {cap_gb} GiB cap: {row.get('render_status')}")
     peak = row.get("measured_peak_device_gb")
     if peak is None:
         return Outcome(goal, NOT_MEASURED, "", "no peak in the row")
-    return Outcome(goal, MET if peak <= cap_gb else MISSED, f"{peak:.2f} GB",
-                   f"reserved {row.get('peak_reserved_gb')} GB + outside the allocator "
-                   f"{row.get('outside_allocator_gb')} GB; planned {row.get('planned_peak_gpu_gb')} GB")
+    return Outcome(goal, MET if peak <= cap_gb else MISSED, f"{peak:.2f} GiB",
+                   f"reserved {row.get('peak_reserved_gb')} GiB + outside the allocator "
+                   f"{row.get('outside_allocator_gb')} GiB; planned {row.get('planned_peak_gpu_gb')} GiB")
 
 
 def _computed_p50(row: dict[str, Any]) -> float | None:

@@ -56,7 +56,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def device_summary(rows_path: Path) -> dict[str, Any]:
     """The card as the environment part saw it (name, capability, memory, driver), for every later row."""
     for row in read_rows(rows_path):
-        if row.get("what") == "environment" and isinstance(row.get("gpu"), dict):
+        if row.get("what") in ("card", "environment") and isinstance(row.get("gpu"), dict):
             return {k: row["gpu"].get(k) for k in ("name", "capability", "memory_gb", "driver")}
     return {"name": None}
 

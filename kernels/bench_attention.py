@@ -147,7 +147,7 @@ def versions() -> dict[str, str]:
 def device_info(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"device": "cuda", "device_name": props.name, "vram_gb": f"{props.total_memory / 1e9:.1f}"}
+        return {"device": "cuda", "device_name": props.name, "vram_gb": f"{props.total_memory / 2**30:.1f}"}
     return {"device": "cpu", "device_name": platform.processor() or platform.machine(), "vram_gb": "0"}
 
 

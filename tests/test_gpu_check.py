@@ -168,8 +168,8 @@ def test_goal_table_verdicts_worked_by_hand(bench_module):
     got = {o.goal: o for o in goals.evaluate(rows)}
     assert [(o.result, o.value) for o in goals.evaluate(rows)][:5] == [
         ("missed", "1.25x"), ("met", "0.5x flash"), ("met", "1.3x"), ("missed", "2.5x"), ("met", "0.600 MB")]
-    assert got["12gb peak <= 12 GB at 1024^2, 9 instances"].result == "met"
-    assert got["8gb peak <= 8 GB at 1024^2, 9 instances"].result == "missed"
+    assert got["12gb peak <= 12 GiB at 1024^2, 9 instances"].result == "met"
+    assert got["8gb peak <= 8 GiB at 1024^2, 9 instances"].result == "missed"
     offload = got["12gb s/step <= 1.25x the resident baseline (1024^2, 9 instances)"]
     assert offload.result == "not measured" and offload.detail == "budget: 40 s left"
     assert got["planner within 10% of the measured peak"].result == "met"
