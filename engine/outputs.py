@@ -29,7 +29,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from threedis.engine.errors import UserError
-from threedis.engine.paths import file_problem, folder_problem, input_file, make_folder
+from threedis.engine.paths import file_problem, folder_problem, input_file, inside, make_folder
 
 __all__ = [
     "METADATA_KEY",
@@ -417,14 +417,6 @@ def _reproducing_overrides(meta: dict) -> dict[str, str]:
     return out
 
 
-def _inside(folder: Path, path: Path) -> bool:
-    """Whether `path` (after following links) is inside `folder`: metadata may not point elsewhere."""
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):
-        return False
-
-
 def _saved_file(image: Path, folder: Path, name: str) -> Path | None:
     """The file `name` of the image's saved set (same suffix), or None when there is none.
 
@@ -435,7 +427,7 @@ def _saved_file(image: Path, folder: Path, name: str) -> Path | None:
     saved = _sibling(image, name)
     if not saved.exists() and not saved.is_symlink():
         return None
-    if not _inside(folder, saved):
+    if inside(folder, saved) is None:
         raise UserError(f"{image}: {saved.name} beside it links to {os.path.realpath(saved)}, outside the image's "
                         f"folder; files of a saved set are read only from its folder: copy the file there, or pass "
                         f"it explicitly")
@@ -495,7 +487,7 @@ def rerender_from_png(png_path: str | os.PathLike, depth: Any = None, replace_lo
     for item in [] if replace_loras else meta.get("loras") or []:
         lora = Path(item["path"])
         lora = lora if lora.is_absolute() else folder / lora
-        if not _inside(folder, lora):
+        if inside(folder, lora) is None:
             raise UserError(f"{path} was rendered with the LoRA {item['path']}, outside the image's folder; copy it "
                             f"beside the image, or give it again (--lora FILE --lora-scale {item.get('scale', 1.0)})")
         loras.append((str(lora), float(item.get("scale", 1.0))))

@@ -78,6 +78,19 @@ def folder_problem(path: str | os.PathLike[str], exc: OSError) -> str:
     return f"{created or path}: {exc.strerror or exc}"
 
 
+def inside(root: Path, path: Path) -> Path | None:
+    """`path` with its links followed when it lies inside `root` (not `root` itself), else None.
+
+    The one test for a path that came from a file anyone may edit (a manifest row, PNG
+    metadata): a link out of `root`, `..`, a link loop or an unreadable link is None.
+    """
+    try:
+        top, found = Path(root).resolve(), Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return None
+    return found if found != top and top in found.parents else None
+
+
 def make_folder(path: str | os.PathLike[str], what: str, hint: str) -> Path:
     """Create `path` (and its parents) if needed; a UserError naming what is in the way otherwise.
 

@@ -171,8 +171,11 @@ def test_resume_checks_every_listed_file_and_only_inside_the_run(tmp_path, spec,
 
     rows["job1"]["files"]["image"] = os.path.relpath(outside, out)
     rows["job1"]["sha256"] = sha256_file(outside)
+    (out / "loop-a").symlink_to("loop-b")  # job0's report "is" inside a symlink loop: not a traceback
+    (out / "loop-b").symlink_to("loop-a")
+    rows["job0"]["files"]["report"] = "loop-a/report.json"
     with open(out / "manifest.jsonl", "a") as f:
-        f.write(json.dumps(rows["job1"]) + "\n")
+        f.write(json.dumps(rows["job0"]) + "\n" + json.dumps(rows["job1"]) + "\n")
     counting = Counting(engine)
     summary = run_batch(load_jobs(jobs_path), out, LocalRunner(spec, engine=counting), progress=False)
     assert sorted(seed for _, seed in counting.renders) == [0, 0] and summary.done == 2

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from threedis import UserError
 from threedis.engine.batch.jobs import Item
 from threedis.engine.outputs import open_appending
-from threedis.engine.paths import make_folder
+from threedis.engine.paths import inside, make_folder
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -62,9 +62,7 @@ def resolve_inside(out: Path, relative: object) -> Path | None:
     """
     if not isinstance(relative, str) or not relative or "\0" in relative or Path(relative).is_absolute():
         return None
-    root = out.resolve()
-    path = (root / relative).resolve()
-    return path if path != root and root in path.parents else None
+    return inside(out, out / relative)
 
 
 def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int | None], dict[str, Any]]:
