@@ -253,6 +253,8 @@ def test_eval_user_mistakes_are_one_line(tmp_path, eval_models, capsys):
         (["eval", "mig", str(tmp_path / "imgs"), "--truth", str(tmp_path / "none.json")], "not found"),
         (["eval", "mig", str(tmp_path / "imgs"), "--batch-size", "0"], "--batch-size"),
         (["batch", "export-mig", str(tmp_path / "imgs")], "usage"),
+        (["batch", "export-mig", str(tmp_path / "run"), str(tmp_path / "d"), "--steps", "3", "--ray"],
+         "--steps, --ray would be ignored"),  # batch's flags do nothing there: said, not dropped silently
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

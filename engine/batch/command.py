@@ -33,6 +33,7 @@ def add_batch_parser(sub: Any) -> None:
     p.add_argument("jobs", nargs="*", metavar="JOBS.jsonl",
                    help="JSONL job file (one job a line; see docs/batch.md); or `export-mig RUN_DIR DEST`: link a "
                         "COCO-MIG run's images into DEST as the reference evaluator reads them")
+    p.set_defaults(batch_parser=p)  # export-mig refuses the flags it would ignore
     p.add_argument("--out", type=Path, default=None, help="output folder (holds manifest.jsonl)")
     p.add_argument("--seeds", default=None, metavar="SEEDS",
                    help="seeds for jobs that give none: 7, 0-3 or 0,2,5-7 (default 0)")
@@ -283,6 +284,12 @@ def _export_mig(args: argparse.Namespace) -> int:
 
     if len(args.jobs) != 3:
         raise UserError("usage: threedis batch export-mig RUN_DIR DEST")
+    ignored = [action.option_strings[-1] for action in args.batch_parser._actions
+               if action.option_strings and action.dest not in ("help", "from_mig")
+               and getattr(args, action.dest, action.default) != action.default]
+    if ignored:
+        raise UserError(f"export-mig takes RUN_DIR DEST and --from-mig only; {', '.join(ignored)} would be ignored: "
+                        f"drop it")
     run_dir, dest = Path(args.jobs[1]), Path(args.jobs[2])
     done = export_mig(run_dir, dest, from_mig=args.from_mig)
     print(f"linked {done.linked} image(s) into {done.images}"
