@@ -42,8 +42,21 @@ __all__ = [
 
 DEFAULT_SAM_MODEL = model_paths.DEFAULT_SAM_MODEL
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what SAM, SAM2 and Grounding DINO's preprocessors normalise with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalised_pixels(image: Any, width: int, height: int, rescale: float, mean: Sequence[float],
+                      std: Sequence[float]) -> torch.Tensor:
+    """PIL RGB -> float32 [3, height, width]: bilinear resize (PIL's, as transformers' image processors),
+    rescale, then (x - mean) / std per channel. The one such step for every model that sees pixels."""
+    import numpy as np
+    from PIL import Image
+
+    resized = image.resize((width, height), Image.Resampling.BILINEAR)  # the same size: an exact copy
+    x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)  # x: [3, h, w]
+    return (x * rescale - torch.tensor(mean, dtype=torch.float32)[:, None, None]) \
+        / torch.tensor(std, dtype=torch.float32)[:, None, None]
 
 
 class Masker(Protocol):
@@ -78,8 +91,8 @@ class SamPreprocess:
     width: int = 1024
     height: int = 1024
     rescale_factor: float = 1 / 255
-    mean: tuple[float, float, float] = _IMAGENET_MEAN
-    std: tuple[float, float, float] = _IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
     def from_file(cls, file: Path) -> "SamPreprocess":
@@ -90,8 +103,8 @@ class SamPreprocess:
                 width=int(size.get("width", size.get("longest_edge", 1024))),
                 height=int(size.get("height", size.get("longest_edge", 1024))),
                 rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-                mean=tuple(float(v) for v in cfg.get("image_mean", _IMAGENET_MEAN)),
-                std=tuple(float(v) for v in cfg.get("image_std", _IMAGENET_STD)),
+                mean=tuple(float(v) for v in cfg.get("image_mean", IMAGENET_MEAN)),
+                std=tuple(float(v) for v in cfg.get("image_std", IMAGENET_STD)),
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"SAM2 model: {file}: bad preprocessor setting ({exc}); restore the original file") \
@@ -99,14 +112,7 @@ class SamPreprocess:
 
     def pixels(self, rgb: Any) -> torch.Tensor:
         """PIL RGB -> normalised float32 [1, 3, height, width] (bilinear resize, as Sam2ImageProcessor)."""
-        import numpy as np
-        from PIL import Image
-
-        resized = rgb.resize((self.width, self.height), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)  # x: [3, h, w]
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return ((x * self.rescale_factor - mean) / std)[None]
+        return normalised_pixels(rgb, self.width, self.height, self.rescale_factor, self.mean, self.std)[None]
 
     def boxes(self, boxes_px: Sequence[Sequence[int]], width: int, height: int) -> torch.Tensor:
         """Pixel boxes on a (width x height) image -> float32 [1, N, 4] in model-input pixels."""

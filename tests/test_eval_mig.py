@@ -276,3 +276,19 @@ def test_bundled_detector_and_sam_configs_have_the_published_sizes():
     sam = SamViT.from_model(None, load_config("sam_vit_huge")["_preprocessor"], "cpu")
     assert (detector.side, sam.longest, sam.pad) == (800, 1024, (1024, 1024))
     assert detector.normalise.mean == sam.normalise.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("which", ["detector", "sam"])
+def test_a_broken_preprocessor_setting_is_one_line_before_the_weights_load(eval_models, tmp_path, which):
+    from threedis import UserError
+    from threedis.engine.eval.models import GroundingDino, SamViT
+
+    folder = tmp_path / which
+    shutil.copytree(eval_models[eval_models.index(f"--{which}") + 1], folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["image_mean"] = ["red", 0.4, 0.4]
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")  # had it loaded, this would be the complaint
+    cls = GroundingDino if which == "detector" else SamViT
+    with pytest.raises(UserError, match="bad preprocessor setting"):
+        cls.from_pretrained(folder, device="cpu", local_files_only=True)

@@ -38,9 +38,8 @@ from threedis.engine.eval.protocol import (
     BOX_THRESHOLD, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, EVAL_SIZE, NMS_IOU,
 )
 from threedis.engine.offload import release_memory
+from threedis.engine.sam_masks import IMAGENET_MEAN, IMAGENET_STD, normalised_pixels
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # The detector's BERT tokenizer: fetched with the model; tokenizer_config.json must be there.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "special_tokens_map.json")
 
@@ -92,25 +91,23 @@ class _Normalise:
     """Rescale and ImageNet statistics from a preprocessor_config.json."""
 
     rescale: float = 1 / 255
-    mean: tuple[float, ...] = _IMAGENET_MEAN
-    std: tuple[float, ...] = _IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "_Normalise":
-        return cls(float(cfg.get("rescale_factor", 1 / 255)), tuple(map(float, cfg.get("image_mean", _IMAGENET_MEAN))),
-                   tuple(map(float, cfg.get("image_std", _IMAGENET_STD))))
+    def from_config(cls, cfg: dict[str, Any], what: str = "model") -> "_Normalise":
+        try:
+            return cls(float(cfg.get("rescale_factor", 1 / 255)), tuple(map(float, cfg.get("image_mean", IMAGENET_MEAN))),
+                       tuple(map(float, cfg.get("image_std", IMAGENET_STD))))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"{what}: bad preprocessor setting ({exc}); restore the original "
+                            f"preprocessor_config.json") from None
 
     def __call__(self, rgb: np.ndarray, width: int, height: int) -> torch.Tensor:
         """uint8 [h, w, 3] -> float32 [3, height, width], resized with PIL's bilinear filter."""
         from PIL import Image
 
-        image = Image.fromarray(rgb)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # x: [3, h, w]
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (x * self.rescale - mean) / std
+        return normalised_pixels(Image.fromarray(rgb), width, height, self.rescale, self.mean, self.std)
 
 
 def _settings(what: str, folder: Path) -> dict[str, Any]:
@@ -185,10 +182,11 @@ class GroundingDino:
                                               extra_files=TOKENIZER_FILES, required_files=TOKENIZER_FILES[:1])
         cfg = _settings(what, folder)
         side = cls._side(cfg, what, folder / "preprocessor_config.json")  # checked before the weights load
+        normalise = _Normalise.from_config(cfg, what)
         with loading_component(what, folder):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = _load(what, folder, GroundingDinoForObjectDetection, dtype, device)
-        return cls(model, tokenizer, side, _Normalise.from_config(cfg), device, batch_size)
+        return cls(model, tokenizer, side, normalise, device, batch_size)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, preprocessor: dict[str, Any], device: torch.device | str,
@@ -278,8 +276,9 @@ class SamViT:
                                               local_files_only, device, torch.float32)
         cfg = _settings(what, folder)
         longest, pad_hw = cls._geometry(cfg, what, folder / "preprocessor_config.json")  # before the weights load
+        normalise = _Normalise.from_config(cfg, what)
         model = _load(what, folder, SamModel, dtype, device)
-        return cls(model, longest, pad_hw, _Normalise.from_config(cfg), device, batch_size)
+        return cls(model, longest, pad_hw, normalise, device, batch_size)
 
     @classmethod
     def from_model(cls, model: Any, preprocessor: dict[str, Any], device: torch.device | str,
