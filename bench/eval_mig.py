@@ -50,24 +50,13 @@ from PIL import Image
 from threedis.engine.eval.cache import ResultCache
 from threedis.engine.eval.measure import measure_items
 from threedis.engine.eval.models import Detections, Detector, GroundingDino, SamViT, Segmenter
-from threedis.engine.eval.protocol import COLOURS, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, EVAL_SIZE, POSITION_IOU
+from threedis.engine.eval.protocol import COCO_CLASSES, COLOURS, DEFAULT_DETECTOR, DEFAULT_SEGMENTER, EVAL_SIZE, POSITION_IOU
 from threedis.engine.eval.sources import EvalItem
 from threedis.engine.eval.truth import TruthEntry, TruthInstance
 from threedis.kernels.bench_attention import versions
 
 from gpucheck_rows import float32_settings  # bench/ is on sys.path: this file's folder
 
-# The 80 COCO classes: COCO-MIG's nouns, so a prompt asks for as many distinct classes as the benchmark's do.
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
 FILL = {"red": (220, 20, 20), "blue": (20, 40, 220), "green": (30, 200, 40), "yellow": (230, 220, 30),
         "black": (15, 15, 15), "white": (240, 240, 240), "brown": (140, 80, 20)}
 RUNS = 800 * 4  # COCO-MIG's prompts x the seeds a user typically renders

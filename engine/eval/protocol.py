@@ -36,6 +36,18 @@ HSV_BANDS: Mapping[str, tuple[tuple[tuple[int, int, int], tuple[int, int, int]],
 })
 COLOURS = tuple(HSV_BANDS)
 
+# The 80 COCO classes: COCO-MIG's nouns (what its prompts ask for, one class per instance).
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
 # The name the reference evaluator reads its ground truth from (relative to where it runs).
 REFERENCE_TRUTH_NAME = "sample_prompt_color_split.json"
 

@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 from typing import Mapping
 
+from threedis.engine.eval.protocol import COCO_CLASSES, COLOURS
 from threedis.engine.tiny.store import write_json
 
 _CLIP_MERGES = 510  # 256 bytes + 256 end-of-word bytes + merges + 2 specials = 1024
@@ -231,15 +232,7 @@ def write_t5_tokenizer(out: Path, lines: list[str], max_length: int = T5_MAX_LEN
 
 
 # The 80 COCO classes (the benchmark's nouns) and the benchmark's colours: whole tokens in the tiny BERT vocab.
-COCO_WORDS = (
-    "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
-    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
-    "skis snowboard sports ball kite baseball bat glove skateboard surfboard tennis racket bottle wine glass cup "
-    "fork knife spoon bowl banana apple sandwich orange broccoli carrot hot pizza donut cake chair couch potted "
-    "plant bed dining table toilet tv laptop mouse remote keyboard cell phone microwave oven toaster sink "
-    "refrigerator book clock vase scissors teddy hair drier toothbrush red blue green yellow black white brown "
-    "a an the and of photo"
-).split()
+COCO_WORDS = (*dict.fromkeys(" ".join(COCO_CLASSES).split()), *COLOURS, "a", "an", "the", "and", "of", "photo")
 BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 
 
