@@ -68,7 +68,6 @@ class EngineHolder:
         self.about: dict[str, Any] = {"device": config.device or "auto", "profile": config.profile,
                                       "profile_reason": "the models are loading", "backend": None,
                                       "backend_reason": None, "model": config.model or "tiny built-in checkpoints"}
-        self._loras: list[tuple[str, float]] = []
         self.loaded = threading.Event()  # set when state leaves "loading"
 
     def load(self) -> bool:
@@ -95,11 +94,9 @@ class EngineHolder:
         engine = self.engine
         if engine is None:
             raise UserError(f"the models did not load: {self.error or 'still loading'}")
-        wanted = [(str(path), float(scale)) for path, scale in loras]
-        if wanted != self._loras:
+        wanted = [(str(Path(path).expanduser().resolve()), float(scale)) for path, scale in loras]
+        if wanted != [(item["path"], item["scale"]) for item in engine.loras]:  # what the engine has loaded
             engine.unload_loras()
-            self._loras = []
             for path, scale in wanted:
                 engine.load_lora(path, scale=scale)
-                self._loras.append((path, scale))
         return engine
