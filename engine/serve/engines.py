@@ -57,6 +57,13 @@ def default_factory(config: ServeConfig) -> Callable[[], "Engine"]:
     return build
 
 
+def internal_error(exc: BaseException) -> str:
+    """What a client is told of an unexpected exception (a bug, a broken install): one line; the
+    traceback goes to the service log, which the caller writes."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return f"internal error ({type(exc).__name__}: {first}); see the service log"
+
+
 class EngineHolder:
     """The service's one Engine once built, what /system says about it, and its current LoRAs."""
 
@@ -78,8 +85,7 @@ class EngineHolder:
             self.error = " ".join(str(err).split())
         except Exception as exc:  # a bug or a broken install: the log has the traceback, the page one line
             log.exception("the engine could not be built")
-            first = (str(exc).splitlines() or [""])[0][:200]
-            self.error = f"internal error ({type(exc).__name__}: {first}); see the service log"
+            self.error = internal_error(exc)
         else:
             self.engine = engine
             self.about = {"device": str(engine.device), "profile": engine.profile.name,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from threedis.engine.errors import UserError
 from threedis.engine.serve.config import ServeConfig
-from threedis.engine.serve.engines import FAILED, EngineHolder
+from threedis.engine.serve.engines import FAILED, EngineHolder, internal_error
 from threedis.engine.serve.events import EventHub
 from threedis.engine.serve.history import FINAL, History
 from threedis.engine.serve.loras import LoraStore
@@ -298,8 +298,7 @@ class JobManager:
             return
         except Exception as exc:  # a bug or a broken model: the service stays up, the log has the traceback
             log.exception("job %s failed", job.id)
-            first = (str(exc).splitlines() or [""])[0][:200]
-            self._end(job, "failed", error=f"internal error ({type(exc).__name__}: {first}); see the service log")
+            self._end(job, "failed", error=internal_error(exc))
             return
         urls = {name: f"{API}/jobs/{job.id}/files/{name}" for name in files}
         self._end(job, "done", event={"files": urls, "warnings": warnings}, files=files, warnings=warnings)
